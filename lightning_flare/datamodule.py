@@ -1,0 +1,175 @@
+"""LightningDataModule: nnU-Net raw dataset -> fingerprint + plan -> cached preprocessing -> tio.Queue."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import torchio as tio
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .augmentation import build_augmentation
+from .fingerprint import load_or_compute_fingerprint
+from .plan import IntensityStats, Plan
+from .preprocessing import PreprocessedCache
+from .raw_dataset import Case, RawDataset, load_raw_dataset, select_fold
+from .sampling import EpochSubjectSampler, collate_patches, ForegroundOversamplingSampler, QueueSampler, make_subject
+from .volumes import CachedVolumes, RawVolumes, first_item, list_images
+
+
+class FlareDataModule(L.LightningDataModule):
+    """Spacing and patch sizes are (x, y, z). ``intensity_stats`` (clip_low, clip_high, mean, std) overrides
+    the fingerprint's. ``synthetic`` (keyword arguments of ``lightning_flare.synthetic.write_dataset``) makes
+    ``prepare_data`` generate the embedded demo dataset into ``data_dir`` when it is absent."""
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        cache_dir: str = "cache",
+        fold: int | str = 0,
+        num_folds: int = 5,
+        split_seed: int = 12345,
+        target_spacing: Sequence[float] = (2.0, 2.0, 3.0),
+        patch_size: Sequence[int] = (128, 128, 96),
+        batch_size: int = 2,
+        iterations_per_epoch: int = 250,
+        oversample_foreground: float = 0.33,
+        intensity_stats: dict[str, float] | None = None,
+        resampling: str = "nnunet",
+        augmentation: str = "basic",
+        queue_length: int = 8,
+        num_workers: int = 2,
+        predict_dir: str | None = None,
+        synthetic: dict[str, Any] | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.cache_dir = Path(cache_dir)
+        self.fold, self.num_folds, self.split_seed = fold, num_folds, split_seed
+        self.target_spacing = tuple(float(s) for s in target_spacing)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.batch_size, self.iterations_per_epoch = batch_size, iterations_per_epoch
+        self.oversample_foreground = oversample_foreground
+        self.intensity_stats = IntensityStats.from_any(intensity_stats) if intensity_stats else None
+        self.resampling, self.augmentation = resampling, augmentation
+        self.queue_length, self.num_workers = queue_length, num_workers
+        self.predict_dir = predict_dir
+        self.synthetic, self.seed = synthetic, seed
+        self.plan: Plan | None = None
+        self.train_subjects: list[tio.Subject] = []
+        self._dataset: RawDataset | None = None
+
+    # ----------------------------------------------------------------- dataset and plan
+    @property
+    def dataset(self) -> RawDataset:
+        if self._dataset is None:
+            if self.data_dir is None:
+                raise ValueError("data.data_dir is not set (an nnU-Net raw dataset folder is needed for this stage)")
+            self._dataset = load_raw_dataset(self.data_dir)
+        return self._dataset
+
+    def prepare_data(self) -> None:
+        if self.synthetic is not None and self.data_dir is not None and not (self.data_dir / "dataset.json").is_file():
+            from .synthetic import write_dataset
+
+            write_dataset(self.data_dir, **self.synthetic)
+
+    def plan_from_data(self) -> Plan:
+        """Plan from the configuration; intensity statistics from the config or the training fingerprint."""
+        stats = self.intensity_stats
+        if stats is None:
+            cases = self.dataset.cases("Tr")
+            path = self.cache_dir / f"{self.dataset.name}_fingerprint.json"
+            fingerprint = load_or_compute_fingerprint(path, cases, self.num_workers)["intensity"]
+            stats = IntensityStats(fingerprint["percentile_00_5"], fingerprint["percentile_99_5"], fingerprint["mean"], fingerprint["std"])
+        labels = self.dataset.labels if self.data_dir is not None else {"background": 0, "tumor": 1}
+        return Plan(self.target_spacing, self.patch_size, stats, labels, self.resampling)
+
+    def resolve_plan(self) -> Plan:
+        """The model's plan (restored from a checkpoint) wins; else the one made from the data."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        plan = getattr(model, "plan", None)
+        if plan is None:
+            plan = self.plan or self.plan_from_data()
+        self.plan = plan
+        return plan
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.plan = self.plan_from_data()
+
+    def _fold_cases(self) -> tuple[list[Case], list[Case]]:
+        return select_fold(self.dataset, self.dataset.cases("Tr"), self.fold, self.num_folds, self.split_seed)
+
+    def _cache(self, plan: Plan, cases: Sequence[Case]):
+        cache = PreprocessedCache(self.cache_dir, plan, self.dataset.name)
+        return cache.build(cases, self.num_workers, progress=self._is_global_zero())
+
+    # ----------------------------------------------------------------- loaders
+    def train_dataloader(self) -> DataLoader:
+        plan = self.resolve_plan()
+        train_cases, _ = self._fold_cases()
+        entries = self._cache(plan, train_cases)
+        self.train_subjects = [make_subject(e, plan.target_spacing) for e in entries]
+        rank, world = _rank_and_world()
+        sampler = ForegroundOversamplingSampler(
+            plan.patch_size, self.batch_size, self.oversample_foreground,
+            transform=build_augmentation(self.augmentation), seed=self.seed * 1000 + rank,
+        )
+        subject_sampler = EpochSubjectSampler(len(entries), self.iterations_per_epoch * self.batch_size, self.seed, rank, world)
+        queue = tio.Queue(
+            tio.SubjectsDataset(self.train_subjects, load_getitem=False),
+            max_length=max(self.queue_length, self.batch_size),
+            samples_per_volume=1,
+            sampler=sampler,
+            subject_sampler=subject_sampler,
+            shuffle_subjects=False,
+            shuffle_patches=False,
+            num_workers=0,
+        )
+        return DataLoader(queue, batch_size=self.batch_size, sampler=QueueSampler(queue), num_workers=0,
+                          collate_fn=collate_patches)
+
+    def val_dataloader(self) -> DataLoader:
+        plan = self.resolve_plan()
+        _, val_cases = self._fold_cases()
+        return self._volume_loader(CachedVolumes(self._cache(plan, val_cases), plan.target_spacing))
+
+    def test_dataloader(self) -> DataLoader:
+        plan = self.resolve_plan()
+        cases = self.dataset.cases("Ts")
+        if not cases:
+            cases = self._fold_cases()[1]
+        if not cases:
+            raise ValueError(f"{self.data_dir}: no test cases (imagesTs/ is empty and there is no validation fold)")
+        missing = [c.case_id for c in cases if c.label is None]
+        if missing:
+            raise ValueError(f"{self.data_dir}: test cases without labels: {missing}")
+        return self._volume_loader(RawVolumes(cases, plan, with_labels=True))
+
+    def predict_dataloader(self) -> DataLoader:
+        plan = self.resolve_plan()
+        if self.predict_dir is None:
+            raise ValueError("data.predict_dir is not set: give the folder of images to segment (--data.predict_dir DIR)")
+        return self._volume_loader(RawVolumes(list_images(self.predict_dir), plan, with_labels=False))
+
+    def _volume_loader(self, dataset: Dataset) -> DataLoader:
+        sampler = None
+        if dist.is_available() and dist.is_initialized():
+            sampler = DistributedSampler(dataset, shuffle=False)
+        workers = min(self.num_workers, len(dataset))
+        return DataLoader(dataset, batch_size=1, sampler=sampler, collate_fn=first_item, num_workers=workers,
+                          persistent_workers=False, multiprocessing_context="fork" if workers and os.name == "posix" else None)
+
+    def _is_global_zero(self) -> bool:
+        return self.trainer is None or self.trainer.is_global_zero
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

@@ -1,0 +1,96 @@
+"""Sliding-window inference with TorchIO's GridSampler / GridAggregator (Hann weighting)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchio as tio
+from torch import nn
+
+
+def grid_overlap(patch_size: Sequence[int], overlap: float) -> tuple[int, int, int]:
+    """Overlap in voxels for a fractional ``overlap`` (0.5 = nnU-Net's step 0.5); TorchIO needs even numbers."""
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    return tuple(int(2 * int(round(p * overlap / 2))) for p in patch_size)
+
+
+def autocast_context(device: torch.device, enabled: bool = True):
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _SlicingGridSampler(tio.GridSampler):
+    """GridSampler whose windows are plain tensor slices (TorchIO's crop deep-copies the whole subject)."""
+
+    def __getitem__(self, index):
+        i, j, k, *_ = (int(v) for v in self.locations[index])
+        p = self.patch_size.astype(int)
+        data = self.subject["image"].data[:, i : i + p[0], j : j + p[1], k : k + p[2]]
+        return data, torch.as_tensor(self.locations[index])
+
+
+@torch.no_grad()
+def sliding_window_logits(
+    net: nn.Module,
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    batch_size: int = 2,
+    autocast: bool = True,
+    mirror_axes: Sequence[int] = (),
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Class logits (C, x, y, z), float32 on the CPU, for a normalised (1, x, y, z) image.
+
+    Volumes smaller than the window are padded (and cropped back). ``mirror_axes`` enables nnU-Net's
+    test-time mirroring over the given spatial axes (all 2^n flips averaged).
+    """
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    patch_size = tuple(int(p) for p in patch_size)
+    shape = tuple(image.shape[1:])
+    pad = [max(p - s, 0) for p, s in zip(patch_size, shape)]
+    if any(pad):
+        padding = []
+        for extra in reversed(pad):
+            padding += [extra // 2, extra - extra // 2]
+        image = F.pad(image, padding)
+    subject = tio.Subject(image=tio.ScalarImage(tensor=image.float()))
+    sampler = _SlicingGridSampler(subject, patch_size, grid_overlap(patch_size, overlap))
+    aggregator = tio.inference.GridAggregator(sampler, overlap_mode="hann")
+    flips = _flip_sets(mirror_axes)
+    for start in range(0, len(sampler), batch_size):
+        items = [sampler[i] for i in range(start, min(start + batch_size, len(sampler)))]
+        windows = torch.stack([w for w, _ in items]).to(device)
+        locations = torch.stack([loc for _, loc in items])
+        logits = None
+        with autocast_context(device, autocast):
+            for dims in flips:
+                x = torch.flip(windows, dims) if dims else windows
+                out = net(x)
+                out = out[0] if isinstance(out, (list, tuple)) else out
+                out = (torch.flip(out, dims) if dims else out).float()
+                logits = out if logits is None else logits + out
+        aggregator.add_batch(logits / len(flips), locations)
+    output = aggregator.get_output_tensor()
+    if any(pad):
+        output = output[:, pad[0] // 2 : pad[0] // 2 + shape[0], pad[1] // 2 : pad[1] // 2 + shape[1], pad[2] // 2 : pad[2] // 2 + shape[2]]
+    return output.contiguous()
+
+
+def _flip_sets(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """All subsets of the spatial axes, as tensor dims of a (B, C, x, y, z) batch."""
+    axes = [int(a) + 2 for a in mirror_axes]
+    sets: list[tuple[int, ...]] = [()]
+    for axis in axes:
+        sets += [s + (axis,) for s in sets]
+    return sets
+
+
+def probabilities_to_mask(probabilities: torch.Tensor) -> np.ndarray:
+    return probabilities.argmax(0).to(torch.uint8).cpu().numpy()

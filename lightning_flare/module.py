@@ -1,0 +1,169 @@
+"""LightningModule: the injected U-Net, Dice+CE deep supervision, SGD + poly LR, sliding-window evaluation."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from .inference import sliding_window_logits
+from .loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets
+from .metrics import FlareMetrics
+from .plan import Plan
+from .resample import resample_probabilities
+
+
+def poly_lr_factor(epoch: int, max_epochs: int, exponent: float = 0.9) -> float:
+    """nnU-Net's poly decay: lr = lr0 * (1 - epoch / max_epochs) ** exponent."""
+    return max(0.0, 1 - epoch / max(max_epochs, 1)) ** exponent
+
+
+class FlareSegmentationModule(L.LightningModule):
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 1e-3,
+        momentum: float = 0.99,
+        weight_decay: float = 3e-5,
+        nesterov: bool = True,
+        poly_exponent: float = 0.9,
+        sw_overlap: float = 0.5,
+        sw_batch_size: int = 2,
+        tta: bool = False,
+        autocast: bool = True,
+        nsd_tolerance_mm: float = 2.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        scales = net.output_scales() if getattr(net, "deep_supervision", False) else [(1.0, 1.0, 1.0)]
+        self.output_scales = [tuple(s) for s in scales]
+        self.loss = DeepSupervisionLoss(DiceCELoss(), deep_supervision_weights(len(self.output_scales)))
+        self.val_metrics = FlareMetrics(nsd_tolerance_mm)
+        self.test_metrics = FlareMetrics(nsd_tolerance_mm)
+        self.plan: Plan | None = None
+        self.test_rows: list[dict] = []
+
+    # ----------------------------------------------------------------- plan in the checkpoint
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.plan is None and getattr(datamodule, "plan", None) is not None:
+            self.plan = datamodule.plan
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.plan is not None:
+            checkpoint["plan"] = self.plan.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "plan" in checkpoint:
+            self.plan = Plan.from_dict(checkpoint["plan"])
+
+    # ----------------------------------------------------------------- training
+    def forward(self, x: torch.Tensor):
+        return self.net(x)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        image, target = batch["image"], batch["label"].long()
+        outputs = self.net(image)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        loss = self.loss(outputs, downsample_targets(target, self.output_scales))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov)
+        max_epochs = self.trainer.max_epochs if self._trainer is not None and self.trainer.max_epochs else 1000
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: poly_lr_factor(epoch, max_epochs, hp.poly_exponent))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_train_epoch_start(self) -> None:
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)
+
+    # ----------------------------------------------------------------- inference
+    @contextlib.contextmanager
+    def _inference_net(self):
+        previous = getattr(self.net, "deep_supervision", None)
+        if previous is not None:
+            self.net.deep_supervision = False
+        try:
+            yield self.net
+        finally:
+            if previous is not None:
+                self.net.deep_supervision = previous
+
+    def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities (C, x, y, z) on the preprocessed grid, for a (1, x, y, z) image."""
+        if self.plan is None:
+            raise RuntimeError("the model has no plan: train it first or load a checkpoint made by lightning_flare")
+        hp = self.hparams
+        with self._inference_net() as net:
+            logits = sliding_window_logits(net, image, self.plan.patch_size, hp.sw_overlap, hp.sw_batch_size,
+                                           hp.autocast, mirror_axes=(0, 1, 2) if hp.tta else (), device=self.device)
+        return torch.softmax(logits, 0)
+
+    def predict_original_grid(self, item: dict) -> np.ndarray:
+        """uint8 mask on the original image grid for an item of ``RawVolumes``."""
+        probabilities = self.predict_probabilities(item["image"])
+        probabilities = resample_probabilities(probabilities, item["geometry"].size)
+        return probabilities.argmax(0).to(torch.uint8).numpy()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        probabilities = self.predict_probabilities(batch["image"])
+        self.val_metrics.update(probabilities.argmax(0), batch["label"], batch["spacing"], batch["index"])
+
+    def on_validation_epoch_end(self) -> None:
+        result = self.val_metrics.compute()
+        self.log("val/dsc", result["dsc"], prog_bar=True, sync_dist=False)
+        self.log("val/nsd", result["nsd"], prog_bar=True, sync_dist=False)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        _raise_item_error(batch)
+        mask = self.predict_original_grid(batch)
+        label = batch["label"].numpy()
+        spacing = batch["geometry"].spacing
+        self.test_metrics.update(torch.from_numpy(mask), torch.from_numpy(label), spacing, batch["index"])
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        self.test_rows.append({"case": batch["case_id"], "index": batch["index"],
+                               "reference_ml": float((label > 0).sum()) * voxel_ml,
+                               "predicted_ml": float((mask > 0).sum()) * voxel_ml})
+
+    def on_test_epoch_start(self) -> None:
+        self.test_rows = []
+
+    def on_test_epoch_end(self) -> None:
+        result = self.test_metrics.compute()
+        self.log("test/dsc", result["dsc"])
+        self.log("test/nsd", result["nsd"])
+        self.test_results = {"summary": {k: float(v) for k, v in result.items()}, "cases": self._per_case_rows()}
+        self.test_metrics.reset()
+        if self.trainer.is_global_zero:
+            from .report import print_test_table
+
+            print_test_table(self.test_results)
+
+    def _per_case_rows(self) -> list[dict]:
+        indices, dsc, nsd = self.test_metrics.per_case()
+        scores = {int(i): (float(d), float(n)) for i, d, n in zip(indices, dsc, nsd)}
+        rows = []
+        for row in self.test_rows:
+            d, n = scores.get(row["index"], (float("nan"), float("nan")))
+            healthy_fp = row["reference_ml"] == 0 and row["predicted_ml"] > 0
+            rows.append({"case": row["case"], "dsc": d, "nsd": n, "reference_ml": row["reference_ml"],
+                         "predicted_ml": row["predicted_ml"], "healthy_false_positive": healthy_fp})
+        return rows
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        if "error" in batch:
+            return {"case_id": batch["case_id"], "source": batch["source"], "error": batch["error"]}
+        return {"case_id": batch["case_id"], "source": batch["source"], "mask": self.predict_original_grid(batch),
+                "geometry": batch["geometry"]}
+
+
+def _raise_item_error(item: dict) -> None:
+    if "error" in item:
+        raise ValueError(item["error"])

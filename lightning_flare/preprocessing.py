@@ -1,0 +1,128 @@
+"""Per-case preprocessing (resample to the plan's spacing, CT normalisation) and its on-disk cache."""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .io import Geometry, read_image, to_array, write_npy, write_text
+from .plan import IntensityStats, Plan
+from .raw_dataset import Case
+from .resample import resample_image, resample_label
+
+MAX_FOREGROUND_LOCATIONS = 10_000
+
+
+def normalize_ct(array: np.ndarray, stats: IntensityStats) -> np.ndarray:
+    array = np.clip(array, stats.clip_low, stats.clip_high)
+    return ((array - stats.mean) / max(stats.std, 1e-8)).astype(np.float32)
+
+
+def preprocess_image(image: sitk.Image, plan: Plan) -> np.ndarray:
+    """(x, y, z) float32 array at the plan's spacing, normalised."""
+    array = normalize_ct(to_array(image), plan.intensity)  # normalise first: clipping tames spline overshoot
+    return resample_image(array, image.GetSpacing(), plan.target_spacing, plan.resampling, plan.anisotropy_threshold)
+
+
+def preprocess_label(label: sitk.Image, plan: Plan, new_shape: Sequence[int]) -> np.ndarray:
+    array = to_array(label, np.int16)
+    return resample_label(array, label.GetSpacing(), plan.target_spacing, plan.num_classes, plan.resampling, plan.anisotropy_threshold, new_shape)
+
+
+def check_label(label: sitk.Image, image: sitk.Image, case: Case, plan: Plan) -> None:
+    if label.GetSize() != image.GetSize():
+        raise ValueError(f"{case.label}: label size {label.GetSize()} differs from image size {image.GetSize()} ({case.image})")
+    if not np.allclose(label.GetSpacing(), image.GetSpacing(), atol=1e-3):
+        raise ValueError(f"{case.label}: label spacing {label.GetSpacing()} differs from image spacing {image.GetSpacing()}")
+    values = np.unique(sitk.GetArrayViewFromImage(label))
+    unknown = sorted(set(values.tolist()) - set(plan.labels.values()))
+    if unknown:
+        raise ValueError(f"{case.label}: label values {unknown} are not in dataset.json's labels {plan.labels}")
+
+
+def foreground_locations(label: np.ndarray, rng: np.random.Generator, max_count: int = MAX_FOREGROUND_LOCATIONS) -> np.ndarray:
+    """Up to ``max_count`` (x, y, z) voxel indices of the foreground, for oversampling."""
+    locations = np.argwhere(label > 0).astype(np.int32)
+    if len(locations) > max_count:
+        locations = locations[rng.choice(len(locations), max_count, replace=False)]
+    return locations
+
+
+@dataclass(frozen=True)
+class CachedCase:
+    case_id: str
+    image: Path  # float32 (x, y, z) .npy
+    label: Path  # uint8 (x, y, z) .npy
+    foreground: Path  # int32 (n, 3) .npy
+    meta: Path  # .json, written last: marks the entry complete
+
+    def load_meta(self) -> dict:
+        return json.loads(self.meta.read_text())
+
+
+class PreprocessedCache:
+    """``root/<dataset>_<plan key>/``: one set of memory-mappable .npy files per case."""
+
+    def __init__(self, root: str | Path, plan: Plan, dataset_name: str = "dataset"):
+        self.plan = plan
+        self.dir = Path(root) / f"{dataset_name}_{plan.cache_key()}"
+
+    def entry(self, case_id: str) -> CachedCase:
+        d = self.dir
+        return CachedCase(case_id, d / f"{case_id}_image.npy", d / f"{case_id}_label.npy", d / f"{case_id}_fg.npy", d / f"{case_id}.json")
+
+    def is_complete(self, case_id: str) -> bool:
+        e = self.entry(case_id)
+        return e.meta.is_file() and e.image.is_file() and e.label.is_file() and e.foreground.is_file()
+
+    def build(self, cases: Sequence[Case], num_workers: int = 0, progress: bool = True) -> list[CachedCase]:
+        """Preprocess the cases not cached yet (in parallel); return the entries of all cases."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not (self.dir / "plan.json").is_file():
+            write_text(self.dir / "plan.json", json.dumps(self.plan.to_dict(), indent=1))
+        todo = [c for c in cases if not self.is_complete(c.case_id)]
+        if todo:
+            self._run(todo, num_workers, progress)
+        return [self.entry(c.case_id) for c in cases]
+
+    def _run(self, todo: list[Case], num_workers: int, progress: bool) -> None:
+        from rich.progress import Progress
+
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task(f"Preprocessing {len(todo)} cases", total=len(todo))
+            if num_workers > 0:
+                with ProcessPoolExecutor(num_workers) as pool:
+                    futures = [pool.submit(preprocess_into_cache, c, self.plan, self.dir) for c in todo]
+                    for future in as_completed(futures):
+                        future.result()
+                        bar.advance(task)
+            else:
+                for case in todo:
+                    preprocess_into_cache(case, self.plan, self.dir)
+                    bar.advance(task)
+
+
+def preprocess_into_cache(case: Case, plan: Plan, directory: Path) -> None:
+    """Write one cache entry: arrays first (each atomically), the JSON marker last."""
+    image = read_image(case.image)
+    array = preprocess_image(image, plan)
+    if case.label is not None:
+        label = read_image(case.label)
+        check_label(label, image, case, plan)
+        seg = preprocess_label(label, plan, array.shape)
+    else:
+        seg = np.zeros(array.shape, np.uint8)
+    seed = int.from_bytes(case.case_id.encode()[-8:].rjust(8, b"\0"), "little") % (2**32)
+    fg = foreground_locations(seg, np.random.default_rng(seed))
+    write_npy(directory / f"{case.case_id}_image.npy", array)
+    write_npy(directory / f"{case.case_id}_label.npy", seg)
+    write_npy(directory / f"{case.case_id}_fg.npy", fg)
+    meta = {"case_id": case.case_id, "source": str(case.image), "shape": list(array.shape),
+            "original": Geometry.of(image).to_dict(), "num_foreground": int((seg > 0).sum()), "pid": os.getpid()}
+    write_text(directory / f"{case.case_id}.json", json.dumps(meta))

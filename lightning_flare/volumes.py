@@ -1,0 +1,92 @@
+"""Whole-volume datasets for validation (cached cases), test (raw cases with labels) and prediction."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .io import Geometry, ImageReadError, read_image, to_array
+from .plan import Plan
+from .preprocessing import CachedCase, preprocess_image
+from .raw_dataset import IMAGE_SUFFIXES, Case
+
+
+def first_item(batch: list) -> dict:
+    """Collate for volume loaders: one case per batch, passed through unchanged."""
+    return batch[0]
+
+
+class CachedVolumes(Dataset):
+    """Preprocessed cases from the cache (validation during fit: scored on the resampled grid)."""
+
+    def __init__(self, entries: Sequence[CachedCase], spacing: Sequence[float]):
+        self.entries = list(entries)
+        self.spacing = tuple(spacing)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        e = self.entries[index]
+        return {
+            "index": index,
+            "case_id": e.case_id,
+            "image": torch.from_numpy(np.load(e.image))[None],
+            "label": torch.from_numpy(np.load(e.label)),
+            "spacing": self.spacing,
+        }
+
+
+class RawVolumes(Dataset):
+    """Raw cases preprocessed on the fly (in loader workers); labels and geometry stay on the original grid."""
+
+    def __init__(self, cases: Sequence[Case], plan: Plan, with_labels: bool = True):
+        self.cases = list(cases)
+        self.plan = plan
+        self.with_labels = with_labels
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict:
+        case = self.cases[index]
+        item = {"index": index, "case_id": case.case_id, "source": str(case.image)}
+        try:
+            image = read_image(case.image)
+            item["geometry"] = Geometry.of(image)
+            item["image"] = torch.from_numpy(preprocess_image(image, self.plan))[None]
+            if self.with_labels and case.label is not None:
+                label = read_image(case.label)
+                if label.GetSize() != image.GetSize():
+                    raise ImageReadError(f"{case.label}: label size {label.GetSize()} differs from image size {image.GetSize()}")
+                item["label"] = torch.from_numpy(to_array(label, np.uint8))
+        except (ImageReadError, ValueError) as err:
+            item["error"] = str(err)
+        return item
+
+
+def list_images(folder: str | Path) -> list[Case]:
+    """Image files (NIfTI, NRRD, MHA) and DICOM series sub-folders of ``folder``; ``CASE_0000.ext`` -> ``CASE``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: prediction input folder does not exist")
+    cases = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        suffix = next((s for s in IMAGE_SUFFIXES if path.name.endswith(s)), None)
+        if suffix is not None:
+            stem = path.name[: -len(suffix)]
+            cases.append(Case(stem[:-5] if stem.endswith("_0000") else stem, path))
+        elif path.is_dir():
+            cases.append(Case(path.name, path))
+    if not cases:
+        raise FileNotFoundError(f"{folder}: no images found (expected {', '.join(IMAGE_SUFFIXES)} files or DICOM folders)")
+    ids = [c.case_id for c in cases]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"{folder}: several inputs map to the same case id(s) {duplicates}")
+    return cases

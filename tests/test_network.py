@@ -1,0 +1,145 @@
+"""PlainConvUNet: parameter count, nnU-Net compatibility, shapes, init, argument checks."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_flare.network import PlainConvUNet, count_parameters
+
+ANISO = dict(features_per_stage=(8, 16, 32), strides=[(1, 1, 1), (2, 2, 1), (2, 2, 2)],
+             kernel_sizes=[(3, 3, 1), 3, 3])
+
+
+def reference(features_per_stage=(32, 64, 128, 256), kernel_sizes=3, strides=(1, 2, 2, 2), num_classes=2):
+    """dynamic-network-architectures' PlainConvUNet as nnU-Net builds it for FLARE24."""
+    unet = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+    net = unet.PlainConvUNet(
+        input_channels=1, n_stages=len(features_per_stage), features_per_stage=list(features_per_stage),
+        conv_op=nn.Conv3d, kernel_sizes=kernel_sizes, strides=list(strides), n_conv_per_stage=2,
+        num_classes=num_classes, n_conv_per_stage_decoder=2, conv_bias=True, norm_op=nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True},
+        deep_supervision=True)
+    net.apply(net.initialize)
+    return net
+
+
+def assert_same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
+    a.eval(), b.eval()
+    with torch.no_grad():
+        out_a, out_b = a(x.clone()), b(x.clone())
+    assert len(out_a) == len(out_b)
+    for oa, ob in zip(out_a, out_b):
+        assert oa.shape == ob.shape
+        torch.testing.assert_close(oa, ob, atol=1e-5, rtol=1e-5)
+
+
+def test_parameter_count():
+    net = PlainConvUNet()
+    assert count_parameters(net) == 5_602_950
+    # state_dict holds duplicates (all_modules.*, decoder.encoder.*); count_parameters must not
+    assert sum(v.numel() for v in net.state_dict().values()) > 5_602_950
+
+
+def test_state_dict_matches_reference_both_ways():
+    torch.manual_seed(0)
+    ours = PlainConvUNet()
+    ref = reference()
+    assert list(ours.state_dict()) == list(ref.state_dict())  # same names, same order
+    x = torch.randn(1, 1, 32, 32, 32)
+
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert_same_outputs(ours, ref, x)
+
+    torch.manual_seed(1)
+    ours2, ref2 = PlainConvUNet(), reference()
+    ref2.load_state_dict(ours2.state_dict(), strict=True)
+    assert_same_outputs(ours2, ref2, x)
+
+
+def test_anisotropic_matches_reference():
+    torch.manual_seed(0)
+    ours = PlainConvUNet(**ANISO)
+    ref = reference(**ANISO)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert ours.encoder.stages[0][0].convs[0].conv.kernel_size == (3, 3, 1)
+    assert ours.decoder.transpconvs[-1].stride == (2, 2, 1)
+    x = torch.randn(1, 1, 16, 8, 6)
+    assert_same_outputs(ours, ref, x)
+    outs = ours(x)
+    assert [tuple(o.shape[2:]) for o in outs] == [(16, 8, 6), (8, 4, 6)]
+    assert ours.output_scales() == [(1.0, 1.0, 1.0), (0.5, 0.5, 1.0)]
+
+
+def test_output_shapes_and_toggle():
+    torch.manual_seed(0)
+    net = PlainConvUNet().eval()
+    x = torch.randn(1, 1, 32, 48, 16)  # non-cubic
+    with torch.no_grad():
+        outs = net(x)
+    assert isinstance(outs, list)
+    assert [tuple(o.shape) for o in outs] == [(1, 2, 32, 48, 16), (1, 2, 16, 24, 8), (1, 2, 8, 12, 4)]
+    assert net.output_scales() == [(1.0, 1.0, 1.0), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)]
+    for o, s in zip(outs, net.output_scales()):
+        assert tuple(o.shape[2:]) == tuple(round(d * f) for d, f in zip(x.shape[2:], s))
+
+    net.deep_supervision = False
+    assert net.decoder.deep_supervision is False and net.deep_supervision is False
+    with torch.no_grad():
+        full = net(x)
+    assert isinstance(full, torch.Tensor) and full.shape == (1, 2, 32, 48, 16)
+    torch.testing.assert_close(full, outs[0])
+
+    net.deep_supervision = True
+    with torch.no_grad():
+        assert len(net(x)) == 3
+    assert isinstance(PlainConvUNet(deep_supervision=False, features_per_stage=(4, 8), strides=(1, 2))(
+        torch.randn(1, 1, 4, 4, 4)), torch.Tensor)
+
+
+def test_indivisible_input_rejected():
+    net = PlainConvUNet(features_per_stage=(4, 8, 16), strides=(1, 2, 2))
+    with pytest.raises(ValueError, match="divisible"):
+        net(torch.randn(1, 1, 8, 8, 6))
+
+
+def test_he_init():
+    torch.manual_seed(0)
+    net = PlainConvUNet()
+    gain = math.sqrt(2.0 / (1 + 0.01 ** 2))
+    checked = 0
+    for m in net.modules():
+        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+            assert torch.all(m.bias == 0)
+            w = m.weight
+            if w.numel() >= 10_000:  # enough samples for a tight std estimate
+                fan_in = w.shape[1] * math.prod(w.shape[2:])  # torch's fan_in for both conv types
+                assert w.std().item() == pytest.approx(gain / math.sqrt(fan_in), rel=0.05)
+                assert abs(w.mean().item()) < 0.05 * gain / math.sqrt(fan_in)
+                checked += 1
+        elif isinstance(m, nn.InstanceNorm3d):
+            assert m.affine and m.eps == 1e-5
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+    assert checked >= 15
+
+
+@pytest.mark.parametrize("kwargs, bad", [
+    (dict(features_per_stage=(32,)), "features_per_stage"),
+    (dict(features_per_stage=(32, 0)), "features_per_stage"),
+    (dict(kernel_sizes=(3, 3)), "kernel_sizes"),
+    (dict(kernel_sizes=2), "kernel_sizes"),
+    (dict(kernel_sizes=[(3, 3), 3, 3, 3]), "kernel_sizes"),
+    (dict(strides=(1, 2, 2)), "strides"),
+    (dict(strides=[1, 2, 0, 2]), "strides"),
+    (dict(n_conv_per_stage=0), "n_conv_per_stage"),
+    (dict(n_conv_per_stage_decoder=(2, 2, 2, 2)), "n_conv_per_stage_decoder"),
+    (dict(in_channels=0), "in_channels"),
+    (dict(num_classes=0), "num_classes"),
+    (dict(norm_eps=0.0), "norm_eps"),
+    (dict(negative_slope=-1.0), "negative_slope"),
+    (dict(deep_supervision="yes"), "deep_supervision"),
+])
+def test_invalid_arguments(kwargs, bad):
+    with pytest.raises(ValueError, match=bad):
+        PlainConvUNet(**kwargs)
