@@ -15,7 +15,7 @@ class ImageReadError(ValueError):
     """An image file that cannot be used; the message names the file and the problem."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Geometry:
     """Physical grid of an image, SimpleITK conventions: size/spacing (x, y, z), LPS origin/direction."""
 

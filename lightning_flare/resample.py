@@ -75,22 +75,22 @@ def resample_label(
     anisotropy_threshold: float = 3.0,
     new_shape: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Linear interpolation of each class's one-hot mask, then argmax (not nearest neighbour)."""
+    """Linear interpolation of each class's one-hot mask; a voxel takes class c where c reaches 0.5
+    (nnU-Net's ``resize_segmentation``: later classes win, so for binary masks ties go to the foreground)."""
     new_shape = tuple(new_shape) if new_shape is not None else new_shape_for_spacing(label.shape, spacing, new_spacing)
     if tuple(label.shape) == new_shape:
         return label.astype(np.uint8)
     axis = _separate_axis(spacing, new_spacing, anisotropy_threshold) if method == "nnunet" else None
-    best = np.zeros(new_shape, np.float32)
     out = np.zeros(new_shape, np.uint8)
-    for c in range(num_classes):
+    for c in range(1, num_classes):
         onehot = (label == c).astype(np.float32)
+        if not onehot.any():
+            continue
         if method == "fast":
             prob = _interpolate(torch.from_numpy(onehot)[None], new_shape).numpy()[0]
         else:
             prob = _resample_nnunet(onehot, new_shape, axis, order=1, order_z=0)
-        better = prob > best
-        out[better] = c
-        best = np.maximum(best, prob)
+        out[prob >= 0.5] = c
     return out
 
 

@@ -1,0 +1,83 @@
+"""torchmetrics wrapper that collects FLARE24 per-case DSC and NSD."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from lightning_flare.metrics.functional import flare_case_scores, to_numpy
+
+
+class FlareMetrics(Metric):
+    """Per-case FLARE24 Task 1 DSC / NSD, averaged over unique cases.
+
+    States are per-case lists concatenated across processes (``dist_reduce_fx="cat"``),
+    so the means are over cases, not over per-process means. Cases repeated by a
+    padding ``DistributedSampler`` are counted once (first occurrence of a ``case_index``).
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+
+    def __init__(self, tolerance_mm: float = 2.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tolerance_mm = float(tolerance_mm)
+        self.add_state("dsc", default=[], dist_reduce_fx="cat")
+        self.add_state("nsd", default=[], dist_reduce_fx="cat")
+        self.add_state("case_index", default=[], dist_reduce_fx="cat")
+        self._per_case: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor,
+               spacing: Sequence[float], case_index: int) -> None:
+        """Score one case. ``pred``/``target``: label maps (X, Y, Z) or (1, X, Y, Z)."""
+        self._per_case = None
+        pred_np, target_np = (self._squeeze(to_numpy(x)) for x in (pred, target))
+        dsc, nsd = flare_case_scores(pred_np, target_np, spacing, self.tolerance_mm)
+        self.dsc.append(torch.tensor([dsc], dtype=torch.float64, device=self.device))
+        self.nsd.append(torch.tensor([nsd], dtype=torch.float64, device=self.device))
+        self.case_index.append(torch.tensor([int(case_index)], dtype=torch.int64, device=self.device))
+
+    @staticmethod
+    def _squeeze(x: np.ndarray) -> np.ndarray:
+        if x.ndim == 4 and x.shape[0] == 1:
+            x = x[0]
+        if x.ndim != 3:
+            raise ValueError(f"expected one case of shape (X, Y, Z) or (1, X, Y, Z), got {x.shape}")
+        return x
+
+    def _unique_cases(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(case_index, dsc, nsd) sorted by case index, first occurrence of each case kept."""
+        if isinstance(self.case_index, list) and not self.case_index:
+            empty = torch.zeros(0, dtype=torch.float64)
+            return torch.zeros(0, dtype=torch.int64), empty, empty.clone()
+        index = dim_zero_cat(self.case_index).cpu().long()
+        _, first = np.unique(index.numpy(), return_index=True)  # sorted by case index
+        keep = torch.from_numpy(first)
+        return index[keep], dim_zero_cat(self.dsc).cpu()[keep], dim_zero_cat(self.nsd).cpu()[keep]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        index, dsc, nsd = self._unique_cases()
+        self._per_case = (index, dsc, nsd)
+        nan = torch.tensor(float("nan"), dtype=torch.float64)
+        return {
+            "dsc": dsc.mean() if len(dsc) else nan,
+            "nsd": nsd.mean() if len(nsd) else nan,
+            "dsc_median": dsc.quantile(0.5) if len(dsc) else nan,
+            "nsd_median": nsd.quantile(0.5) if len(nsd) else nan,
+            "num_cases": torch.tensor(len(index), dtype=torch.int64),
+        }
+
+    def per_case(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(case_index, dsc, nsd) of the unique cases, synced across processes by ``compute``."""
+        if self._per_case is None:
+            self.compute()
+        assert self._per_case is not None
+        return self._per_case
+
+    def reset(self) -> None:
+        super().reset()
+        self._per_case = None

@@ -1,0 +1,249 @@
+"""Deterministic synthetic abdominal CT with ellipsoid "tumours", written as an nnU-Net raw dataset.
+
+Embedded demo data (no downloads) and test data. Arrays are (x, y, z) = SimpleITK / TorchIO order.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+from scipy.ndimage import distance_transform_edt, gaussian_filter
+
+GENERATOR_VERSION = 1
+DIRECTIONS = {  # row-major 3x3, columns = physical direction of array axes x, y, z
+    "identity": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+    "flipped": (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0),  # x and y reversed (RAS-like)
+    "permuted": (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0),  # array x->phys y, y->z, z->x
+}
+Direction = str | Sequence[float]  # a DIRECTIONS key or 9 floats
+AIR, FAT, SOFT, LIVER, SPLEEN, KIDNEY, BONE, CORTEX, LUNG, AORTA = range(10)  # tissue ids
+HU_RANGES = [(-1000, -1000), (-110, -90), (40, 50), (55, 70), (45, 58),  # (low, high) HU per id,
+             (25, 35), (300, 450), (600, 750), (-870, -830), (40, 200)]  # drawn once per case
+LESION_HOSTS, HOST_WEIGHTS = (LIVER, SOFT, SPLEEN, KIDNEY), (0.4, 0.3, 0.15, 0.15)
+RADIUS_MM, MIN_RADIUS_MM = (8.0, 25.0), 4.0
+HALO = 1.3  # lesion, out to HALO x its radii, must lie in host or soft tissue
+
+
+@dataclass
+class Lesion:
+    centre_vox: tuple[float, float, float]  # (x, y, z) voxel index of the centre
+    radii_mm: tuple[float, float, float]
+    host: int  # tissue id of the host
+    contrast_hu: float  # lesion HU minus host HU
+
+
+@dataclass
+class SyntheticCase:
+    image: np.ndarray  # int16 HU, (x, y, z)
+    label: np.ndarray  # uint8 0/1, (x, y, z)
+    spacing: tuple[float, float, float]  # (x, y, z) mm
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # 9 floats, row-major as SimpleITK
+    lesions: list[Lesion] = field(default_factory=list)
+
+
+def _box(axes, c, r, k: float = 1.0) -> tuple[slice, ...]:
+    """Index box covering the ellipsoid (centre c, radii r, both mm) scaled by k."""
+    return tuple(slice(int(np.searchsorted(a, ci - k * ri)), int(np.searchsorted(a, ci + k * ri, "right")))
+                 for a, ci, ri in zip(axes, c, r))
+
+
+def _q2(axes, c, r, box) -> np.ndarray:
+    """Squared normalised ellipsoid radius over `box` of the grid (<= 1 inside); r may be inf."""
+    a = [((ax[s] - ci) / ri) ** 2 for ax, s, ci, ri in zip(axes, box, c, r)]
+    return a[0][:, None, None] + a[1][None, :, None] + a[2][None, None, :]
+
+
+def _contrast(rng: np.random.Generator, host_hu: float, soft_hu: float) -> float:
+    """Lesion-minus-host HU: -90..-40 or +40..+100, also >= 40 HU away from soft tissue."""
+    while True:
+        c = rng.uniform(40, 100) if rng.random() < 0.5 else -rng.uniform(40, 90)
+        if abs(host_hu + c - soft_hu) >= 40:
+            return float(c)
+
+
+def _place_lesion(rng, tissue, label, axes, spacing, hu) -> Lesion | None:
+    """Ellipsoid centred in a host voxel, its halo in host/soft tissue and clear of other lesions."""
+    host = int(rng.choice(LESION_HOSTS, p=HOST_WEIGHTS))
+    radii = np.clip(rng.uniform(10.0, 25.0) * rng.uniform(0.8, 1.2, 3), *RADIUS_MM)
+    st = max(1, round(3.0 / spacing[0]))  # distance map on a ~3 mm in-plane grid (fast)
+    sub = (slice(None, None, st), slice(None, None, st))
+    free = np.pad(np.isin(tissue[sub], (host, SOFT)) & (label[sub] == 0), 1)  # pad: stay inside
+    dist = distance_transform_edt(free, sampling=spacing * [st, st, 1])[1:-1, 1:-1, 1:-1]
+    dist[tissue[sub] != host] = 0
+    for attempt in range(40):
+        cand = np.flatnonzero(dist >= HALO * np.exp(np.log(radii).mean()))
+        if cand.size:
+            centre = np.array(np.unravel_index(rng.choice(cand), dist.shape), float) * [st, st, 1]
+            c = centre * spacing
+            box = _box(axes, c, radii, HALO)
+            q2 = _q2(axes, c, radii, box)
+            halo = q2 <= HALO ** 2
+            if (all(c - HALO * radii >= 0) and all(c + HALO * radii <= [a[-1] for a in axes])
+                    and np.isin(tissue[box][halo], (host, SOFT)).all() and not label[box][halo].any()):
+                label[box][q2 <= 1] = 1
+                return Lesion(tuple(map(float, centre)), tuple(map(float, radii)), host,
+                              _contrast(rng, hu[host], hu[SOFT]))
+        if not cand.size or attempt % 4 == 3:  # shrink when nothing fits or on repeated misses
+            if radii.max() <= MIN_RADIUS_MM:
+                return None
+            radii = np.maximum(radii * 0.9, MIN_RADIUS_MM)
+    return None
+
+
+def make_case(rng: np.random.Generator, healthy: bool, in_plane_size: int = 192,
+              direction: Direction = "identity") -> SyntheticCase:
+    """One synthetic abdominal CT (body scaled to the field of view) with 0 (healthy) or 1-3 lesions."""
+    n = in_plane_size
+    s, dz = round(float(rng.uniform(0.7, 1.0)), 3), round(float(rng.uniform(2.5, 5.0)), 2)
+    nz = max(8, round(rng.uniform(120, 200) / dz))
+    spacing = np.array([s, s, dz])
+    axes = [np.arange(n) * s, np.arange(n) * s, np.arange(nz) * dz]  # voxel centres, mm
+    fov, hz = n * s, nz * dz / 2
+    cx, cy, cz = (n - 1) * s / 2, (n - 1) * s / 2 + rng.uniform(-0.03, 0.03) * fov, (nz - 1) * dz / 2
+    bx, by = fov * rng.uniform(0.42, 0.47), fov * rng.uniform(0.32, 0.37)  # body semi-axes
+    hu = [float(rng.uniform(lo, hi)) for lo, hi in HU_RANGES]
+    tissue, inf = np.full((n, n, nz), AIR, np.int8), np.inf
+
+    def paint(t: int, c, r, inside: tuple[int, ...] | None = (SOFT,)) -> None:
+        box = _box(axes, c, r)
+        m, sub = _q2(axes, c, r, box) <= 1, tissue[box]  # sub is a view
+        sub[m & np.isin(sub, inside) if inside else m] = t
+
+    def organ(u, v, w, ru, rv, rw):  # body-normalised placement + jitter -> (centre, radii) in mm
+        j = rng.uniform(-0.04, 0.04, 3)
+        return ((cx + (u + j[0]) * bx, cy + (v + j[1]) * by, cz + (w + j[2]) * hz),
+                np.array([ru * bx, rv * by, rw * hz]) * rng.uniform(0.9, 1.1, 3))
+
+    rim = fov * rng.uniform(0.03, 0.06)  # subcutaneous fat
+    paint(FAT, (cx, cy, cz), (bx, by, inf), None)
+    paint(SOFT, (cx, cy, cz), (bx - rim, by - rim, inf), None)
+    vert, rv = (cx, cy + 0.62 * by, cz), 0.12 * bx  # spine: cortex ring around cancellous bone
+    paint(CORTEX, vert, (rv, rv, inf))
+    paint(BONE, vert, (0.75 * rv, 0.75 * rv, inf), (CORTEX,))
+    paint(AORTA, (cx + 0.12 * bx, cy + 0.32 * by, cz), (0.07 * bx, 0.07 * bx, inf))
+    paint(LIVER, *organ(-0.42, -0.05, 0.25, 0.38, 0.55, 0.6))
+    paint(SPLEEN, *organ(0.5, 0.2, 0.3, 0.17, 0.28, 0.35))
+    for side in (-1, 1):  # kidneys; lung bases in the top slices, over the liver dome
+        paint(KIDNEY, *organ(0.36 * side, 0.42, -0.2, 0.13, 0.2, 0.35))
+        paint(LUNG, *organ(0.42 * side, 0.05, 1.2, 0.38, 0.7, 0.6), (SOFT, LIVER, SPLEEN))
+    soft = np.flatnonzero(tissue == SOFT)
+    for _ in range(int(rng.integers(3, 8))):  # bowel gas / fat lobules as distractors
+        c = np.array(np.unravel_index(rng.choice(soft), tissue.shape)) * spacing
+        paint(AIR if rng.random() < 0.3 else FAT, c, rng.uniform(3, 8, 3))
+    label, lesions = np.zeros(tissue.shape, np.uint8), []
+    target, tries = (0 if healthy else int(rng.integers(1, 4))), 0
+    while len(lesions) < target and tries < 60:  # a failed placement retries with another host
+        les, tries = _place_lesion(rng, tissue, label, axes, spacing, hu), tries + 1
+        lesions += [les] if les else []
+    if target and not lesions:
+        raise RuntimeError("could not place a lesion; in_plane_size too small?")
+    clean = np.asarray(hu, np.float32)[tissue]
+    for les in lesions:  # soft-edged intensity; the label stays the hard ellipsoid
+        c, r = np.asarray(les.centre_vox) * spacing, np.asarray(les.radii_mm)
+        box = _box(axes, c, r, 2.0)
+        dist = (1 - np.sqrt(_q2(axes, c, r, box))) * float(np.exp(np.log(r).mean()))  # ~mm inside
+        w = (1 / (1 + np.exp(-dist / 0.6))).astype(np.float32)
+        clean[box] += w * (hu[les.host] + les.contrast_hu - clean[box])
+    img = gaussian_filter(clean, (0.5 / s, 0.5 / s, 0.3))  # slight blur
+    noise = gaussian_filter(rng.standard_normal(clean.shape, dtype=np.float32), (0.6, 0.6, 0.3))
+    img += noise * np.float32(rng.uniform(10, 20) / noise.std())
+    origin = tuple(round(float(v), 2) for v in rng.uniform([-260, -260, -900], [-60, -60, -100]))
+    d = tuple(float(v) for v in (DIRECTIONS[direction] if isinstance(direction, str) else direction))
+    if len(d) != 9:
+        raise ValueError("direction needs 9 values")
+    return SyntheticCase(np.clip(np.rint(img), -1024, 3071).astype(np.int16), label,
+                         (s, s, dz), origin, d, lesions)
+
+
+def is_healthy(k: int, fraction: float) -> bool:
+    """Case k healthy? Spread evenly, independent of the case count, >= 1 in any first 3 if fraction > 0."""
+    f = Fraction(fraction).limit_denominator(1000)
+    c = max(Fraction(0), 1 - 3 * f)  # phase: first healthy case at k <= 2
+    return math.floor((k + 1) * f + c) > math.floor(k * f + c)
+
+
+def case_id(split: str, k: int) -> str:
+    """Case identifier: SYN_000... for imagesTr, SYN_T000... for imagesTs."""
+    return f"SYN_{k:03d}" if split == "Tr" else f"SYN_T{k:03d}"
+
+
+def dataset_case(seed: int, split: str, k: int, healthy_fraction: float = 0.2, in_plane_size: int = 192,
+                 direction: Direction = "identity") -> tuple[str, SyntheticCase]:
+    """Case k of split "Tr" or "Ts": its id and content depend only on (seed, split, k, settings)."""
+    rng = np.random.default_rng([seed, ("Tr", "Ts").index(split), k])
+    return case_id(split, k), make_case(rng, is_healthy(k, healthy_fraction), in_plane_size, direction)
+
+
+def _write(arr: np.ndarray, case: SyntheticCase, path: Path) -> None:
+    """Write an (x, y, z) array with the case geometry, atomically (temp file + os.replace)."""
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)))
+    img.SetSpacing(case.spacing), img.SetOrigin(case.origin), img.SetDirection(case.direction)
+    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")  # SimpleITK needs the .nii.gz ending
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        sitk.WriteImage(img, str(tmp), True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_dataset(out_dir: str | os.PathLike, num_train: int = 16, num_test: int = 6,
+                  healthy_fraction: float = 0.2, seed: int = 0, in_plane_size: int = 192,
+                  name: str = "Dataset900_Synthetic", direction: Direction = "identity") -> Path:
+    """Write (or reuse) an nnU-Net raw dataset in out_dir; dataset.json, written last, marks it complete."""
+    out = Path(out_dir)
+    params = {"version": GENERATOR_VERSION, "name": name, "num_train": num_train, "num_test": num_test,
+              "healthy_fraction": healthy_fraction, "seed": seed, "in_plane_size": in_plane_size,
+              "direction": direction if isinstance(direction, str) else [float(v) for v in direction]}
+    splits = {"Tr": num_train, "Ts": num_test}
+    expected = {out / f"{kind}{sp}" / (case_id(sp, k) + ("_0000" if kind == "images" else "") + ".nii.gz")
+                for sp, num in splits.items() for k in range(num) for kind in ("images", "labels")}
+    meta = out / "dataset.json"
+    if meta.is_file():  # written atomically, so never half-written
+        stored = json.loads(meta.read_text()).get("synthetic_params")
+        if stored is None:
+            raise FileExistsError(f"{out} holds a non-synthetic dataset; not overwriting it")
+        if stored == params and all(p.is_file() for p in expected):
+            return out
+        meta.unlink()  # mark incomplete while rewriting
+    for sp, num in splits.items():
+        for k in range(num):
+            cid, case = dataset_case(seed, sp, k, healthy_fraction, in_plane_size, direction)
+            _write(case.image, case, out / f"images{sp}" / f"{cid}_0000.nii.gz")
+            _write(case.label, case, out / f"labels{sp}" / f"{cid}.nii.gz")
+    for p in set(out.glob("*/SYN_*.nii.gz")) - expected:  # stale cases of an earlier, larger dataset
+        p.unlink()
+    info = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "tumor": 1},
+            "numTraining": num_train, "numTest": num_test, "file_ending": ".nii.gz", "name": name,
+            "description": "synthetic abdominal CT with ellipsoid lesions (lightning_flare.synthetic); "
+                           "no patient data", "synthetic_params": params}
+    tmp = meta.with_name(f".tmp{os.getpid()}_dataset.json")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, meta)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Write the synthetic nnU-Net raw dataset.")
+    ap.add_argument("out_dir")
+    for opt, default in (("--num-train", 16), ("--num-test", 6), ("--seed", 0), ("--in-plane-size", 192)):
+        ap.add_argument(opt, type=int, default=default)
+    ap.add_argument("--healthy-fraction", type=float, default=0.2)
+    ap.add_argument("--name", default="Dataset900_Synthetic")
+    ap.add_argument("--direction", default="identity", choices=sorted(DIRECTIONS))
+    a = ap.parse_args(argv)
+    print(write_dataset(a.out_dir, a.num_train, a.num_test, a.healthy_fraction, a.seed,
+                        a.in_plane_size, a.name, a.direction))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""One smoke run per CLI subcommand on a tiny synthetic dataset, plus geometry and plan checks."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import tiny_cli_args
+
+import cli
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    """A 1-epoch fit (2 iterations) that leaves a checkpoint."""
+    out = tmp_path_factory.mktemp("run")
+    args = tiny_cli_args(tiny_dataset, out / "cache", out)
+    result = cli.main(["fit", *args, "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"])
+    ckpt = out / "ckpt" / "last.ckpt"
+    assert ckpt.is_file()
+    return args, ckpt, out, result
+
+
+def test_fit_fast_dev_run(tiny_dataset, tmp_path):
+    args = tiny_cli_args(tiny_dataset, tmp_path / "cache", tmp_path)
+    result = cli.main(["fit", *args, "--trainer.fast_dev_run", "2"])
+    assert result.trainer.state.finished
+    assert result.trainer.global_step == 2
+
+
+def test_fit_saves_plan_and_metrics(trained):
+    args, ckpt, out, result = trained
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    plan = checkpoint["plan"]
+    assert plan["target_spacing"] == [4.0, 4.0, 5.0] and plan["patch_size"] == [16, 16, 16]
+    assert plan["labels"] == {"background": 0, "tumor": 1}
+    metrics = result.trainer.callback_metrics
+    for key in ("train/loss_epoch", "val/dsc", "val/nsd"):
+        assert key in metrics and torch.isfinite(metrics[key])
+
+
+def test_validate_fast_dev_run(trained):
+    args, ckpt, _, _ = trained
+    result = cli.main(["validate", *args, "--ckpt_path", str(ckpt), "--trainer.fast_dev_run", "1"])
+    assert "val/dsc" in result.trainer.callback_metrics
+
+
+def test_test_reports_per_case(trained, tiny_dataset, capsys):
+    args, ckpt, _, _ = trained
+    result = cli.main(["test", *args, "--ckpt_path", str(ckpt)])
+    metrics = result.trainer.callback_metrics
+    assert 0 <= float(metrics["test/dsc"]) <= 1 and 0 <= float(metrics["test/nsd"]) <= 1
+    cases = result.model.test_results["cases"]
+    assert sorted(c["case"] for c in cases) == sorted(p.name[:-12] for p in (tiny_dataset / "imagesTs").glob("*_0000.nii.gz"))
+    printed = capsys.readouterr().out
+    assert "DSC: mean" in printed and "median" in printed
+
+
+def test_predict_writes_masks_on_the_input_grid(trained, tmp_path):
+    """Non-identity direction and odd spacing: the mask has exactly the input's geometry, values 0/1."""
+    args, ckpt, out, _ = trained
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    array = rng.normal(40, 30, (23, 17, 9)).astype(np.int16)  # SimpleITK array order (z, y, x)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.83, 1.37, 4.1))
+    image.SetOrigin((-12.5, 33.0, 7.25))
+    image.SetDirection((0, -1, 0, 1, 0, 0, 0, 0, 1))
+    sitk.WriteImage(image, str(images / "ODD_0000.nii.gz"))
+    sitk.WriteImage(image, str(images / "OTHER.nrrd"))
+    out_dir = tmp_path / "masks"
+    cli.main(["predict", *args, "--ckpt_path", str(ckpt), "--data.predict_dir", str(images), "--writer.output_dir", str(out_dir)])
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ODD.nii.gz", "OTHER.nii.gz"]
+    mask = sitk.ReadImage(str(out_dir / "ODD.nii.gz"))
+    assert mask.GetSize() == image.GetSize()
+    np.testing.assert_allclose(mask.GetSpacing(), image.GetSpacing())
+    np.testing.assert_allclose(mask.GetOrigin(), image.GetOrigin())
+    np.testing.assert_allclose(mask.GetDirection(), image.GetDirection())
+    assert mask.GetPixelID() == sitk.sitkUInt8
+    assert set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1}
+
+
+def test_predict_needs_only_the_checkpoint_plan(trained, tiny_dataset, tmp_path):
+    """predict without a dataset: preprocessing comes from the plan stored in the checkpoint."""
+    args, ckpt, _, _ = trained
+    no_data = [a for a in args]
+    no_data[no_data.index("--data.data_dir") + 1] = str(tmp_path / "does_not_exist")
+    out_dir = tmp_path / "masks"
+    cli.main(["predict", *no_data, "--ckpt_path", str(ckpt), "--data.predict_dir", str(tiny_dataset / "imagesTs"),
+              "--writer.output_dir", str(out_dir)])
+    assert len(list(out_dir.glob("*.nii.gz"))) == len(list((tiny_dataset / "imagesTs").glob("*.nii.gz")))
+
+
+def test_predict_empty_folder_is_a_clear_error(trained, tmp_path):
+    args, ckpt, _, _ = trained
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images found"):
+        cli.main(["predict", *args, "--ckpt_path", str(ckpt), "--data.predict_dir", str(tmp_path / "empty")])

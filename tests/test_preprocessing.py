@@ -1,0 +1,163 @@
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from lightning_flare.fingerprint import compute_fingerprint, load_or_compute_fingerprint
+from lightning_flare.io import Geometry, from_array, read_image, to_array, write_image
+from lightning_flare.plan import IntensityStats, Plan
+from lightning_flare.preprocessing import PreprocessedCache, normalize_ct
+from lightning_flare.raw_dataset import Case, DatasetError, kfold_splits, load_raw_dataset, select_fold
+from lightning_flare.resample import lowres_axis, new_shape_for_spacing, resample_image, resample_label
+
+STATS = IntensityStats(-900.0, 619.0, -52.232, 268.799)
+
+
+def test_plan_roundtrip_and_cache_key():
+    plan = Plan((2, 2, 3), (128, 128, 96), STATS)
+    again = Plan.from_dict(plan.to_dict())
+    assert again == plan
+    assert plan.num_classes == 2
+    assert Plan((2, 2, 3), (64, 64, 32), STATS).cache_key() == plan.cache_key()  # patch size does not change the cache
+    assert Plan((2, 2, 2), (128, 128, 96), STATS).cache_key() != plan.cache_key()
+    assert "target_spacing" in plan.differences(Plan((2, 2, 2), (128, 128, 96), STATS))[0]
+    with pytest.raises(ValueError, match="target_spacing"):
+        Plan((2, 2), (1, 1, 1), STATS)
+    with pytest.raises(ValueError, match="clip_low"):
+        IntensityStats(10, 0, 0, 1)
+
+
+def test_normalize_ct_hand_computed():
+    stats = IntensityStats(-100, 100, 10, 20)
+    out = normalize_ct(np.array([-1000.0, 0.0, 50.0, 1000.0]), stats)
+    np.testing.assert_allclose(out, [(-100 - 10) / 20, -0.5, 2.0, (100 - 10) / 20])
+
+
+def test_new_shape_and_lowres_axis():
+    assert new_shape_for_spacing((512, 512, 100), (0.8, 0.8, 2.5), (2, 2, 3)) == (205, 205, 83)
+    assert lowres_axis((0.7, 0.7, 5.0)) == 2
+    assert lowres_axis((1, 1, 2)) is None
+    assert lowres_axis((5, 5, 1)) is None  # two low-resolution axes: no separate axis (nnU-Net)
+
+
+def test_resample_image_preserves_constant_and_linear_ramp():
+    ramp = np.broadcast_to(np.arange(20, dtype=np.float32)[:, None, None], (20, 8, 6)).copy()
+    out = resample_image(ramp, (1, 1, 1), (2, 1, 1))
+    assert out.shape == (10, 8, 6)
+    # pixel-extent convention: output voxel i covers input voxels 2i, 2i+1 -> centre 2i + 0.5
+    np.testing.assert_allclose(out[2:-2, 0, 0], np.arange(2, 8) * 2 + 0.5, atol=1e-3)
+    const = np.full((9, 9, 4), 7.0, np.float32)
+    for method in ("nnunet", "fast"):
+        np.testing.assert_allclose(resample_image(const, (0.7, 0.7, 5), (2, 2, 3), method), 7.0, atol=1e-4)
+
+
+def test_resample_label_linear_argmax_keeps_labels():
+    label = np.zeros((20, 20, 10), np.uint8)
+    label[4:14, 4:14, 2:8] = 1
+    out = resample_label(label, (1, 1, 1), (2, 2, 2), num_classes=2)
+    assert out.shape == (10, 10, 5) and set(np.unique(out)) == {0, 1}
+    # output voxel i samples input position 2i + 0.5: x/y voxels 2..6 and z voxels 1..3 are inside
+    expected = np.zeros((10, 10, 5), np.uint8)
+    expected[2:7, 2:7, 1:4] = 1
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_kfold_matches_nnunet_splits():
+    """nnU-Net: sklearn KFold(5, shuffle=True, random_state=12345) on sorted keys; train/val sorted."""
+    keys = [f"case_{i:02d}" for i in range(12)]
+    splits = kfold_splits(keys)
+    assert len(splits) == 5
+    vals = [v for s in splits for v in s["val"]]
+    assert sorted(vals) == keys  # every case validated exactly once
+    assert [len(s["val"]) for s in splits] == [3, 3, 2, 2, 2]
+    for s in splits:
+        assert sorted(s["train"] + s["val"]) == keys and s["val"] == sorted(s["val"])
+    sklearn = pytest.importorskip("sklearn.model_selection")
+    ref = [sorted(np.array(keys)[v].tolist()) for _, v in sklearn.KFold(5, shuffle=True, random_state=12345).split(keys)]
+    assert [s["val"] for s in splits] == ref
+
+
+def test_raw_dataset_errors(tmp_path):
+    with pytest.raises(DatasetError, match="dataset.json"):
+        load_raw_dataset(tmp_path)
+    (tmp_path / "dataset.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="JSON"):
+        load_raw_dataset(tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "tumor": 1}, "file_ending": ".nii.gz"}))
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    img = from_array(np.zeros((4, 4, 4), np.int16), Geometry((4, 4, 4), (1, 1, 1), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    write_image(img, tmp_path / "imagesTr" / "A_0000.nii.gz")
+    ds = load_raw_dataset(tmp_path)
+    with pytest.raises(DatasetError, match="A_0000.nii.gz: no label"):
+        ds.cases("Tr")
+    write_image(img, tmp_path / "labelsTr" / "A.nii.gz")
+    write_image(img, tmp_path / "labelsTr" / "B.nii.gz")
+    with pytest.raises(DatasetError, match="B.nii.gz: label without image"):
+        ds.cases("Tr")
+
+
+def test_io_roundtrip_non_identity_direction(tmp_path):
+    direction = (0, 1, 0, -1, 0, 0, 0, 0, 1)
+    geom = Geometry((5, 6, 7), (0.7, 0.9, 3.3), (10.0, -5.0, 2.5), direction)
+    array = np.random.default_rng(0).integers(0, 100, (5, 6, 7)).astype(np.int16)
+    path = write_image(from_array(array, geom), tmp_path / "x.nii.gz")
+    back = read_image(path)
+    assert Geometry.of(back).size == geom.size
+    np.testing.assert_allclose(back.GetDirection(), direction)
+    np.testing.assert_array_equal(to_array(back, np.int16), array)
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
+
+
+def test_read_image_errors(tmp_path):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(ValueError, match="broken.nii.gz"):
+        read_image(bad)
+    flat = sitk.Image(8, 8, sitk.sitkInt16)
+    sitk.WriteImage(flat, str(tmp_path / "flat.nii.gz"))
+    with pytest.raises(ValueError, match="expected a 3D image"):
+        read_image(tmp_path / "flat.nii.gz")
+
+
+def test_fingerprint_and_cache_reuse(tiny_dataset, tmp_path, monkeypatch):
+    ds = load_raw_dataset(tiny_dataset)
+    cases = ds.cases("Tr")
+    fp = load_or_compute_fingerprint(tmp_path / "fp.json", cases)
+    inten = fp["intensity"]
+    assert inten["percentile_00_5"] < inten["mean"] < inten["percentile_99_5"] and inten["std"] > 0
+    # foreground statistics only: the air (-1000 HU) outside the body must not enter them
+    assert inten["percentile_00_5"] > -500
+    # the saved fingerprint is reused
+    monkeypatch.setattr("lightning_flare.fingerprint.compute_fingerprint", lambda *a, **k: pytest.fail("recomputed"))
+    assert load_or_compute_fingerprint(tmp_path / "fp.json", cases) == json.loads((tmp_path / "fp.json").read_text())
+
+    plan = Plan((4, 4, 5), (16, 16, 16), STATS)
+    cache = PreprocessedCache(tmp_path / "cache", plan, ds.name)
+    entries = cache.build(cases[:2], progress=False)
+    image = np.load(entries[0].image, mmap_mode="r")
+    label = np.load(entries[0].label)
+    assert image.dtype == np.float32 and image.shape == label.shape
+    original = read_image(cases[0].image)
+    assert image.shape == new_shape_for_spacing(original.GetSize(), original.GetSpacing(), (4, 4, 5))
+    mtimes = [e.image.stat().st_mtime_ns for e in entries]
+    monkeypatch.setattr("lightning_flare.preprocessing.preprocess_into_cache", lambda *a: pytest.fail("preprocessed again"))
+    again = cache.build(cases[:2], progress=False)
+    assert [e.image.stat().st_mtime_ns for e in again] == mtimes
+    # a half-written entry (no JSON marker) is not used: it would be rebuilt
+    entries[1].meta.unlink()
+    assert not cache.is_complete(entries[1].case_id)
+    # another spacing is another cache folder
+    assert PreprocessedCache(tmp_path / "cache", Plan((3, 3, 5), (16, 16, 16), STATS), ds.name).dir != cache.dir
+
+
+def test_select_fold_all_and_bad_fold(tiny_dataset):
+    ds = load_raw_dataset(tiny_dataset)
+    cases = ds.cases("Tr")
+    train, val = select_fold(ds, cases, "all")
+    assert train == cases and val == cases
+    train, val = select_fold(ds, cases, 0)
+    assert not {c.case_id for c in train} & {c.case_id for c in val}
+    with pytest.raises(ValueError, match="fold"):
+        select_fold(ds, cases, 7)
