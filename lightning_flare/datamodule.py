@@ -1,6 +1,9 @@
 """LightningDataModule: nnU-Net raw dataset -> fingerprint + plan -> cached preprocessing -> tio.Queue."""
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +21,8 @@ from .preprocessing import PreprocessedCache
 from .raw_dataset import Case, RawDataset, load_raw_dataset, select_fold
 from .sampling import EpochSubjectSampler, collate_patches, ForegroundOversamplingSampler, QueueSampler, make_subject
 from .volumes import CachedVolumes, RawVolumes, first_item, list_images
+
+log = logging.getLogger(__name__)
 
 
 class FlareDataModule(L.LightningDataModule):
@@ -45,6 +50,7 @@ class FlareDataModule(L.LightningDataModule):
         predict_dir: str | None = None,
         synthetic: dict[str, Any] | None = None,
         seed: int = 0,
+        verify: bool = True,
     ):
         super().__init__()
         self.data_dir = Path(data_dir) if data_dir else None
@@ -58,7 +64,7 @@ class FlareDataModule(L.LightningDataModule):
         self.resampling, self.augmentation = resampling, augmentation
         self.queue_length, self.num_workers = queue_length, num_workers
         self.predict_dir = predict_dir
-        self.synthetic, self.seed = synthetic, seed
+        self.synthetic, self.seed, self.verify = synthetic, seed, verify
         self.plan: Plan | None = None
         self.train_subjects: list[tio.Subject] = []
         self._dataset: RawDataset | None = None
@@ -100,7 +106,26 @@ class FlareDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
+            if self.verify:
+                self.verify_dataset()
             self.plan = self.plan_from_data()
+
+    def verify_dataset(self) -> None:
+        """Check every training file before any work (all problems listed at once); remembered per file state."""
+        from .verify import verify_dataset
+
+        files = sorted(p for d in ("imagesTr", "labelsTr") for p in (self.dataset.root / d).glob("*") if p.is_file())
+        state = json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+                           + [(self.dataset.root / "dataset.json").read_text()])
+        marker = self.cache_dir / f"{self.dataset.name}_verified_{hashlib.sha1(state.encode()).hexdigest()[:12]}"
+        if marker.exists():
+            return
+        report = verify_dataset(self.dataset.root, splits=("Tr",), num_workers=self.num_workers)
+        for warning in report.warnings:
+            log.warning(warning)
+        report.raise_if_errors()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        marker.touch()
 
     def _fold_cases(self) -> tuple[list[Case], list[Case]]:
         return select_fold(self.dataset, self.dataset.cases("Tr"), self.fold, self.num_folds, self.split_seed)

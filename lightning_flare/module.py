@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import lightning as L
@@ -35,6 +36,7 @@ class FlareSegmentationModule(L.LightningModule):
         tta: bool = False,
         autocast: bool = True,
         nsd_tolerance_mm: float = 2.0,
+        report_dir: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -139,12 +141,19 @@ class FlareSegmentationModule(L.LightningModule):
         result = self.test_metrics.compute()
         self.log("test/dsc", result["dsc"])
         self.log("test/nsd", result["nsd"])
-        self.test_results = {"summary": {k: float(v) for k, v in result.items()}, "cases": self._per_case_rows()}
+        rows = self._per_case_rows()
+        self.test_results = {"summary": {k: float(v) for k, v in result.items()}, "cases": rows}
         self.test_metrics.reset()
         if self.trainer.is_global_zero:
-            from .report import print_test_table
+            from .report import COLUMNS, print_test_table, write_reports
 
+            out_dir = self.hparams.report_dir or os.path.join(self.trainer.default_root_dir, "test")
+            self.test_results["report"] = write_reports(rows, out_dir, tolerance_mm=self.hparams.nsd_tolerance_mm)
+            self.test_results["report_dir"] = out_dir
             print_test_table(self.test_results)
+            for logger in self.loggers:
+                if hasattr(logger, "log_table"):  # W&B
+                    logger.log_table(key="test/per_case", columns=COLUMNS[:6], data=[[r[c] for c in COLUMNS[:6]] for r in rows])
 
     def _per_case_rows(self) -> list[dict]:
         indices, dsc, nsd = self.test_metrics.per_case()

@@ -1,4 +1,5 @@
 """One smoke run per CLI subcommand on a tiny synthetic dataset, plus geometry and plan checks."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,13 @@ def test_test_reports_per_case(trained, tiny_dataset, capsys):
     assert sorted(c["case"] for c in cases) == sorted(p.name[:-12] for p in (tiny_dataset / "imagesTs").glob("*_0000.nii.gz"))
     printed = capsys.readouterr().out
     assert "DSC: mean" in printed and "median" in printed
+    report_dir = Path(result.model.test_results["report_dir"])
+    csv_lines = (report_dir / "metrics_per_case.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("case,dsc,nsd,reference_ml,predicted_ml,healthy_false_positive")
+    assert len(csv_lines) == 1 + len(cases)
+    summary = json.loads((report_dir / "metrics_summary.json").read_text())
+    assert summary["num_cases"] == len(cases)
+    assert summary["dsc"]["mean"] == pytest.approx(float(metrics["test/dsc"]), abs=1e-6)
 
 
 def test_predict_writes_masks_on_the_input_grid(trained, tmp_path):
@@ -98,3 +106,23 @@ def test_predict_empty_folder_is_a_clear_error(trained, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images found"):
         cli.main(["predict", *args, "--ckpt_path", str(ckpt), "--data.predict_dir", str(tmp_path / "empty")])
+
+
+def test_fit_on_a_broken_dataset_lists_every_problem_before_training(tiny_dataset, tmp_path):
+    import shutil
+
+    from lightning_flare.raw_dataset import DatasetError
+
+    broken = tmp_path / "Dataset902_Broken"
+    shutil.copytree(tiny_dataset, broken)
+    labels = sorted((broken / "labelsTr").glob("*.nii.gz"))
+    labels[0].unlink()  # image without label
+    bad = sitk.ReadImage(str(labels[1]))
+    sitk.WriteImage(bad * 3, str(labels[1]))  # label value 3 is not in dataset.json
+    args = tiny_cli_args(broken, tmp_path / "cache", tmp_path)
+    with pytest.raises(DatasetError) as err:
+        cli.main(["fit", *args, "--trainer.fast_dev_run", "1"])
+    message = str(err.value)
+    assert labels[0].name.replace(".nii.gz", "_0000.nii.gz") in message
+    assert labels[1].name in message and "3" in message
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*/*.npy"))
