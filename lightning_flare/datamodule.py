@@ -11,15 +11,14 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 import torch.distributed as dist
-import torchio as tio
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .augmentation import build_augmentation
+from .augmentation import build_augmentation, spatial_margin
 from .fingerprint import load_or_compute_fingerprint
 from .plan import IntensityStats, Plan
 from .preprocessing import PreprocessedCache
 from .raw_dataset import Case, RawDataset, load_raw_dataset, select_fold
-from .sampling import EpochSubjectSampler, collate_patches, ForegroundOversamplingSampler, QueueSampler, make_subject
+from .sampling import PatchSampler, build_patch_loader
 from .volumes import CachedVolumes, RawVolumes, first_item, list_images
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,6 @@ class FlareDataModule(L.LightningDataModule):
         self.predict_dir = predict_dir
         self.synthetic, self.seed, self.verify = synthetic, seed, verify
         self.plan: Plan | None = None
-        self.train_subjects: list[tio.Subject] = []
         self._dataset: RawDataset | None = None
 
     # ----------------------------------------------------------------- dataset and plan
@@ -139,25 +137,12 @@ class FlareDataModule(L.LightningDataModule):
         plan = self.resolve_plan()
         train_cases, _ = self._fold_cases()
         entries = self._cache(plan, train_cases)
-        self.train_subjects = [make_subject(e, plan.target_spacing) for e in entries]
         rank, world = _rank_and_world()
-        sampler = ForegroundOversamplingSampler(
-            plan.patch_size, self.batch_size, self.oversample_foreground,
-            transform=build_augmentation(self.augmentation), seed=self.seed * 1000 + rank,
-        )
-        subject_sampler = EpochSubjectSampler(len(entries), self.iterations_per_epoch * self.batch_size, self.seed, rank, world)
-        queue = tio.Queue(
-            tio.SubjectsDataset(self.train_subjects, load_getitem=False),
-            max_length=max(self.queue_length, self.batch_size),
-            samples_per_volume=1,
-            sampler=sampler,
-            subject_sampler=subject_sampler,
-            shuffle_subjects=False,
-            shuffle_patches=False,
-            num_workers=0,
-        )
-        return DataLoader(queue, batch_size=self.batch_size, sampler=QueueSampler(queue), num_workers=0,
-                          collate_fn=collate_patches)
+        transform = build_augmentation(self.augmentation)
+        sampler = PatchSampler(plan.patch_size, self.batch_size, self.oversample_foreground, transform,
+                               margin=spatial_margin(plan.patch_size) if self.augmentation == "nnunet" else 0)
+        return build_patch_loader(entries, sampler, plan.target_spacing, self.iterations_per_epoch, self.num_workers,
+                                  self.seed, rank, world, self.queue_length)
 
     def val_dataloader(self) -> DataLoader:
         plan = self.resolve_plan()

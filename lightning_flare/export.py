@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ConversionError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {output} ({args.format}; net args from {info['net_args_source']}; "
+    print(f"wrote {output} ({args.format}; net args: {info['net_args_source']}; "
           f"input (N, {net.encoder.stages[0][0].convs[0].conv.in_channels}, x, y, z), "
           f"x, y, z multiples of {net.size_divisor()}; patch {plan.patch_size}, spacing {plan.target_spacing})")
     return 0

@@ -58,6 +58,8 @@ class FlareSegmentationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.plan is not None:
             checkpoint["plan"] = self.plan.to_dict()
+        if hasattr(self.net, "init_args"):  # lets export / other tools rebuild the network without the YAML
+            checkpoint["net_init_args"] = dict(self.net.init_args)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "plan" in checkpoint:

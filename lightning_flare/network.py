@@ -192,6 +192,11 @@ class PlainConvUNet(nn.Module):
         if not (isinstance(negative_slope, (int, float)) and negative_slope >= 0):
             raise ValueError(f"negative_slope must be a non-negative number, got {negative_slope!r}")
 
+        self.init_args = {"in_channels": in_channels, "num_classes": num_classes, "features_per_stage": widths,
+                          "kernel_sizes": [list(k) for k in kernels], "strides": [list(st) for st in stride_list],
+                          "n_conv_per_stage": n_enc, "n_conv_per_stage_decoder": n_dec,
+                          "deep_supervision": deep_supervision, "norm_eps": float(norm_eps),
+                          "negative_slope": float(negative_slope)}
         self.encoder = PlainConvEncoder(in_channels, widths, kernels, stride_list, n_enc,
                                         float(norm_eps), float(negative_slope))
         self.decoder = UNetDecoder(self.encoder, num_classes, n_dec, deep_supervision)

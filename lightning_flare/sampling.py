@@ -1,4 +1,9 @@
-"""Patch sampling for ``tio.Queue``: nnU-Net's foreground oversampling, read from memory-mapped cache files."""
+"""Training patches for ``tio.Queue``: nnU-Net's foreground oversampling, read from memory-mapped cache files.
+
+Each patch is a pure function of (seed, epoch, draw number): its case, whether it is foreground-centred,
+its centre and its augmentation draw. Patches are cut and augmented inside the queue's loader workers,
+so the work is spread over processes and the cost of a patch does not depend on the size of the scan.
+"""
 from __future__ import annotations
 
 from typing import Callable, Iterator, Sequence
@@ -9,22 +14,6 @@ import torchio as tio
 from torch.utils.data import Sampler
 
 from .preprocessing import CachedCase
-
-
-def make_subject(entry: CachedCase, spacing: Sequence[float]) -> tio.Subject:
-    """A lightweight subject: images stay on disk; the sampler reads only the crops it needs."""
-    affine = np.diag([*spacing, 1.0])
-    return tio.Subject(
-        image=tio.ScalarImage(entry.image, affine=affine, reader=_npy_reader),
-        label=tio.LabelMap(entry.label, affine=affine, reader=_npy_reader),
-        case_id=entry.case_id,
-        foreground_path=str(entry.foreground),
-    )
-
-
-def _npy_reader(path) -> tuple[torch.Tensor, np.ndarray]:
-    array = np.load(path)
-    return torch.from_numpy(array.astype(np.float32))[None], np.eye(4)
 
 
 def crop_with_padding(array: np.ndarray, start: Sequence[int], size: Sequence[int], pad_value: float = 0) -> np.ndarray:
@@ -41,29 +30,20 @@ def crop_with_padding(array: np.ndarray, start: Sequence[int], size: Sequence[in
     return out
 
 
-class ForegroundOversamplingSampler(tio.data.PatchSampler):
+class PatchSampler:
     """nnU-Net's rule: in each batch of ``batch_size`` the last ``round(batch_size * oversample)`` patches are
     centred on a random foreground voxel, the others on a uniformly random voxel (so border voxels can be
-    centres; the outside is padded). Cases without foreground fall back to uniform.
+    centres; the outside is padded with 0). Cases without foreground fall back to uniform.
 
-    The batch position comes from a running patch counter, so the queue must yield patches in the order
-    they were sampled (``shuffle_patches=False``) with one patch per subject draw (``samples_per_volume=1``).
-
-    ``transform`` augments each patch; spatial transforms get a crop enlarged by ``margin`` voxels per side,
-    which is centre-cropped back to the patch size afterwards (so rotations do not pull in padding and the
-    cost does not depend on the size of the scan).
+    ``transform`` augments each patch; it gets a crop enlarged by ``margin`` voxels per side, which is
+    centre-cropped back to ``patch_size`` afterwards (so rotations do not pull in padding).
     """
 
-    def __init__(
-        self,
-        patch_size: Sequence[int],
-        batch_size: int,
-        oversample_foreground: float = 0.33,
-        transform: Callable[[tio.Subject], tio.Subject] | None = None,
-        margin: Sequence[int] | int = 0,
-        seed: int | None = None,
-    ):
-        super().__init__(tuple(int(p) for p in patch_size))
+    def __init__(self, patch_size: Sequence[int], batch_size: int, oversample_foreground: float = 0.33,
+                 transform: Callable[[tio.Subject], tio.Subject] | None = None, margin: Sequence[int] | int = 0):
+        self.patch_size = np.asarray([int(p) for p in patch_size])
+        if len(self.patch_size) != 3 or self.patch_size.min() < 1:
+            raise ValueError(f"patch_size must be 3 positive integers, got {patch_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= oversample_foreground <= 1:
@@ -72,51 +52,81 @@ class ForegroundOversamplingSampler(tio.data.PatchSampler):
         self.num_forced = int(round(batch_size * oversample_foreground))
         self.transform = transform
         self.margin = np.broadcast_to(np.asarray(margin, int), (3,)).copy()
-        self.rng = np.random.default_rng(seed)
-        self.counter = 0
 
-    def force_foreground_now(self) -> bool:
-        position = self.counter % self.batch_size
-        self.counter += 1
-        return position >= self.batch_size - self.num_forced
+    def is_forced(self, draw: int) -> bool:
+        """Whether the patch at position ``draw`` of the (per-rank) stream is foreground-centred."""
+        return draw % self.batch_size >= self.batch_size - self.num_forced
 
-    def __call__(self, subject: tio.Subject, num_patches: int | None = None) -> Iterator[tio.Subject]:
-        return self._generate_patches(subject, num_patches)
-
-    def _generate_patches(self, subject: tio.Subject, num_patches: int | None = None) -> Iterator[tio.Subject]:
-        image = np.load(subject["image"].path, mmap_mode="r")
-        label = np.load(subject["label"].path, mmap_mode="r")
-        foreground = np.load(subject["foreground_path"])
-        count = 0
-        while num_patches is None or count < num_patches:
-            forced = self.force_foreground_now()
-            yield self.sample(subject, image, label, foreground, forced)
-            count += 1
-
-    def sample(self, subject, image: np.ndarray, label: np.ndarray, foreground: np.ndarray, forced: bool) -> tio.Subject:
-        if forced and len(foreground):
-            centre = foreground[self.rng.integers(len(foreground))]
+    def __call__(self, entry: CachedCase, draw: int, rng: np.random.Generator, spacing: Sequence[float]) -> tio.Subject:
+        image = np.load(entry.image, mmap_mode="r")
+        label = np.load(entry.label, mmap_mode="r")
+        foreground = np.load(entry.foreground, mmap_mode="r")
+        forced = self.is_forced(draw) and len(foreground) > 0
+        if forced:
+            centre = np.asarray(foreground[rng.integers(len(foreground))], int)
         else:
-            centre = np.array([self.rng.integers(s) for s in image.shape])
-        size = self.patch_size.astype(int) + 2 * self.margin
+            centre = np.array([rng.integers(s) for s in image.shape])
+        size = self.patch_size + 2 * self.margin
         start = centre - size // 2
+        affine = np.diag([*spacing, 1.0])
         patch = tio.Subject(
-            image=tio.ScalarImage(tensor=torch.from_numpy(crop_with_padding(image, start, size, 0.0))[None], affine=subject["image"].affine),
-            label=tio.LabelMap(tensor=torch.from_numpy(crop_with_padding(label, start, size, 0))[None], affine=subject["label"].affine),
-            case_id=subject["case_id"],
-            foreground_forced=bool(forced and len(foreground)),
+            image=tio.ScalarImage(tensor=torch.from_numpy(crop_with_padding(image, start, size, 0.0))[None], affine=affine),
+            label=tio.LabelMap(tensor=torch.from_numpy(crop_with_padding(label, start, size, 0))[None], affine=affine),
         )
         if self.transform is not None:
             patch = self.transform(patch)
-        if np.any(self.margin):
-            m = self.margin
-            p = self.patch_size.astype(int)
-            for key in ("image", "label"):
-                data = patch[key].data[:, m[0] : m[0] + p[0], m[1] : m[1] + p[1], m[2] : m[2] + p[2]]
-                patch[key].set_data(data.contiguous())
-        location = np.concatenate([start + self.margin, start + self.margin + self.patch_size.astype(int)])
-        patch[tio.LOCATION] = torch.as_tensor(location)
-        return patch
+        m, p = self.margin, self.patch_size
+        return {
+            "image": patch["image"].data[:, m[0] : m[0] + p[0], m[1] : m[1] + p[1], m[2] : m[2] + p[2]].float().contiguous(),
+            "label": patch["label"].data[:, m[0] : m[0] + p[0], m[1] : m[1] + p[1], m[2] : m[2] + p[2]].to(torch.uint8).contiguous(),
+            "location": torch.as_tensor(np.concatenate([start + m, start + m + p])),
+            "foreground_forced": forced,
+            "case_id": entry.case_id,
+        }
+
+
+class PatchDataset(tio.SubjectsDataset):
+    """Subjects dataset whose items are augmented patches: index = draw * num_cases + case (see EpochSubjectSampler)."""
+
+    def __init__(self, entries: Sequence[CachedCase], sampler: PatchSampler, spacing: Sequence[float], seed: int = 0):
+        affine = np.diag([*spacing, 1.0])
+        subjects = [tio.Subject(image=tio.ScalarImage(e.image, affine=affine), case_id=e.case_id) for e in entries]
+        super().__init__(subjects, load_getitem=False)
+        self.entries = list(entries)
+        self.sampler = sampler
+        self.spacing = tuple(spacing)
+        self.seed = seed
+        self.epoch = 0
+        self.rank = 0
+
+    def __getitem__(self, code: int) -> tio.Subject:
+        draw, case = divmod(int(code), len(self.entries))
+        key = [self.seed, self.rank, self.epoch, draw]
+        torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))  # TorchIO transforms use torch's RNG
+        patch = self.sampler(self.entries[case], draw, np.random.default_rng(key), self.spacing)
+        return tio.Subject(
+            image=tio.ScalarImage(tensor=patch["image"], affine=np.diag([*self.spacing, 1.0])),
+            label=tio.LabelMap(tensor=patch["label"], affine=np.diag([*self.spacing, 1.0])),
+            location=patch["location"], foreground_forced=patch["foreground_forced"], case_id=patch["case_id"],
+        )
+
+
+class WholeSubjectSampler(tio.data.PatchSampler):
+    """The queue's sampler when items already are patches: yields the subject itself."""
+
+    def __init__(self, patch_size: Sequence[int]):
+        super().__init__(tuple(int(p) for p in patch_size))
+
+    def __call__(self, subject: tio.Subject, num_patches: int | None = None) -> Iterator[tio.Subject]:
+        yield subject
+
+
+class PatchQueue(tio.Queue):
+    """``tio.Queue`` whose length comes from the subject sampler alone (no pass over the subjects)."""
+
+    @property
+    def iterations_per_epoch(self) -> int:
+        return len(self.subject_sampler) * self.samples_per_volume
 
 
 def collate_patches(patches: list[tio.Subject]) -> dict:
@@ -124,31 +134,38 @@ def collate_patches(patches: list[tio.Subject]) -> dict:
     return {
         "image": torch.stack([p["image"].data for p in patches]).float(),
         "label": torch.stack([p["label"].data for p in patches]).to(torch.uint8),
-        "location": torch.stack([torch.as_tensor(p[tio.LOCATION]) for p in patches]),
+        "location": torch.stack([torch.as_tensor(p["location"]) for p in patches]),
         "foreground_forced": torch.tensor([bool(p["foreground_forced"]) for p in patches]),
         "case_id": [p["case_id"] for p in patches],
     }
 
 
 class EpochSubjectSampler(Sampler[int]):
-    """Subject indices for one epoch: concatenated random permutations, ``samples_per_epoch`` per rank.
+    """Draws of one epoch as codes ``draw * num_subjects + subject``; ``samples_per_epoch`` per rank.
 
-    Every subject is drawn about equally often; with several ranks, rank ``r`` takes every
-    ``world_size``-th draw, so a subject is used by one rank per draw. ``set_epoch`` reshuffles.
+    Subjects come from concatenated random permutations, so every subject is drawn about equally often;
+    with several ranks, rank ``r`` takes every ``world_size``-th draw, so each draw is used by one rank.
+    ``set_epoch`` reshuffles (Lightning calls it through ``QueueSampler``).
     """
 
-    def __init__(self, num_subjects: int, samples_per_epoch: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, num_subjects: int, samples_per_epoch: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 dataset: PatchDataset | None = None):
         if num_subjects < 1:
             raise ValueError("no training subjects")
         self.num_subjects = num_subjects
         self.samples_per_epoch = samples_per_epoch
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.dataset = dataset
         self.epoch = 0
+        if dataset is not None:
+            dataset.rank = rank
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.dataset is not None:
+            self.dataset.epoch = epoch
 
-    def indices(self) -> list[int]:
+    def subjects(self) -> list[int]:
         rng = np.random.default_rng([self.seed, self.epoch])
         total = self.samples_per_epoch * self.world_size
         rounds = -(-total // self.num_subjects)
@@ -156,7 +173,7 @@ class EpochSubjectSampler(Sampler[int]):
         return order[self.rank :: self.world_size].tolist()
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.indices())
+        return iter(draw * self.num_subjects + s for draw, s in enumerate(self.subjects()))
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -176,4 +193,25 @@ class QueueSampler(Sampler[int]):
         return iter(range(len(self)))
 
     def __len__(self) -> int:
-        return len(self.queue.subject_sampler) * self.queue.samples_per_volume
+        return len(self.queue)
+
+
+def build_patch_loader(entries: Sequence[CachedCase], sampler: PatchSampler, spacing: Sequence[float],
+                       iterations_per_epoch: int, num_workers: int = 0, seed: int = 0, rank: int = 0,
+                       world_size: int = 1, queue_length: int = 8) -> torch.utils.data.DataLoader:
+    """The training loader: PatchDataset -> PatchQueue (workers cut and augment) -> batches of ``sampler.batch_size``."""
+    dataset = PatchDataset(entries, sampler, spacing, seed)
+    subject_sampler = EpochSubjectSampler(len(entries), iterations_per_epoch * sampler.batch_size, seed, rank, world_size, dataset)
+    queue = PatchQueue(
+        dataset,
+        max_length=max(queue_length, sampler.batch_size),
+        samples_per_volume=1,
+        sampler=WholeSubjectSampler(sampler.patch_size),
+        subject_sampler=subject_sampler,
+        shuffle_subjects=False,
+        shuffle_patches=False,  # keeps the batch positions of the foreground rule
+        num_workers=num_workers,
+        start_background=False,
+    )
+    return torch.utils.data.DataLoader(queue, batch_size=sampler.batch_size, sampler=QueueSampler(queue),
+                                       num_workers=0, collate_fn=collate_patches)

@@ -1,18 +1,10 @@
 import numpy as np
 import pytest
 import torch
-import torchio as tio
 
 from lightning_flare.module import poly_lr_factor
 from lightning_flare.preprocessing import CachedCase
-from lightning_flare.sampling import (
-    EpochSubjectSampler,
-    ForegroundOversamplingSampler,
-    QueueSampler,
-    collate_patches,
-    crop_with_padding,
-    make_subject,
-)
+from lightning_flare.sampling import EpochSubjectSampler, PatchSampler, build_patch_loader, crop_with_padding
 
 
 def test_crop_with_padding_hand_computed():
@@ -38,13 +30,9 @@ def _entry(tmp_path, shape=(40, 30, 20), fg_box=((30, 34), (3, 6), (15, 18))) ->
     return e
 
 
-def _queue(entry, batch_size, patches, oversample=0.33, seed=0, patch=(12, 10, 8)):
-    subject = make_subject(entry, (1, 1, 1))
-    sampler = ForegroundOversamplingSampler(patch, batch_size, oversample, seed=seed)
-    queue = tio.Queue(tio.SubjectsDataset([subject], load_getitem=False), max_length=batch_size * 4, samples_per_volume=1,
-                      sampler=sampler, subject_sampler=EpochSubjectSampler(1, patches), shuffle_subjects=False,
-                      shuffle_patches=False, num_workers=0)
-    return torch.utils.data.DataLoader(queue, batch_size=batch_size, sampler=QueueSampler(queue), collate_fn=collate_patches)
+def _queue(entry, batch_size, patches, oversample=0.33, seed=0, patch=(12, 10, 8), workers=0, transform=None, margin=0):
+    sampler = PatchSampler(patch, batch_size, oversample, transform=transform, margin=margin)
+    return build_patch_loader([entry], sampler, (1, 1, 1), patches // batch_size, num_workers=workers, seed=seed)
 
 
 def test_foreground_rule_per_batch_position(tmp_path):
@@ -91,18 +79,36 @@ def test_case_without_foreground_falls_back_to_uniform(tmp_path):
         assert not batch["foreground_forced"].any()
 
 
+def test_patches_are_reproducible_with_any_number_of_workers(tmp_path):
+    """A patch is a function of (seed, epoch, draw): 0 or 2 workers give the same batches, with augmentation."""
+    from lightning_flare.augmentation import basic_augmentation
+
+    entry = _entry(tmp_path)
+    runs = []
+    for workers in (0, 2):
+        loader = _queue(entry, 2, patches=8, workers=workers, transform=basic_augmentation(), margin=2)
+        loader.sampler.set_epoch(3)
+        runs.append([b["image"] for b in loader])
+    assert len(runs[0]) == 4
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b)
+    loader.sampler.set_epoch(4)
+    assert not torch.equal(next(iter(loader))["image"], runs[1][0])
+
+
 def test_epoch_subject_sampler_balanced_and_reshuffled():
     s = EpochSubjectSampler(num_subjects=5, samples_per_epoch=10, seed=1)
-    first = list(s)
+    first = [code % 5 for code in s]
+    assert [code // 5 for code in s] == list(range(10))  # draw numbers
     assert len(first) == 10 and sorted(first) == sorted(list(range(5)) * 2)
     s.set_epoch(1)
-    assert list(s) != first
+    assert s.subjects() != first
     s.set_epoch(0)
-    assert list(s) == first
+    assert s.subjects() == first
     # two ranks: disjoint halves of the same draw sequence
     r0 = EpochSubjectSampler(4, 2, seed=2, rank=0, world_size=2)
     r1 = EpochSubjectSampler(4, 2, seed=2, rank=1, world_size=2)
-    assert sorted(list(r0) + list(r1)) == [0, 1, 2, 3]
+    assert sorted(r0.subjects() + r1.subjects()) == [0, 1, 2, 3]
 
 
 def test_poly_lr_matches_formula():
