@@ -21,6 +21,11 @@ Brightness, contrast and gamma factors are drawn as nnU-Net's ``BGContrast`` doe
 ``U(low, 1)``, otherwise from ``U(1, high)`` (so half the draws darken / flatten). Every random number comes from
 torch's global generator, so ``torch.manual_seed`` makes a run reproducible.
 
+Rotations and zoom-outs need context around the patch: crop ``spatial_margin(patch_size)`` more voxels per side
+(nnU-Net also samples a larger patch first). Either centre-crop the result back to the patch, or pass the margin
+as ``build_augmentation(name, crop=margin)``: then the spatial step itself returns only the patch and the later
+transforms work on the patch instead of the enlarged crop (about 8x fewer voxels for a 128 x 128 x 96 patch).
+
 Every deterministic transform here is an ``IntensityTransform`` (labels are never touched) except
 ``RotationScaling`` (a ``SpatialTransform``: image and label are resampled with the same grid, the label with
 nearest neighbour so its values and dtype are kept).
@@ -114,7 +119,8 @@ def _uniform(low: float, high: float) -> float:
 
 
 def _uniform_split_at_one(low: float, high: float) -> float:
-    """nnU-Net's ``BGContrast`` draw: with probability 0.5 (if ``low < 1``) from U(low, 1), else U(max(low, 1), high)."""
+    """nnU-Net's ``BGContrast`` draw: with probability 0.5 (if ``low < 1``) from U(low, 1),
+    otherwise from U(max(low, 1), high)."""
     if float(torch.rand(1)) < 0.5 and low < 1:
         return _uniform(low, min(1.0, high))
     return _uniform(max(low, 1.0), high) if high >= 1 else _uniform(low, high)
@@ -151,7 +157,7 @@ class _ChannelIntensityTransform(IntensityTransform):
                 out = self._apply(data)
             else:
                 if self.channels[-1] >= data.shape[0]:
-                    raise ValueError(f"channels {self.channels} out of range for an image with {data.shape[0]} channels")
+                    raise ValueError(f"channels {self.channels} out of range for {data.shape[0]} channels")
                 index = list(self.channels)
                 out = data.clone()
                 out[index] = self._apply(data[index])
@@ -343,9 +349,23 @@ def rotation_scaling_matrix(degrees: Sequence[float], scale: Sequence[float]) ->
     return rz @ ry @ rx @ np.diag(np.asarray(scale, float))
 
 
+def _crop_margin(value) -> tuple[int, int, int]:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        values = tuple(value)
+    else:
+        values = (value,) * 3
+    if len(values) != 3 or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in values
+    ):
+        raise ValueError(f"crop must be a non-negative integer or three of them, got {value!r}")
+    return tuple(int(v) for v in values)  # type: ignore[return-value]
+
+
 class RotationScaling(SpatialTransform):
     """Deterministic: rotate and scale about the patch centre, in voxel coordinates (as nnU-Net; the spacing is
-    ignored), keeping the shape.
+    ignored), keeping the shape, or, with ``crop``, returning only the central part (``crop`` voxels fewer per
+    side; resampled directly into that smaller grid, which is cheaper; with no rotation or scaling it is a plain
+    crop).
 
     The output voxel at offset ``v`` from the centre ``(n - 1) / 2`` is read from the input at
     ``rotation_scaling_matrix(degrees, scale) @ v``: nnU-Net's convention, a scale > 1 shows more context (objects
@@ -367,6 +387,7 @@ class RotationScaling(SpatialTransform):
         label_interpolation: str = "nearest",
         default_pad_value: float = 0.0,
         default_pad_label: float = 0,
+        crop: int | Sequence[int] = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -379,22 +400,36 @@ class RotationScaling(SpatialTransform):
         self.label_interpolation = label_interpolation
         self.default_pad_value = _number(default_pad_value, "default_pad_value")
         self.default_pad_label = _number(default_pad_label, "default_pad_label")
+        self.crop = _crop_margin(crop)
         self.args_names = ["degrees", "scale", "image_interpolation", "label_interpolation",
-                           "default_pad_value", "default_pad_label"]
+                           "default_pad_value", "default_pad_label", "crop"]
 
     def is_identity(self) -> bool:
         return all(d == 0 for d in self.degrees) and all(s == 1 for s in self.scale)
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
-        if self.is_identity():
+        if self.is_identity() and not any(self.crop):
             return subject
         subject.check_consistent_spatial_shape()
-        # numpy arrays (x, y, z) are read by SimpleITK as images of size (z, y, x): reverse the axes of the matrix
+        shape = subject.spatial_shape
+        out_shape = tuple(n - 2 * c for n, c in zip(shape, self.crop))
+        if min(out_shape) < 1:
+            raise ValueError(f"crop {self.crop} leaves nothing of an image of shape {shape}")
+        if self.is_identity():
+            region = tuple(slice(c, c + n) for c, n in zip(self.crop, out_shape))
+            for image in self.get_images(subject):
+                image.set_data(image.data[(slice(None), *region)].contiguous())
+                self._shift_origin(image)
+            return subject
+        # numpy arrays (x, y, z) are read by SimpleITK as images of size (z, y, x): reverse the axes of the matrix.
+        # The input grid has origin 0 and spacing 1 (physical point = voxel index); the output grid starts at
+        # ``crop``, so it is the central part of the rotated input.
         matrix = rotation_scaling_matrix(self.degrees, self.scale)[::-1, ::-1]
         transform = sitk.AffineTransform(3)
         transform.SetMatrix(matrix.ravel().tolist())
-        shape = subject.spatial_shape
         transform.SetCenter([(n - 1) / 2 for n in reversed(shape)])
+        out_size = [int(n) for n in reversed(out_shape)]
+        out_origin = [float(c) for c in reversed(self.crop)]
         for image in self.get_images(subject):
             is_label = isinstance(image, tio.LabelMap)
             interpolator = _SITK_INTERPOLATORS[self.label_interpolation if is_label else self.image_interpolation]
@@ -406,11 +441,21 @@ class RotationScaling(SpatialTransform):
                 if array.dtype == np.bool_:
                     array = array.astype(np.uint8)
                 sitk_image = sitk.GetImageFromArray(array)
-                resampled = sitk.Resample(sitk_image, sitk_image, transform, interpolator, pad)
+                resampled = sitk.Resample(sitk_image, out_size, transform, interpolator, out_origin,
+                                          (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), pad,
+                                          sitk_image.GetPixelID())
                 channels.append(torch.from_numpy(sitk.GetArrayFromImage(resampled)))
             out = channels[0][None] if len(channels) == 1 else torch.stack(channels)
             image.set_data(out.to(data.dtype))
+            self._shift_origin(image)
         return subject
+
+    def _shift_origin(self, image: tio.Image) -> None:
+        """After cropping, the first voxel is ``crop`` voxels further in (as ``tio.Crop`` does)."""
+        if any(self.crop):
+            affine = image.affine.copy()
+            affine[:3, 3] = affine[:3, :3] @ np.asarray(self.crop, float) + affine[:3, 3]
+            image.affine = affine
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -527,6 +572,9 @@ class RandomRotationScaling(RandomTransform, SpatialTransform):
     are drawn from U(``degrees``) (a number d means (-d, d)), independently with probability ``p_scaling`` one
     factor for all axes from U(``scaling``) (nnU-Net convention: > 1 zooms out). If either happens, one
     ``RotationScaling`` resamples image and label once; otherwise the subject is returned untouched.
+
+    ``crop`` (voxels per side): return only the central part, always (see ``RotationScaling``); used by
+    ``build_augmentation(..., crop=margin)`` so that the later transforms work on the patch, not the enlarged crop.
     """
 
     def __init__(
@@ -539,6 +587,7 @@ class RandomRotationScaling(RandomTransform, SpatialTransform):
         label_interpolation: str = "nearest",
         default_pad_value: float = 0.0,
         default_pad_label: float = 0,
+        crop: int | Sequence[int] = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -555,14 +604,16 @@ class RandomRotationScaling(RandomTransform, SpatialTransform):
         # checked here so that a bad value fails at construction, not at the first rotated patch
         self._deterministic_args = dict(
             image_interpolation=image_interpolation, label_interpolation=label_interpolation,
-            default_pad_value=default_pad_value, default_pad_label=default_pad_label,
+            default_pad_value=default_pad_value, default_pad_label=default_pad_label, crop=_crop_margin(crop),
         )
         RotationScaling(**self._deterministic_args)
+        if any(self._deterministic_args["crop"]) and self.probability < 1:
+            raise ValueError(f"p must be 1 when crop is used (the crop must always happen), got {self.probability}")
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         rotate = _coin(self.p_rotation)
         scale = _coin(self.p_scaling)
-        if not (rotate or scale):
+        if not (rotate or scale or any(self._deterministic_args["crop"])):
             return subject
         degrees = tuple(_uniform(*self.degrees) for _ in range(3)) if rotate else (0.0, 0.0, 0.0)
         factor = _uniform(*self.scaling) if scale else 1.0
@@ -587,8 +638,8 @@ def spatial_margin(
 
     For a rotation matrix ``R`` and a scale ``s`` the central box with half-sizes ``h = (patch - 1) / 2`` reads
     the input up to ``s * sum_j |R_ij| h_j`` from the centre along axis i; the margin is that minus ``h_i``,
-    rounded up, at the largest zoom-out ``max_scale`` (1.4 = nnU-Net's upper scaling factor; scaling down to
-    0.7 in TorchIO's sense is 1 / 0.7 = 1.43, within a voxel of it).
+    rounded up, at the largest zoom-out ``max_scale`` (1.4: nnU-Net's upper scaling factor in its convention,
+    where > 1 zooms out; for "objects scaled down to 0.7" in TorchIO's sense pass ``max_scale=1 / 0.7``).
 
     By default the bound covers a rotation by up to ``max_degrees`` about any *one* axis combined with the
     largest zoom-out (exact, closed form): the same notion as nnU-Net's ``get_patch_size``, which rotates per
@@ -648,10 +699,14 @@ def basic_augmentation() -> tio.Compose:
     ])
 
 
-def nnunet_transforms(forced: bool = False, copy: bool = True) -> dict[str, tio.Transform]:
+def nnunet_transforms(
+    forced: bool = False, copy: bool = True, crop: int | Sequence[int] = 0
+) -> dict[str, tio.Transform]:
     """The transforms of nnU-Net's default augmentation, by name, in nnU-Net's order.
 
     ``forced``: every transform always applies (probabilities 1, also per channel / per axis): for timing.
+    ``crop``: the spatial transform returns only the centre (``crop`` voxels fewer per side), see
+    ``build_augmentation``.
     ``copy``: TorchIO's flag; with ``False`` a transform writes its results into the subject it is given
     (``nnunet_augmentation`` uses that inside a ``Compose`` that copies the subject once: a deep copy of a
     166 x 166 x 125 patch costs about as much as the whole intensity augmentation).
@@ -662,7 +717,7 @@ def nnunet_transforms(forced: bool = False, copy: bool = True) -> dict[str, tio.
     kw = {"copy": copy}
     return {
         "rotation_scaling": RandomRotationScaling(degrees=30.0, scaling=(0.7, 1.4), p_rotation=p(0.2),
-                                                  p_scaling=p(0.2), default_pad_value=0.0, **kw),
+                                                  p_scaling=p(0.2), default_pad_value=0.0, crop=crop, **kw),
         "noise": tio.RandomNoise(mean=0, std=(0, 0.1), p=p(0.1), **kw),
         "blur": RandomGaussianBlur(sigma=(0.5, 1.0), p_per_channel=p(0.5), p=p(0.2), **kw),
         "brightness": RandomBrightness((0.75, 1.25), split_at_one=True, p=p(0.15), **kw),
@@ -674,22 +729,37 @@ def nnunet_transforms(forced: bool = False, copy: bool = True) -> dict[str, tio.
     }
 
 
-def nnunet_augmentation() -> tio.Compose:
+NNUNET_INTENSITY_AND_MIRROR = ("noise", "blur", "brightness", "contrast", "low_resolution", "inverted_gamma",
+                               "gamma", "mirror")
+
+
+def nnunet_augmentation(crop: int | Sequence[int] = 0) -> tio.Compose:
     """nnU-Net's default augmentation (SPEC.md table), one ``Compose`` that copies the subject once.
 
     The sampler should crop the patch with ``spatial_margin(patch_size)`` so rotations and zoom-outs read real
     data; the other transforms are pointwise or local (blur radius 3 voxels) and unaffected by the margin.
     """
-    return tio.Compose(nnunet_transforms(copy=False))
+    return tio.Compose(nnunet_transforms(copy=False, crop=crop))
 
 
-def build_augmentation(name: str) -> tio.Transform | None:
+def build_augmentation(name: str, crop: int | Sequence[int] = 0) -> tio.Transform | None:
+    """The patch augmentation called ``name``: 'none' (None), 'basic' or 'nnunet'.
+
+    ``crop`` (voxels per side, e.g. the sampler's margin): the transform itself returns only the central part
+    of its input, cut right after the spatial step (or first, where there is none), so that the intensity
+    transforms and mirroring work on the patch instead of the enlarged crop, and the rotation resamples only the
+    patch's voxels. With ``spatial_margin((128, 128, 96))`` that is 8x fewer voxels. A sampler using this must not
+    centre-crop again. Default 0: same shape out as in.
+    """
+    crop = _crop_margin(crop)
+    cut = RotationScaling(crop=crop, copy=False) if any(crop) else None
     if name == "none":
-        return None
+        return None if cut is None else tio.Compose([cut])
     if name == "basic":
-        return basic_augmentation()
+        basic = basic_augmentation()
+        return basic if cut is None else tio.Compose([cut, *basic.transforms])
     if name == "nnunet":
-        return nnunet_augmentation()
+        return nnunet_augmentation(crop)
     raise ValueError(f"augmentation must be 'none', 'basic' or 'nnunet', got {name!r}")
 
 
@@ -699,10 +769,13 @@ def build_augmentation(name: str) -> tio.Transform | None:
 
 
 def time_transforms(patch_size: Sequence[int], repeats: int = 5, num_threads: int | None = 1,
-                    seed: int = 0) -> dict[str, float]:
+                    seed: int = 0, crop: int | Sequence[int] = 0) -> dict[str, float]:
     """Seconds per call of each nnU-Net transform, forced to apply, on a random float32 image of ``patch_size``
     (one channel) with a uint8 label; plus ``"nnunet"``: the whole pipeline with its real probabilities (mean
     over ``repeats`` calls, so noisy for few repeats) and ``"nnunet_forced"``: everything applied.
+
+    With ``crop`` the pipeline is ``build_augmentation("nnunet", crop=crop)``: the spatial transform gets
+    ``patch_size`` and returns the centre, the other transforms are timed on that smaller size.
 
     ``num_threads`` (torch and SimpleITK) defaults to 1, like a DataLoader worker; ``None`` keeps the settings.
     One untimed warm-up call precedes the timed ones. Transforms never modify the input tensors in place, so the
@@ -713,11 +786,18 @@ def time_transforms(patch_size: Sequence[int], repeats: int = 5, num_threads: in
     shape = tuple(int(p) for p in patch_size)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"patch_size must be three positive integers, got {patch_size!r}")
+    crop = _crop_margin(crop)
+    inner = tuple(n - 2 * c for n, c in zip(shape, crop))
+    if min(inner) < 1:
+        raise ValueError(f"crop {crop} leaves nothing of patch_size {shape}")
     generator = torch.Generator().manual_seed(seed)
-    image = torch.randn((1, *shape), generator=generator)
-    label = (torch.rand((1, *shape), generator=generator) < 0.3).to(torch.uint8)
+    tensors = {}
+    for size in {shape, inner}:
+        tensors[size] = (torch.randn((1, *size), generator=generator),
+                         (torch.rand((1, *size), generator=generator) < 0.3).to(torch.uint8))
 
-    def subject() -> tio.Subject:
+    def subject(size=shape) -> tio.Subject:
+        image, label = tensors[size]
         return tio.Subject(image=tio.ScalarImage(tensor=image), label=tio.LabelMap(tensor=label))
 
     old_torch, old_sitk = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
@@ -727,15 +807,16 @@ def time_transforms(patch_size: Sequence[int], repeats: int = 5, num_threads: in
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(num_threads)
     try:
         torch.manual_seed(seed)
-        candidates = dict(nnunet_transforms(forced=True, copy=False))
-        candidates["nnunet_forced"] = tio.Compose(nnunet_transforms(forced=True, copy=False))
-        candidates["nnunet"] = nnunet_augmentation()
+        candidates = dict(nnunet_transforms(forced=True, copy=False, crop=crop))
+        candidates["nnunet_forced"] = tio.Compose(nnunet_transforms(forced=True, copy=False, crop=crop))
+        candidates["nnunet"] = nnunet_augmentation(crop)
         timings = {}
         for name, transform in candidates.items():
-            transform(subject())
+            size = inner if name in NNUNET_INTENSITY_AND_MIRROR else shape
+            transform(subject(size))
             start = time.perf_counter()
             for _ in range(repeats):
-                transform(subject())
+                transform(subject(size))
             timings[name] = (time.perf_counter() - start) / repeats
         return timings
     finally:

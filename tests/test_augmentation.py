@@ -356,6 +356,35 @@ def test_nnunet_pipeline_on_a_crop_enlarged_by_the_margin():
         assert label.shape == (1, *patch) and label.dtype == torch.uint8
 
 
+@pytest.mark.parametrize("degrees, scale", [((10, -20, 25), 1.2), ((0, 0, 0), 0.8), ((0, 0, 0), 1.0)])
+def test_rotation_with_crop_equals_rotation_then_crop(degrees, scale):
+    subject = make_subject(shape=(20, 18, 16))
+    full = RotationScaling(degrees, scale)(subject)
+    centre = RotationScaling(degrees, scale, crop=(3, 2, 4))(subject)
+    region = (slice(None), slice(3, 17), slice(2, 16), slice(4, 12))
+    assert centre.image.data.shape == (1, 14, 14, 8) and centre.label.data.dtype == torch.uint8
+    torch.testing.assert_close(centre.image.data, full.image.data[region], atol=1e-5, rtol=0)
+    assert torch.equal(centre.label.data, full.label.data[region])
+    np.testing.assert_allclose(centre.image.affine[:3, 3], subject.image.affine[:3, :3] @ [3, 2, 4])
+
+
+@pytest.mark.parametrize("name", ["none", "basic", "nnunet"])
+def test_build_augmentation_with_crop_returns_the_patch(name):
+    patch = (16, 16, 12)
+    margin = spatial_margin(patch)
+    size = tuple(p + 2 * m for p, m in zip(patch, margin))
+    transform = build_augmentation(name, crop=margin)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        subject = make_subject(shape=size, seed=seed)
+        out = transform(subject)
+        assert out.image.data.shape == (1, *patch) and out.image.data.dtype == torch.float32
+        assert out.label.data.shape == (1, *patch) and out.label.data.dtype == torch.uint8
+        if name == "none":
+            region = (slice(None), *(slice(m, m + p) for m, p in zip(margin, patch)))
+            assert torch.equal(out.image.data, subject.image.data[region])
+
+
 def test_other_augmentation_names_still_work():
     assert build_augmentation("none") is None
     out = build_augmentation("basic")(make_subject())
@@ -408,6 +437,8 @@ def test_spatial_margin_keeps_padding_out_of_the_centre(all_axes):
         (lambda: MultiplyIntensity(1.0, channels=[-1]), "channels"),
         (lambda: spatial_margin((128, 128)), "patch_size"),
         (lambda: time_transforms((8, 8, 8), repeats=0), "repeats"),
+        (lambda: build_augmentation("nnunet", crop=-1), "crop"),
+        (lambda: RandomRotationScaling(crop=4, p=0.5), "p must be 1"),
     ],
 )
 def test_bad_arguments_raise_value_errors_naming_them(make, argument):
@@ -415,8 +446,10 @@ def test_bad_arguments_raise_value_errors_naming_them(make, argument):
         make()
 
 
-def test_time_transforms_reports_every_transform():
-    timings = time_transforms((12, 12, 10), repeats=1)
+@pytest.mark.parametrize("crop", [0, 2])
+def test_time_transforms_reports_every_transform(crop):
+    threads = torch.get_num_threads()
+    timings = time_transforms((12, 12, 10), repeats=1, crop=crop)
     assert set(nnunet_transforms()) <= set(timings) and {"nnunet", "nnunet_forced"} <= set(timings)
     assert all(t > 0 for t in timings.values())
-    assert torch.get_num_threads() >= 1
+    assert torch.get_num_threads() == threads

@@ -17,7 +17,8 @@ def trained(tiny_dataset, tmp_path_factory):
     """A 1-epoch fit (2 iterations) that leaves a checkpoint."""
     out = tmp_path_factory.mktemp("run")
     args = tiny_cli_args(tiny_dataset, out / "cache", out)
-    result = cli.main(["fit", *args, "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"])
+    result = cli.main(["fit", *args, "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "1",
+                       "--model.full_val_every_n_epochs", "2"])
     ckpt = out / "ckpt" / "last.ckpt"
     assert ckpt.is_file()
     return args, ckpt, out, result
@@ -37,8 +38,10 @@ def test_fit_saves_plan_and_metrics(trained):
     assert plan["target_spacing"] == [4.0, 4.0, 5.0] and plan["patch_size"] == [16, 16, 16]
     assert plan["labels"] == {"background": 0, "tumor": 1}
     metrics = result.trainer.callback_metrics
-    for key in ("train/loss_epoch", "val/dsc", "val/nsd"):
+    # epochs 1 and 2 (the last) score whole volumes; epoch 0 scores patches (pseudo Dice)
+    for key in ("train/loss_epoch", "val/dsc", "val/nsd", "val/pseudo_dsc"):
         assert key in metrics and torch.isfinite(metrics[key])
+    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 6
 
 
 def test_validate_fast_dev_run(trained):
