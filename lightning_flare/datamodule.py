@@ -138,9 +138,10 @@ class FlareDataModule(L.LightningDataModule):
         train_cases, _ = self._fold_cases()
         entries = self._cache(plan, train_cases)
         rank, world = _rank_and_world()
-        transform = build_augmentation(self.augmentation)
-        sampler = PatchSampler(plan.patch_size, self.batch_size, self.oversample_foreground, transform,
-                               margin=spatial_margin(plan.patch_size) if self.augmentation == "nnunet" else 0)
+        # spatial augmentation reads an enlarged crop (no padding pulled in) and resamples only the patch voxels
+        margin = spatial_margin(plan.patch_size) if self.augmentation == "nnunet" else (0, 0, 0)
+        transform = build_augmentation(self.augmentation, crop=margin)
+        sampler = PatchSampler(plan.patch_size, self.batch_size, self.oversample_foreground, transform, margin=margin)
         return build_patch_loader(entries, sampler, plan.target_spacing, self.iterations_per_epoch, self.num_workers,
                                   self.seed, rank, world, self.queue_length)
 

@@ -124,13 +124,14 @@ class FlareSegmentationModule(L.LightningModule):
         return self._trainer is None or self.trainer.sanity_checking or (self.current_epoch + 1) % n == 0 or \
             self.current_epoch + 1 == self.trainer.max_epochs
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int) -> dict | None:
         """Full-volume sliding window (DSC/NSD) every ``full_val_every_n_epochs``; patch pseudo-Dice otherwise."""
         if self._full_validation_epoch():
-            probabilities = self.predict_probabilities(batch["image"])
-            self.val_metrics.update(probabilities.argmax(0), batch["label"], batch["spacing"], batch["index"])
-        else:
-            self._pseudo_dice_update(batch)
+            prediction = self.predict_probabilities(batch["image"]).argmax(0)
+            self.val_metrics.update(prediction, batch["label"], batch["spacing"], batch["index"])
+            return {"prediction": prediction.to(torch.uint8)}  # for ValidationImageLogger
+        self._pseudo_dice_update(batch)
+        return None
 
     def _pseudo_dice_update(self, batch: dict) -> None:
         """nnU-Net-style pseudo Dice: a few patch-size windows (centred on tumour voxels when there are some)."""

@@ -75,11 +75,14 @@ class PatchSampler:
         )
         if self.transform is not None:
             patch = self.transform(patch)
-        m, p = self.margin, self.patch_size
+        # centre crop back to the patch (a transform may already have cut it, e.g. rotating only the patch voxels)
+        p = self.patch_size
+        m = (np.asarray(patch["image"].shape[1:]) - p) // 2
+        window = (slice(None), *(slice(int(a), int(a + b)) for a, b in zip(m, p)))
         return {
-            "image": patch["image"].data[:, m[0] : m[0] + p[0], m[1] : m[1] + p[1], m[2] : m[2] + p[2]].float().contiguous(),
-            "label": patch["label"].data[:, m[0] : m[0] + p[0], m[1] : m[1] + p[1], m[2] : m[2] + p[2]].to(torch.uint8).contiguous(),
-            "location": torch.as_tensor(np.concatenate([start + m, start + m + p])),
+            "image": patch["image"].data[window].float().contiguous(),
+            "label": patch["label"].data[window].to(torch.uint8).contiguous(),
+            "location": torch.as_tensor(np.concatenate([start + self.margin, start + self.margin + p])),
             "foreground_forced": forced,
             "case_id": entry.case_id,
         }
