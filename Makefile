@@ -31,3 +31,23 @@ test-slow: $(STAMP)
 
 clean:
 	rm -rf runs cache data/Dataset900_Synthetic
+
+# Benchmark environment for benchmarks/pipeline.py and benchmarks/predict.py (see benchmarks/README.md):
+# nnU-Net v2 and MONAI beside this package in .venv-bench. nnunetv2 imports torchvision, and PyPI's torchvision
+# does not load beside the local torch 2.13 CPU build, so this venv takes torch 2.14.1 + torchvision 0.29.1
+# (from this kind of machine's local wheel index, ~5.5 GB); the second install repeats the pins so that pip
+# cannot swap torch.
+BENCH_VENV := .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_TORCH := "torch==2.14.1" "torchvision==0.29.1"
+
+.PHONY: bench-env
+bench-env: $(BENCH_STAMP)
+
+$(BENCH_STAMP): pyproject.toml
+	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q $(BENCH_TORCH)
+	$(BENCH_PY) -m pip install -q "nnunetv2==2.8.1" "monai==1.6.1" $(BENCH_TORCH) -e .
+	$(BENCH_PY) -c "import torch, torchvision, nnunetv2, monai, lightning_flare; print('bench-env: torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $(BENCH_STAMP)

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import os
 
+# Idle OpenMP threads sleep instead of spinning: with loader worker processes on few cores, spinning
+# threads starve the workers (measured here: 6-7 s instead of 0.75 s per training step on 2 cores).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from lightning_flare.datamodule import FlareDataModule
@@ -22,6 +26,11 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
 class FlareCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(NiftiPredictionWriter, "writer")
+
+    def before_predict(self) -> None:
+        writers = [c for c in self.trainer.callbacks if isinstance(c, NiftiPredictionWriter)]
+        if writers and not writers[0].overwrite:
+            self.datamodule.skip_existing_in = str(writers[0].output_dir)
 
 
 def main(args=None) -> FlareCLI:

@@ -11,15 +11,16 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from .augmentation import build_augmentation, spatial_margin
+from .gpu_augmentation import plan_gpu_augmentation
 from .fingerprint import load_or_compute_fingerprint
 from .plan import IntensityStats, Plan
 from .preprocessing import PreprocessedCache
 from .raw_dataset import Case, RawDataset, load_raw_dataset, select_fold
 from .sampling import PatchSampler, build_patch_loader
-from .volumes import CachedVolumes, RawVolumes, first_item, list_images
+from .volumes import CachedVolumes, RawVolumes, ShardSampler, first_item, list_images
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class FlareDataModule(L.LightningDataModule):
         intensity_stats: dict[str, float] | None = None,
         resampling: str = "nnunet",
         augmentation: str = "basic",
+        augmentation_device: str = "cpu",
+        gpu_spatial: bool = True,
         queue_length: int = 8,
         num_workers: int = 2,
         predict_dir: str | None = None,
@@ -61,10 +64,15 @@ class FlareDataModule(L.LightningDataModule):
         self.oversample_foreground = oversample_foreground
         self.intensity_stats = IntensityStats.from_any(intensity_stats) if intensity_stats else None
         self.resampling, self.augmentation = resampling, augmentation
+        if augmentation_device not in ("cpu", "gpu"):
+            raise ValueError(f"augmentation_device must be 'cpu' or 'gpu', got {augmentation_device!r}")
+        self.augmentation_device, self.gpu_spatial = augmentation_device, gpu_spatial
+        self.batch_augmentation = None  # "gpu" mode: batched transforms after the batch reaches the device
         self.queue_length, self.num_workers = queue_length, num_workers
         self.predict_dir = predict_dir
         self.synthetic, self.seed, self.verify = synthetic, seed, verify
         self.plan: Plan | None = None
+        self.skip_existing_in: str | None = None  # set by the CLI from the prediction writer
         self._dataset: RawDataset | None = None
 
     # ----------------------------------------------------------------- dataset and plan
@@ -99,8 +107,26 @@ class FlareDataModule(L.LightningDataModule):
         plan = getattr(model, "plan", None)
         if plan is None:
             plan = self.plan or self.plan_from_data()
+        else:
+            self.check_plan(plan)
         self.plan = plan
         return plan
+
+    def check_plan(self, plan: Plan) -> None:
+        """A checkpoint's plan must agree with the configuration: say which value differs."""
+        differences = []
+        configured = {"target_spacing": self.target_spacing, "patch_size": self.patch_size, "resampling": self.resampling}
+        for key, value in configured.items():
+            value = tuple(value) if isinstance(value, (list, tuple)) else value
+            if value != getattr(plan, key):
+                differences.append(f"data.{key}: checkpoint {getattr(plan, key)} != config {value}")
+        if self.intensity_stats is not None and self.intensity_stats != plan.intensity:
+            differences.append(f"data.intensity_stats: checkpoint {plan.intensity} != config {self.intensity_stats}")
+        if self.data_dir is not None and (self.data_dir / "dataset.json").is_file() and self.dataset.labels != plan.labels:
+            differences.append(f"labels: checkpoint {plan.labels} != {self.data_dir / 'dataset.json'} {self.dataset.labels}")
+        if differences:
+            raise ValueError("the checkpoint's plan disagrees with the configuration (fix the config or pass the "
+                             "checkpoint's values):\n  " + "\n  ".join(differences))
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -138,12 +164,26 @@ class FlareDataModule(L.LightningDataModule):
         train_cases, _ = self._fold_cases()
         entries = self._cache(plan, train_cases)
         rank, world = _rank_and_world()
-        # spatial augmentation reads an enlarged crop (no padding pulled in) and resamples only the patch voxels
-        margin = spatial_margin(plan.patch_size) if self.augmentation == "nnunet" else (0, 0, 0)
-        transform = build_augmentation(self.augmentation, crop=margin)
-        sampler = PatchSampler(plan.patch_size, self.batch_size, self.oversample_foreground, transform, margin=margin)
+        if self.augmentation_device == "gpu":
+            split = plan_gpu_augmentation(self.augmentation, plan.patch_size, self.gpu_spatial, self.seed, rank)
+            self.batch_augmentation = split.batch_augmentation
+            sampler = PatchSampler(split.sampler_patch_size, self.batch_size, self.oversample_foreground,
+                                   split.worker_transform, margin=split.sampler_margin)
+        else:
+            # spatial augmentation reads an enlarged crop (no padding pulled in), resamples only the patch voxels
+            self.batch_augmentation = None
+            margin = spatial_margin(plan.patch_size) if self.augmentation == "nnunet" else (0, 0, 0)
+            transform = build_augmentation(self.augmentation, crop=margin)
+            sampler = PatchSampler(plan.patch_size, self.batch_size, self.oversample_foreground, transform, margin=margin)
         return build_patch_loader(entries, sampler, plan.target_spacing, self.iterations_per_epoch, self.num_workers,
                                   self.seed, rank, world, self.queue_length)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """GPU augmentation mode: batched transforms on the device, training batches only."""
+        if self.batch_augmentation is not None and self.trainer is not None and self.trainer.training:
+            self.batch_augmentation.set_epoch(self.trainer.current_epoch)
+            batch = self.batch_augmentation.augment_batch(batch)
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         plan = self.resolve_plan()
@@ -166,12 +206,17 @@ class FlareDataModule(L.LightningDataModule):
         plan = self.resolve_plan()
         if self.predict_dir is None:
             raise ValueError("data.predict_dir is not set: give the folder of images to segment (--data.predict_dir DIR)")
-        return self._volume_loader(RawVolumes(list_images(self.predict_dir), plan, with_labels=False))
+        cases = list_images(self.predict_dir)
+        if self.skip_existing_in is not None:
+            done = [c for c in cases if (Path(self.skip_existing_in) / f"{c.case_id}.nii.gz").exists()]
+            if done:
+                log.warning(f"skipping {len(done)} case(s) already predicted in {self.skip_existing_in} (--writer.overwrite true to redo)")
+            cases = [c for c in cases if c not in done]
+        return self._volume_loader(RawVolumes(cases, plan, with_labels=False))
 
     def _volume_loader(self, dataset: Dataset) -> DataLoader:
-        sampler = None
-        if dist.is_available() and dist.is_initialized():
-            sampler = DistributedSampler(dataset, shuffle=False)
+        rank, world = _rank_and_world()
+        sampler = ShardSampler(len(dataset), rank, world) if world > 1 else None
         workers = min(self.num_workers, len(dataset))
         return DataLoader(dataset, batch_size=1, sampler=sampler, collate_fn=first_item, num_workers=workers,
                           persistent_workers=False, multiprocessing_context="fork" if workers and os.name == "posix" else None)

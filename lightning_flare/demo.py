@@ -17,9 +17,9 @@ def main(config: str = DEMO_CONFIG) -> int:
 
     shutil.rmtree(RUN_DIR / "checkpoints", ignore_errors=True)
     start = time.time()
-    fit = cli.main(["fit", "--config", config])
+    cli.main(["fit", "--config", config])
     fit_minutes = (time.time() - start) / 60
-    ckpt = Path(fit.trainer.checkpoint_callback.last_model_path)
+    ckpt = RUN_DIR / "checkpoints" / "last.ckpt"
     test = cli.main(["test", "--config", config, "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
     results = test.model.test_results
     data_dir = Path(test.datamodule.data_dir)

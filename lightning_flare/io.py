@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +83,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str | N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = suffix if suffix is not None else "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -92,6 +94,32 @@ def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str | N
             os.unlink(tmp)
         raise
     return path
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+_TEMPORARY = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[a-z0-9_]+\.tmp")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporaries of ``atomic_write`` in ``folder`` left by killed processes of this machine
+    (their pid is gone); those of live writers (other ranks, other jobs) and of other machines are kept."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp*"):
+        match = _TEMPORARY.match(tmp.name)
+        if match and match["host"] == _HOST and not _alive(int(match["pid"])):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _umask() -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Any
 
 import lightning as L
@@ -14,7 +15,7 @@ from .inference import sliding_window_logits
 from .loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets
 from .metrics import FlareMetrics
 from .plan import Plan
-from .resample import resample_probabilities
+from .resample import resample_to_mask
 
 
 def poly_lr_factor(epoch: int, max_epochs: int, exponent: float = 0.9) -> float:
@@ -114,10 +115,16 @@ class FlareSegmentationModule(L.LightningModule):
         return torch.softmax(logits, 0)
 
     def predict_original_grid(self, item: dict) -> np.ndarray:
-        """uint8 mask on the original image grid for an item of ``RawVolumes``."""
+        """uint8 mask on the original image grid for an item of ``RawVolumes`` (adds its stage timings)."""
+        timings = item.setdefault("timings", {})
+        start = time.perf_counter()
         probabilities = self.predict_probabilities(item["image"])
-        probabilities = resample_probabilities(probabilities, item["geometry"].size)
-        return probabilities.argmax(0).to(torch.uint8).numpy()
+        if probabilities.is_cuda:
+            torch.cuda.synchronize()
+        network = time.perf_counter()
+        mask = resample_to_mask(probabilities, item["geometry"].size)
+        timings.update(network=network - start, postprocess=time.perf_counter() - network)
+        return mask
 
     def _full_validation_epoch(self) -> bool:
         n = max(1, int(self.hparams.full_val_every_n_epochs))
@@ -201,11 +208,20 @@ class FlareSegmentationModule(L.LightningModule):
                 if hasattr(logger, "log_table"):  # W&B
                     logger.log_table(key="test/per_case", columns=COLUMNS[:6], data=[[r[c] for c in COLUMNS[:6]] for r in rows])
 
+    def _gathered_test_rows(self) -> list[dict]:
+        """Every rank's per-case rows (DDP shards the test cases)."""
+        rows = self.test_rows
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(parts, rows)
+            rows = [r for part in parts for r in part]
+        return sorted({r["index"]: r for r in rows}.values(), key=lambda r: r["index"])
+
     def _per_case_rows(self) -> list[dict]:
         indices, dsc, nsd = self.test_metrics.per_case()
         scores = {int(i): (float(d), float(n)) for i, d, n in zip(indices, dsc, nsd)}
         rows = []
-        for row in self.test_rows:
+        for row in self._gathered_test_rows():
             d, n = scores.get(row["index"], (float("nan"), float("nan")))
             healthy_fp = row["reference_ml"] == 0 and row["predicted_ml"] > 0
             rows.append({"case": row["case"], "dsc": d, "nsd": n, "reference_ml": row["reference_ml"],
@@ -215,8 +231,10 @@ class FlareSegmentationModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         if "error" in batch:
             return {"case_id": batch["case_id"], "source": batch["source"], "error": batch["error"]}
-        return {"case_id": batch["case_id"], "source": batch["source"], "mask": self.predict_original_grid(batch),
-                "geometry": batch["geometry"]}
+        started = time.perf_counter()
+        mask = self.predict_original_grid(batch)
+        return {"case_id": batch["case_id"], "source": batch["source"], "mask": mask, "geometry": batch["geometry"],
+                "timings": batch["timings"], "started": started}
 
 
 def _raise_item_error(item: dict) -> None:

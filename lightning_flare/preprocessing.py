@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .io import Geometry, read_image, to_array, write_npy, write_text
+from .io import Geometry, read_image, remove_stale_temporaries, to_array, write_npy, write_text
 from .plan import IntensityStats, Plan
 from .raw_dataset import Case
 from .resample import resample_image, resample_label
@@ -84,6 +84,7 @@ class PreprocessedCache:
     def build(self, cases: Sequence[Case], num_workers: int = 0, progress: bool = True) -> list[CachedCase]:
         """Preprocess the cases not cached yet (in parallel); return the entries of all cases."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.dir)  # left by a run killed mid-write
         if not (self.dir / "plan.json").is_file():
             write_text(self.dir / "plan.json", json.dumps(self.plan.to_dict(), indent=1))
         todo = [c for c in cases if not self.is_complete(c.case_id)]

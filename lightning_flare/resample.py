@@ -43,9 +43,19 @@ def _zoom(array: np.ndarray, new_shape: Sequence[int], order: int) -> np.ndarray
 def _resample_nnunet(array: np.ndarray, new_shape, axis: int | None, order: int, order_z: int) -> np.ndarray:
     if axis is None:
         return _zoom(array, new_shape, order)
-    inplane = list(new_shape)
-    inplane[axis] = array.shape[axis]
-    out = _zoom(array, inplane, order)
+    # separate axis: 2D resampling slice by slice (bounded memory), then that axis alone
+    inplane = [n for i, n in enumerate(new_shape) if i != axis]
+    moved = np.moveaxis(array, axis, 0)
+    out = np.empty((moved.shape[0], *inplane), np.float32)
+    for i, plane in enumerate(moved):
+        out[i] = _zoom(plane, inplane, order)
+    out = np.moveaxis(out, 0, axis)
+    if out.shape[axis] == new_shape[axis]:
+        return out
+    if order_z == 0:  # nearest along the axis, same centre mapping as zoom(grid_mode=True)
+        scale = out.shape[axis] / new_shape[axis]
+        index = np.clip(np.floor((np.arange(new_shape[axis]) + 0.5) * scale).astype(int), 0, out.shape[axis] - 1)
+        return np.take(out, index, axis=axis)
     return _zoom(out, new_shape, order_z)
 
 
@@ -100,6 +110,35 @@ def _interpolate(tensor: torch.Tensor, new_shape: Sequence[int]) -> torch.Tensor
         return tensor
     out = F.interpolate(tensor[None].float(), size=tuple(int(s) for s in new_shape), mode="trilinear", align_corners=False)
     return out[0]
+
+
+def _linear_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of linear interpolation with ``align_corners=False`` (as F.interpolate)."""
+    src = np.maximum((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0)
+    i0 = np.minimum(np.floor(src).astype(int), size_in - 1)
+    i1 = np.minimum(i0 + 1, size_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
+def resample_to_mask(probabilities: torch.Tensor, new_shape: Sequence[int], slab: int = 16) -> np.ndarray:
+    """argmax of the trilinear resampling of (C, x, y, z) probabilities to ``new_shape``, computed in z-slabs.
+
+    Equal to ``resample_probabilities(...).argmax(0)`` but never holds the full-resolution float
+    probabilities: peak extra memory is ``C * x * y * slab`` floats.
+    """
+    new_shape = tuple(int(s) for s in new_shape)
+    channels, _, _, size_z = probabilities.shape
+    i0, i1, w = _linear_weights(size_z, new_shape[2])
+    mask = np.empty(new_shape, np.uint8)
+    probabilities = probabilities.float()
+    for start in range(0, new_shape[2], slab):
+        stop = min(start + slab, new_shape[2])
+        weight = torch.from_numpy(w[start:stop]).to(probabilities.device)
+        z = probabilities[..., i0[start:stop]] * (1 - weight) + probabilities[..., i1[start:stop]] * weight
+        planes = z.permute(3, 0, 1, 2)  # (slab, C, x', y')
+        planes = F.interpolate(planes, size=new_shape[:2], mode="bilinear", align_corners=False)
+        mask[:, :, start:stop] = planes.argmax(1).permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+    return mask
 
 
 def resample_probabilities(probabilities: torch.Tensor, new_shape: Sequence[int], chunk_classes: int = 1) -> torch.Tensor:

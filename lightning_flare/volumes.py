@@ -1,17 +1,32 @@
 """Whole-volume datasets for validation (cached cases), test (raw cases with labels) and prediction."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from .io import Geometry, ImageReadError, read_image, to_array
 from .plan import Plan
 from .preprocessing import CachedCase, preprocess_image
 from .raw_dataset import IMAGE_SUFFIXES, Case
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``world`` takes items r, r + world, ...: every case on exactly one rank, none repeated
+    (DistributedSampler pads with repeats, which would predict and write some cases twice)."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 def first_item(batch: list) -> dict:
@@ -55,9 +70,12 @@ class RawVolumes(Dataset):
         case = self.cases[index]
         item = {"index": index, "case_id": case.case_id, "source": str(case.image)}
         try:
+            start = time.perf_counter()
             image = read_image(case.image)
             item["geometry"] = Geometry.of(image)
+            read = time.perf_counter()
             item["image"] = torch.from_numpy(preprocess_image(image, self.plan))[None]
+            item["timings"] = {"read": read - start, "preprocess": time.perf_counter() - read}
             if self.with_labels and case.label is not None:
                 label = read_image(case.label)
                 if label.GetSize() != image.GetSize():

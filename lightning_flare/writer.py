@@ -1,6 +1,9 @@
 """Prediction writer: ``CASE.nii.gz`` masks (uint8, 0/1) on the input's exact grid, written atomically."""
 from __future__ import annotations
 
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -8,10 +11,14 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from .io import from_array, write_image
+from .efficiency import EfficiencyReport, GpuMemorySampler
+from .io import from_array, remove_stale_temporaries, write_image
 
 
 class NiftiPredictionWriter(BasePredictionWriter):
+    """Existing masks are kept unless ``overwrite`` (the data module then skips those cases before any work).
+    Also writes ``efficiency.csv`` (per-case stage times, peak RSS, GPU memory) and prints its summary."""
+
     def __init__(self, output_dir: str = "predictions", overwrite: bool = False):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
@@ -21,7 +28,17 @@ class NiftiPredictionWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.failures, self.written = [], []
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(f"{self.output_dir}: output folder cannot be created ({err.strerror})") from err
+        if not os.access(self.output_dir, os.W_OK):
+            raise PermissionError(f"{self.output_dir}: output folder is not writable")
+        remove_stale_temporaries(self.output_dir)  # left by a run killed mid-write
+        self.efficiency = EfficiencyReport()
+        self.gpu = GpuMemorySampler(device=pl_module.device).start()
+        self._pool = ThreadPoolExecutor(max_workers=1)  # writing case k overlaps computing case k + 1
+        self._pending: list[Future] = []
 
     def write_on_batch_end(self, trainer, pl_module, prediction: dict, batch_indices: Sequence[int] | None,
                            batch: Any, batch_idx: int, dataloader_idx: int) -> None:
@@ -30,13 +47,29 @@ class NiftiPredictionWriter(BasePredictionWriter):
         if "error" in prediction:
             self.failures.append(prediction["error"])
             return
+        self._pending.append(self._pool.submit(self._write, prediction))
+
+    def _write(self, prediction: dict) -> None:
         path = self.output_dir / f"{prediction['case_id']}.nii.gz"
-        if path.exists() and not self.overwrite:
-            return
+        start = time.perf_counter()
         mask = np.asarray(prediction["mask"], np.uint8)
         write_image(from_array(mask, prediction["geometry"]), path)
+        now = time.perf_counter()
         self.written.append(path)
+        timings = {**prediction.get("timings", {}), "write": now - start}
+        self.efficiency.add(prediction["case_id"], timings, self.gpu.window(prediction.get("started", start), now))
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for job in self._pending:
+            try:
+                job.result()
+            except Exception as err:  # noqa: BLE001 - reported with the other failed cases
+                self.failures.append(f"writing a mask into {self.output_dir} failed: {err}")
+        self._pool.shutdown()
+        self.gpu.stop()
+        if self.efficiency.rows:
+            name = "efficiency.csv" if trainer.world_size == 1 else f"efficiency_rank{trainer.global_rank}.csv"
+            self.efficiency.write(self.output_dir / name)
+            print("\n" + self.efficiency.format(), flush=True)
         if self.failures:
             raise RuntimeError(f"{len(self.failures)} case(s) could not be predicted:\n  " + "\n  ".join(self.failures))

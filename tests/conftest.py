@@ -41,7 +41,8 @@ def tiny_cli_args(dataset: Path, cache: Path, out: Path) -> list[str]:
         "--trainer.logger", "false",
         "--trainer.default_root_dir", str(out),
         "--trainer.callbacks", json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                            "init_args": {"dirpath": str(out / "ckpt"), "save_last": True}}]),
+                                            "init_args": {"dirpath": str(out / "ckpt"), "filename": "last", "save_top_k": 1,
+                                                          "every_n_epochs": 1, "save_on_train_epoch_end": True}}]),
         "--trainer.enable_progress_bar", "false",
         "--writer.output_dir", str(out / "predictions"),
     ]

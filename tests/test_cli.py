@@ -129,3 +129,48 @@ def test_fit_on_a_broken_dataset_lists_every_problem_before_training(tiny_datase
     assert labels[0].name.replace(".nii.gz", "_0000.nii.gz") in message
     assert labels[1].name in message and "3" in message
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*/*.npy"))
+
+
+def test_predict_skips_existing_reports_bad_cases_and_efficiency(trained, tiny_dataset, tmp_path):
+    import shutil
+
+    args, ckpt, _, _ = trained
+    images = tmp_path / "images"
+    shutil.copytree(tiny_dataset / "imagesTs", images)
+    good = sorted(images.glob("*.nii.gz"))
+    (images / "BROKEN_0000.nii.gz").write_bytes(b"this is not a NIfTI file")
+    out_dir = tmp_path / "masks"
+    run = ["predict", *args, "--ckpt_path", str(ckpt), "--data.predict_dir", str(images), "--writer.output_dir", str(out_dir)]
+    with pytest.raises(RuntimeError, match="BROKEN_0000.nii.gz"):
+        cli.main(run)
+    # the bad case did not stop the others
+    masks = sorted(out_dir.glob("*.nii.gz"))
+    assert [m.name for m in masks] == [g.name.replace("_0000", "") for g in good]
+    lines = (out_dir / "efficiency.csv").read_text().splitlines()
+    assert lines[0] == "case,read,preprocess,network,postprocess,write,total_s,peak_rss_mb,peak_gpu_mb,gpu_memory_area_mb_s"
+    assert len(lines) == 1 + len(good)
+    row = dict(zip(lines[0].split(","), lines[1].split(",")))
+    assert float(row["network"]) > 0 and float(row["peak_rss_mb"]) > 0
+    # a second run keeps existing masks and does no work for them; overwrite redoes them
+    (images / "BROKEN_0000.nii.gz").unlink()
+    mtimes = [m.stat().st_mtime_ns for m in masks]
+    cli.main(run)
+    assert [m.stat().st_mtime_ns for m in masks] == mtimes
+    cli.main(run + ["--writer.overwrite", "true"])
+    assert all(m.stat().st_mtime_ns != t for m, t in zip(masks, mtimes))
+
+
+def test_predict_into_unwritable_folder_is_a_clear_error(trained, tiny_dataset, tmp_path):
+    args, ckpt, _, _ = trained
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="output folder"):
+        cli.main(["predict", *args, "--ckpt_path", str(ckpt), "--data.predict_dir", str(tiny_dataset / "imagesTs"),
+                  "--writer.output_dir", str(blocker / "sub")])
+
+
+def test_checkpoint_plan_mismatch_names_the_value(trained, tiny_dataset, tmp_path):
+    args, ckpt, _, _ = trained
+    with pytest.raises(ValueError, match=r"data.target_spacing: checkpoint \(4.0, 4.0, 5.0\) != config \(3.0, 3.0, 5.0\)"):
+        cli.main(["predict", *args, "--ckpt_path", str(ckpt), "--data.predict_dir", str(tiny_dataset / "imagesTs"),
+                  "--writer.output_dir", str(tmp_path / "m"), "--data.target_spacing", "[3.0, 3.0, 5.0]"])

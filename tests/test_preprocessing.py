@@ -161,3 +161,27 @@ def test_select_fold_all_and_bad_fold(tiny_dataset):
     assert not {c.case_id for c in train} & {c.case_id for c in val}
     with pytest.raises(ValueError, match="fold"):
         select_fold(ds, cases, 7)
+
+
+def test_resample_to_mask_equals_full_trilinear_argmax():
+    import torch
+
+    from lightning_flare.resample import resample_probabilities, resample_to_mask
+
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 7, 9, 5) * 3, 0)
+    for shape in [(20, 23, 17), (7, 9, 5), (5, 30, 3)]:
+        full = resample_probabilities(probs, shape).argmax(0).numpy()
+        for slab in (1, 4, 64):
+            np.testing.assert_array_equal(resample_to_mask(probs, shape, slab=slab), full)
+
+
+def test_separate_axis_resampling_is_per_slice_then_nearest():
+    """Anisotropic spacing: in-plane cubic per slice, then nearest along the low-resolution axis (nnU-Net)."""
+    rng = np.random.default_rng(0)
+    volume = rng.normal(size=(30, 30, 6)).astype(np.float32)
+    out = resample_image(volume, (0.7, 0.7, 5.0), (1.4, 1.4, 2.5))  # z: 6 slices at 5 mm -> 12 at 2.5 mm
+    assert out.shape == (15, 15, 12)
+    # nearest along z: every output slice is the in-plane resampling of one input slice
+    np.testing.assert_allclose(out[..., 0], out[..., 1])
+    np.testing.assert_allclose(out[..., 2], resample_image(volume[..., 1:2], (0.7, 0.7, 5.0), (1.4, 1.4, 5.0))[..., 0], rtol=1e-5, atol=1e-5)

@@ -36,7 +36,8 @@ class FlareMetrics(Metric):
         """Score one case. ``pred``/``target``: label maps (X, Y, Z) or (1, X, Y, Z)."""
         self._per_case = None
         pred_np, target_np = (self._squeeze(to_numpy(x)) for x in (pred, target))
-        dsc, nsd = flare_case_scores(pred_np, target_np, spacing, self.tolerance_mm)
+        device = pred.device if getattr(pred, "is_cuda", False) else None  # GPU nearest-surfel search
+        dsc, nsd = flare_case_scores(pred_np, target_np, spacing, self.tolerance_mm, device=device)
         self.dsc.append(torch.tensor([dsc], dtype=torch.float64, device=self.device))
         self.nsd.append(torch.tensor([nsd], dtype=torch.float64, device=self.device))
         self.case_index.append(torch.tensor([int(case_index)], dtype=torch.int64, device=self.device))

@@ -161,11 +161,33 @@ def _nearest_distances(source: np.ndarray, target: np.ndarray,
     return np.sqrt((offset[:, 0] + offset[:, 1]) + offset[:, 2])
 
 
-def surface_distances(pred: Any, gt: Any, spacing_mm: Sequence[float]) -> SurfaceDistances:
+def _nearest_distances_torch(source: np.ndarray, target: np.ndarray, spacing: tuple[float, float, float],
+                             device: Any, chunk: int = 4096) -> np.ndarray:
+    """Same as ``_nearest_distances``, the nearest-neighbour search done by chunked brute force on ``device``
+    (a GPU) in float64; the distance is then evaluated exactly as on the CPU path."""
+    import torch
+
+    if len(target) == 0:
+        return np.full(len(source), np.inf)
+    if len(source) == 0:
+        return np.zeros(0)
+    scale = torch.tensor(spacing, dtype=torch.float64, device=device)
+    tgt = torch.from_numpy(target).to(device=device, dtype=torch.float64) * scale
+    src = torch.from_numpy(source).to(device=device, dtype=torch.float64) * scale
+    nearest = torch.cat([torch.cdist(src[i : i + chunk], tgt).argmin(1) for i in range(0, len(src), chunk)]).cpu().numpy()
+    offset = (target[nearest] - source).astype(np.float64) * np.asarray(spacing, np.float64)
+    offset *= offset
+    return np.sqrt((offset[:, 0] + offset[:, 1]) + offset[:, 2])
+
+
+def surface_distances(pred: Any, gt: Any, spacing_mm: Sequence[float], device: Any = None) -> SurfaceDistances:
     """Surfel distances and areas like ``surface_distance.compute_surface_distances``.
 
     Unlike the reference, the outputs are not sorted (pairs stay aligned) and an
-    empty mask yields ``inf`` distances for the other surface instead of failing."""
+    empty mask yields ``inf`` distances for the other surface instead of failing.
+    With ``device`` (or CUDA tensors as input) the nearest-surfel search runs there (GPU)."""
+    if device is None and getattr(pred, "is_cuda", False):
+        device = pred.device
     spacing = tuple(float(s) for s in to_numpy(spacing_mm).reshape(3))
     pred, gt = (to_numpy(x).astype(bool, copy=False) for x in (pred, gt))
     if pred.ndim != 3 or pred.shape != gt.shape:
@@ -176,9 +198,11 @@ def surface_distances(pred: Any, gt: Any, spacing_mm: Sequence[float]) -> Surfac
     table = surfel_area_table(spacing)
     points_gt, areas_gt = _surfels(gt[box], table)
     points_pred, areas_pred = _surfels(pred[box], table)
-    return SurfaceDistances(_nearest_distances(points_gt, points_pred, spacing),
-                            _nearest_distances(points_pred, points_gt, spacing),
-                            areas_gt, areas_pred)
+    if device is not None:
+        nearest = lambda a, b: _nearest_distances_torch(a, b, spacing, device)  # noqa: E731
+    else:
+        nearest = lambda a, b: _nearest_distances(a, b, spacing)  # noqa: E731
+    return SurfaceDistances(nearest(points_gt, points_pred), nearest(points_pred, points_gt), areas_gt, areas_pred)
 
 
 def surface_dice_from_distances(sd: SurfaceDistances, tolerance_mm: float) -> float:
@@ -192,9 +216,9 @@ def surface_dice_from_distances(sd: SurfaceDistances, tolerance_mm: float) -> fl
 
 
 def normalized_surface_dice(pred: Any, gt: Any, spacing_mm: Sequence[float],
-                            tolerance_mm: float = 2.0) -> float:
+                            tolerance_mm: float = 2.0, device: Any = None) -> float:
     """Normalized surface Dice (NSD) of two 3D masks at ``tolerance_mm``."""
-    return surface_dice_from_distances(surface_distances(pred, gt, spacing_mm), tolerance_mm)
+    return surface_dice_from_distances(surface_distances(pred, gt, spacing_mm, device), tolerance_mm)
 
 
 def _foreground(label_map: np.ndarray, labels: Sequence[int]) -> np.ndarray:
@@ -214,13 +238,16 @@ def _valid_prediction(pred: np.ndarray, labels: Sequence[int]) -> bool:
 
 def flare_case_scores(pred: Any, gt: Any, spacing_mm: Sequence[float],
                       tolerance_mm: float = 2.0,
-                      labels: Sequence[int] = (1,)) -> tuple[float, float]:
+                      labels: Sequence[int] = (1,), device: Any = None) -> tuple[float, float]:
     """(DSC, NSD) of one case under the FLARE24 Task 1 rules.
 
     1. a predicted value outside {0} and ``labels`` -> (0, 0);
     2. ground truth and prediction both empty -> (1, 1);
     3. exactly one empty -> (0, 0);
-    4. otherwise DSC, and NSD at ``tolerance_mm`` (ground-truth spacing) unless DSC < 0.2."""
+    4. otherwise DSC, and NSD at ``tolerance_mm`` (ground-truth spacing) unless DSC < 0.2.
+    CUDA tensors (or ``device``) run the nearest-surfel search on that GPU."""
+    if device is None and getattr(pred, "is_cuda", False):
+        device = pred.device
     pred, gt = to_numpy(pred), to_numpy(gt)
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ")
@@ -236,7 +263,7 @@ def flare_case_scores(pred: Any, gt: Any, spacing_mm: Sequence[float],
     dsc = dice(pred_mask, gt_mask)
     if dsc < 0.2:
         return dsc, 0.0
-    return dsc, normalized_surface_dice(pred_mask, gt_mask, spacing_mm, tolerance_mm)
+    return dsc, normalized_surface_dice(pred_mask, gt_mask, spacing_mm, tolerance_mm, device)
 
 
 def summarize(values: Any) -> dict[str, float]:

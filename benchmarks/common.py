@@ -1,0 +1,273 @@
+"""Helpers shared by the benchmark scripts (pipeline.py, predict.py): nnU-Net v2 plans / folders written from
+our configuration, a CT-like synthetic volume generator, process-tree memory sampling and table printing.
+
+Axis orders: our arrays are (x, y, z); nnU-Net's are (z, y, x) (``transpose_forward`` [0, 1, 2] on arrays read
+with SimpleITK), so every shape / spacing / kernel written into nnU-Net files is reversed.
+
+These scripts need the benchmark environment (``make bench-env`` -> ``.venv-bench``: nnunetv2, MONAI and this
+package); see benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# The published FLARE24 model's CT normalisation (SPEC.md): clip, mean, std of the foreground intensities.
+FLARE24_STATS = {"clip_low": -900.0, "clip_high": 619.0, "mean": -52.232, "std": 268.799}
+LABELS = {"background": 0, "tumor": 1}
+NNUNET_CONFIGURATION = "3d_fullres"
+NNUNET_PLANS_NAME = "nnUNetPlans"
+
+
+# ----------------------------------------------------------------------------------------------- environment
+def nnunet_environment(root: str | Path) -> dict[str, str]:
+    """Point nnU-Net's three folders under ``root`` (in os.environ, before nnunetv2 is imported)."""
+    root = Path(root).resolve()
+    paths = {"nnUNet_raw": root / "nnUNet_raw", "nnUNet_preprocessed": root / "nnUNet_preprocessed",
+             "nnUNet_results": root / "nnUNet_results"}
+    for key, path in paths.items():
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ[key] = str(path)
+    return {k: str(v) for k, v in paths.items()}
+
+
+def set_threads(n: int) -> None:
+    """torch intra-op threads and SimpleITK's default thread count."""
+    import SimpleITK as sitk
+    import torch
+
+    torch.set_num_threads(n)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+
+
+def require_nnunet() -> None:
+    try:
+        import nnunetv2  # noqa: F401
+    except ImportError as err:  # pragma: no cover - message for the wrong venv
+        raise SystemExit(f"nnunetv2 is not importable ({err}); run this with the benchmark environment: "
+                         "make bench-env && .venv-bench/bin/python benchmarks/...") from err
+
+
+# ----------------------------------------------------------------------------------------------- nnU-Net files
+def arch_kwargs_nnunet(features: Sequence[int] = (32, 64, 128, 256), kernel: int = 3,
+                       strides_xyz: Sequence[Sequence[int]] | None = None) -> dict:
+    """nnU-Net ``architecture`` entry equal to our ``PlainConvUNet`` (defaults: the FLARE24 network)."""
+    n = len(features)
+    strides_xyz = strides_xyz or [[1, 1, 1]] + [[2, 2, 2]] * (n - 1)
+    return {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": n, "features_per_stage": [int(f) for f in features],
+            "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": [[kernel] * 3 for _ in range(n)],
+            "strides": [list(reversed([int(v) for v in s])) for s in strides_xyz],
+            "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None, "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+
+
+def nnunet_plans(dataset_name: str, patch_xyz: Sequence[int] = (128, 128, 96),
+                 spacing_xyz: Sequence[float] = (2.0, 2.0, 3.0), batch_size: int = 2,
+                 median_shape_xyz: Sequence[int] = (205, 205, 167), stats: dict = FLARE24_STATS,
+                 features: Sequence[int] = (32, 64, 128, 256)) -> dict:
+    """An nnU-Net v2 ``nnUNetPlans.json`` with one ``3d_fullres`` configuration in the FLARE24 setting
+    (nnU-Net's default resampling: order 3 image / order 1 seg, separate z when anisotropic)."""
+    zyx = lambda v: [v[2], v[1], v[0]]  # noqa: E731
+    resample = "resample_data_or_seg_to_shape"
+    return {
+        "dataset_name": dataset_name,
+        "plans_name": NNUNET_PLANS_NAME,
+        "original_median_spacing_after_transp": [float(s) for s in zyx(spacing_xyz)],
+        "original_median_shape_after_transp": [int(s) for s in zyx(median_shape_xyz)],
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {NNUNET_CONFIGURATION: {
+            "data_identifier": f"{NNUNET_PLANS_NAME}_{NNUNET_CONFIGURATION}",
+            "preprocessor_name": "DefaultPreprocessor",
+            "batch_size": int(batch_size),
+            "patch_size": [int(p) for p in zyx(patch_xyz)],
+            "median_image_size_in_voxels": [int(s) for s in zyx(median_shape_xyz)],
+            "spacing": [float(s) for s in zyx(spacing_xyz)],
+            "normalization_schemes": ["CTNormalization"],
+            "use_mask_for_norm": [False],
+            "resampling_fn_data": resample,
+            "resampling_fn_seg": resample,
+            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+            "resampling_fn_probabilities": resample,
+            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
+                                                   "force_separate_z": None},
+            "architecture": arch_kwargs_nnunet(features),
+            "batch_dice": True,
+        }},
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {"0": {
+            "max": 3071.0, "mean": stats["mean"], "median": stats["mean"], "min": -1024.0,
+            "percentile_00_5": stats["clip_low"], "percentile_99_5": stats["clip_high"], "std": stats["std"]}},
+    }
+
+
+def nnunet_dataset_json(num_training: int) -> dict:
+    return {"channel_names": {"0": "CT"}, "labels": dict(LABELS), "numTraining": int(num_training),
+            "file_ending": ".nii.gz"}
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- synthetic CT
+def synthetic_ct(shape_xyz: Sequence[int], spacing_xyz: Sequence[float], seed: int = 0,
+                 num_lesions: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """A CT-like (x, y, z) int16 HU volume (air, fat rim, soft tissue, liver, spine, lungs, noise) and a uint8
+    label with ``num_lesions`` ellipsoidal tumours. Cheap enough for 512 x 512 x 200 (a few seconds)."""
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = (int(s) for s in shape_xyz)
+    sx, sy, sz = (float(s) for s in spacing_xyz)
+    x = (np.arange(nx, dtype=np.float32) - (nx - 1) / 2) * sx
+    y = (np.arange(ny, dtype=np.float32) - (ny - 1) / 2) * sy
+    z = (np.arange(nz, dtype=np.float32) - (nz - 1) / 2) * sz
+    fov_x, fov_y, fov_z = nx * sx, ny * sy, nz * sz
+    ax, ay = 0.44 * fov_x, 0.34 * fov_y
+    body = (x[:, None] / ax) ** 2 + (y[None, :] / ay) ** 2  # (x, y), constant along z
+    hu = np.full((nx, ny, nz), -1000.0, np.float32)
+    hu[body <= 1.0] = -100.0  # fat
+    hu[body <= 0.85] = 45.0  # soft tissue
+    spine = ((x[:, None]) / (0.12 * ax)) ** 2 + ((y[None, :] - 0.6 * ay) / (0.12 * ax)) ** 2
+    hu[spine <= 1.0] = 400.0
+
+    def ellipsoid(c, r):  # boolean mask of an ellipsoid (centre and radii in mm) restricted to its box
+        idx = [np.flatnonzero(np.abs(a - ci) <= ri) for a, ci, ri in zip((x, y, z), c, r)]
+        if any(len(i) == 0 for i in idx):
+            return None, None
+        box = tuple(slice(i[0], i[-1] + 1) for i in idx)
+        q = (((x[box[0]] - c[0]) / r[0]) ** 2)[:, None, None] + (((y[box[1]] - c[1]) / r[1]) ** 2)[None, :, None] \
+            + (((z[box[2]] - c[2]) / r[2]) ** 2)[None, None, :]
+        return box, q <= 1.0
+
+    box, m = ellipsoid((-0.4 * ax, -0.05 * ay, 0.1 * fov_z), (0.38 * ax, 0.55 * ay, 0.3 * fov_z))  # liver
+    if box is not None:
+        hu[box][m] = 60.0
+    for side in (-1, 1):  # lungs in the upper third
+        box, m = ellipsoid((0.42 * side * ax, 0.0, 0.45 * fov_z), (0.35 * ax, 0.7 * ay, 0.25 * fov_z))
+        if box is not None:
+            sub = hu[box]
+            sub[m & (sub > -200)] = -850.0
+    label = np.zeros((nx, ny, nz), np.uint8)
+    for _ in range(num_lesions):
+        r = rng.uniform(10, 30, 3)
+        c = (rng.uniform(-0.5, 0.5) * ax, rng.uniform(-0.5, 0.3) * ay, rng.uniform(-0.3, 0.3) * fov_z)
+        box, m = ellipsoid(c, r)
+        if box is None:
+            continue
+        label[box][m] = 1
+        sub = hu[box]
+        sub[m] = sub[m] + rng.choice([-1, 1]) * rng.uniform(40, 90)
+    hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(15.0)
+    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), label
+
+
+def write_nifti(array_xyz: np.ndarray, spacing_xyz: Sequence[float], path: str | Path,
+                origin: Sequence[float] = (0.0, 0.0, 0.0)) -> Path:
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array_xyz.transpose(2, 1, 0)))
+    image.SetSpacing(tuple(float(s) for s in spacing_xyz))
+    image.SetOrigin(tuple(float(o) for o in origin))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
+    sitk.WriteImage(image, str(tmp), True)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- processes
+def _tree_rss_kib(root: int) -> int:
+    """Sum of VmRSS over ``root`` and its live descendants (Linux /proc)."""
+    total, todo, seen = 0, [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
+            continue
+    return total
+
+
+def run_measured(cmd: Sequence[str], env: dict | None = None, cwd: str | Path | None = None,
+                 log: str | Path | None = None, interval: float = 0.1) -> dict:
+    """Run ``cmd``; wall seconds, peak RSS of the whole process tree (sampled every ``interval`` s) and the
+    largest single-process peak RSS (``wait4``). Output goes to ``log`` (or is captured)."""
+    if log:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+    out = open(log, "w") if log else subprocess.PIPE
+    start = time.perf_counter()
+    proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True)
+    peak, stop = [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _tree_rss_kib(proc.pid))
+            stop.wait(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    captured = proc.stdout.read() if out is subprocess.PIPE else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if log:
+        out.close()
+        captured = Path(log).read_text()
+    return {"seconds": seconds, "returncode": proc.returncode, "peak_tree_mb": peak[0] / 1024,
+            "peak_process_mb": usage.ru_maxrss / 1024, "output": captured}
+
+
+# ----------------------------------------------------------------------------------------------- tables
+def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: str | None = None) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            if v != v:
+                return "n/a"
+            return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+        return str(v)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+            for r in cells]
+    return "\n".join(([f"\n{title}"] if title else []) + [line, sep, *body])
