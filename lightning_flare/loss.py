@@ -74,17 +74,18 @@ class DiceCELoss(nn.Module):
             return loss
 
 
-def deep_supervision_weights(n: int) -> list[float]:
-    """Weights 1/2^i for n outputs, the lowest resolution set to 0, normalised to sum 1.
+def deep_supervision_weights(n: int, lowest: float = 0.0) -> list[float]:
+    """Weights 1/2^i for n outputs, the lowest resolution set to ``lowest`` (0), normalised to sum 1.
 
-    n=3 -> [2/3, 1/3, 0]; n=1 -> [1.0].
+    n=3 -> [2/3, 1/3, 0]; n=1 -> [1.0]. Under DDP nnU-Net uses ``lowest=1e-6`` so that the last head
+    takes part in the loss (DDP rejects parameters without gradient).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     if n == 1:
         return [1.0]
     w = [1.0 / 2 ** i for i in range(n)]
-    w[-1] = 0.0
+    w[-1] = float(lowest)
     total = sum(w)
     return [x / total for x in w]
 

@@ -56,6 +56,9 @@ class FlareSegmentationModule(L.LightningModule):
 
     # ----------------------------------------------------------------- plan in the checkpoint
     def setup(self, stage: str) -> None:
+        if self._trainer is not None and self.trainer.world_size > 1 and len(self.output_scales) > 1:
+            # as nnU-Net: a tiny weight on the lowest head, or DDP finds parameters without gradient
+            self.loss = DeepSupervisionLoss(DiceCELoss(), deep_supervision_weights(len(self.output_scales), lowest=1e-6))
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if self.plan is None and getattr(datamodule, "plan", None) is not None:
             self.plan = datamodule.plan

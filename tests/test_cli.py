@@ -83,7 +83,7 @@ def test_predict_writes_masks_on_the_input_grid(trained, tmp_path):
     sitk.WriteImage(image, str(images / "OTHER.nrrd"))
     out_dir = tmp_path / "masks"
     cli.main(["predict", *args, "--ckpt_path", str(ckpt), "--data.predict_dir", str(images), "--writer.output_dir", str(out_dir)])
-    assert sorted(p.name for p in out_dir.iterdir()) == ["ODD.nii.gz", "OTHER.nii.gz"]
+    assert sorted(p.name for p in out_dir.glob("*.nii.gz")) == ["ODD.nii.gz", "OTHER.nii.gz"]
     mask = sitk.ReadImage(str(out_dir / "ODD.nii.gz"))
     assert mask.GetSize() == image.GetSize()
     np.testing.assert_allclose(mask.GetSpacing(), image.GetSpacing())

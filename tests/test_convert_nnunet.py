@@ -169,11 +169,18 @@ def test_cli_predict_with_converted_checkpoint(tmp_path):
     image.SetSpacing((1.2, 1.4, 2.5))
     sitk.WriteImage(image, str(images / "CASE_0000.nii.gz"))
     out = tmp_path / "masks"
+    # the converted plan (printed by the converter) must agree with the YAML: pass its spacing and window
+    plan = torch.load(ckpt, map_location="cpu", weights_only=False)["plan"]
+    plan_args = ["--data.target_spacing", str(list(plan["target_spacing"])), "--data.patch_size", str(list(plan["patch_size"]))]
+    with pytest.raises(ValueError, match="data.target_spacing: checkpoint"):  # the paper's YAML alone disagrees
+        cli.main(["predict", "--config", str(ROOT / "configs" / "flare24.yaml"), "--ckpt_path", str(ckpt),
+                  "--data.predict_dir", str(images), "--trainer.logger", "false", "--trainer.callbacks", "[]",
+                  "--trainer.accelerator", "cpu", "--writer.output_dir", str(out)])
     cli.main(["predict", "--config", str(ROOT / "configs" / "flare24.yaml"), "--ckpt_path", str(ckpt),
               "--data.predict_dir", str(images), "--data.num_workers", "0", "--writer.output_dir", str(out),
               "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.precision", "32",
               "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--model.autocast", "false",
-              "--trainer.default_root_dir", str(tmp_path)])
+              "--trainer.default_root_dir", str(tmp_path), *plan_args])
     mask = sitk.ReadImage(str(out / "CASE.nii.gz"))
     assert mask.GetSize() == image.GetSize()
     assert set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1}

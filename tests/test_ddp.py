@@ -46,12 +46,13 @@ def test_two_process_ddp_fit_validate_predict(tiny_dataset, tmp_path):
         assert fits[1]["train"][epoch] == expected[1::2]
         assert set(expected) == set(train_ids)  # every training subject used this epoch
     assert fits[0]["train"]["0"] != fits[0]["train"]["1"]  # reshuffled between epochs
-    val = fits[0]["val"] + fits[1]["val"]
-    assert len(val) == len(set(val))  # no validation case scored twice
+    for epoch in ("0", "1"):
+        val = fits[0]["val"][epoch] + fits[1]["val"][epoch]
+        assert len(val) == len(set(val)) == 2  # each validation case scored once, by one rank
 
     ckpt = tmp_path / "out" / "ckpt" / "last.ckpt"
     _run(["validate", *args, *ddp, "--ckpt_path", str(ckpt)], tmp_path)
-    vals = [json.loads((record / f"rank{r}_validate.json").read_text())["val"] for r in (0, 1)]
+    vals = [sum(json.loads((record / f"rank{r}_validate.json").read_text())["val"].values(), []) for r in (0, 1)]
     assert not set(vals[0]) & set(vals[1]) and len(vals[0]) + len(vals[1]) == len(set(val))
 
     out = tmp_path / "masks"
