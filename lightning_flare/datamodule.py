@@ -73,6 +73,7 @@ class FlareDataModule(L.LightningDataModule):
         self.synthetic, self.seed, self.verify = synthetic, seed, verify
         self.plan: Plan | None = None
         self.skip_existing_in: str | None = None  # set by the CLI from the prediction writer
+        self.fingerprint: dict | None = None  # dataset fingerprint (when the statistics come from the data)
         self._dataset: RawDataset | None = None
 
     # ----------------------------------------------------------------- dataset and plan
@@ -96,8 +97,9 @@ class FlareDataModule(L.LightningDataModule):
         if stats is None:
             cases = self.dataset.cases("Tr")
             path = self.cache_dir / f"{self.dataset.name}_fingerprint.json"
-            fingerprint = load_or_compute_fingerprint(path, cases, self.num_workers)["intensity"]
-            stats = IntensityStats(fingerprint["percentile_00_5"], fingerprint["percentile_99_5"], fingerprint["mean"], fingerprint["std"])
+            self.fingerprint = load_or_compute_fingerprint(path, cases, self.num_workers)
+            inten = self.fingerprint["intensity"]
+            stats = IntensityStats(inten["percentile_00_5"], inten["percentile_99_5"], inten["mean"], inten["std"])
         labels = self.dataset.labels if self.data_dir is not None else {"background": 0, "tumor": 1}
         return Plan(self.target_spacing, self.patch_size, stats, labels, self.resampling)
 

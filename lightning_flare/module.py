@@ -50,6 +50,7 @@ class FlareSegmentationModule(L.LightningModule):
         self.val_metrics = FlareMetrics(nsd_tolerance_mm)
         self.test_metrics = FlareMetrics(nsd_tolerance_mm)
         self.plan: Plan | None = None
+        self.fingerprint: dict | None = None
         self.test_rows: list[dict] = []
         self._pseudo_counts = torch.zeros(3, dtype=torch.float64)  # TP, FP, FN of the patch-level pseudo Dice
         self._last_full = {"val/dsc": 0.0, "val/nsd": 0.0}
@@ -62,16 +63,21 @@ class FlareSegmentationModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if self.plan is None and getattr(datamodule, "plan", None) is not None:
             self.plan = datamodule.plan
+        if getattr(datamodule, "fingerprint", None) is not None:
+            self.fingerprint = datamodule.fingerprint
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.plan is not None:
             checkpoint["plan"] = self.plan.to_dict()
+        if self.fingerprint is not None:
+            checkpoint["fingerprint"] = self.fingerprint
         if hasattr(self.net, "init_args"):  # lets export / other tools rebuild the network without the YAML
             checkpoint["net_init_args"] = dict(self.net.init_args)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "plan" in checkpoint:
             self.plan = Plan.from_dict(checkpoint["plan"])
+        self.fingerprint = checkpoint.get("fingerprint", self.fingerprint)
 
     # ----------------------------------------------------------------- training
     def forward(self, x: torch.Tensor):

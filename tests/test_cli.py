@@ -37,6 +37,8 @@ def test_fit_saves_plan_and_metrics(trained):
     plan = checkpoint["plan"]
     assert plan["target_spacing"] == [4.0, 4.0, 5.0] and plan["patch_size"] == [16, 16, 16]
     assert plan["labels"] == {"background": 0, "tumor": 1}
+    fingerprint = checkpoint["fingerprint"]  # the dataset fingerprint travels with the model
+    assert plan["intensity"]["mean"] == fingerprint["intensity"]["mean"] and len(fingerprint["spacings"]) == 6
     metrics = result.trainer.callback_metrics
     # epochs 1 and 2 (the last) score whole volumes; epoch 0 scores patches (pseudo Dice)
     for key in ("train/loss_epoch", "val/dsc", "val/nsd", "val/pseudo_dsc"):
