@@ -19,14 +19,18 @@ from .resample import resample_image, resample_label
 MAX_FOREGROUND_LOCATIONS = 10_000
 
 
-def normalize_ct(array: np.ndarray, stats: IntensityStats) -> np.ndarray:
-    array = np.clip(array, stats.clip_low, stats.clip_high)
-    return ((array - stats.mean) / max(stats.std, 1e-8)).astype(np.float32)
+def normalize_ct(array: np.ndarray, stats: IntensityStats, inplace: bool = False) -> np.ndarray:
+    """Clip to [clip_low, clip_high], then (x - mean) / max(std, 1e-8); ``inplace`` reuses a float32 array (no copies)."""
+    out = array if inplace and array.dtype == np.float32 else np.array(array, dtype=np.float32)
+    np.clip(out, stats.clip_low, stats.clip_high, out=out)
+    out -= np.float32(stats.mean)
+    out /= np.float32(max(stats.std, 1e-8))
+    return out
 
 
 def preprocess_image(image: sitk.Image, plan: Plan) -> np.ndarray:
     """(x, y, z) float32 array at the plan's spacing, normalised."""
-    array = normalize_ct(to_array(image), plan.intensity)  # normalise first: clipping tames spline overshoot
+    array = normalize_ct(to_array(image), plan.intensity, inplace=True)  # normalise first, as nnU-Net
     return resample_image(array, image.GetSpacing(), plan.target_spacing, plan.resampling, plan.anisotropy_threshold)
 
 

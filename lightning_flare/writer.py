@@ -11,7 +11,7 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from .efficiency import EfficiencyReport, GpuMemorySampler
+from .efficiency import COLUMNS, EfficiencyReport, GpuMemorySampler
 from .io import from_array, remove_stale_temporaries, write_image
 
 
@@ -71,5 +71,9 @@ class NiftiPredictionWriter(BasePredictionWriter):
             name = "efficiency.csv" if trainer.world_size == 1 else f"efficiency_rank{trainer.global_rank}.csv"
             self.efficiency.write(self.output_dir / name)
             print("\n" + self.efficiency.format(), flush=True)
+            for logger in trainer.loggers:
+                if hasattr(logger, "log_table"):  # W&B
+                    logger.log_table(key="predict/efficiency", columns=COLUMNS,
+                                     data=[[row[c] for c in COLUMNS] for row in self.efficiency.rows])
         if self.failures:
             raise RuntimeError(f"{len(self.failures)} case(s) could not be predicted:\n  " + "\n  ".join(self.failures))
