@@ -29,3 +29,16 @@ def test_offline_wandb_run_has_history_config_and_images(tiny_dataset, tmp_path)
         assert key in history, key
     config = config_value(records, "cli")  # the full resolved LightningCLI config
     assert "target_spacing" in config and "features_per_stage" in config and "ValidationImageLogger" in config
+
+
+def test_offline_wandb_predict_logs_the_efficiency_table(tiny_dataset, tmp_path):
+    args = tiny_cli_args(tiny_dataset, tmp_path / "cache", tmp_path / "out")
+    cli.main(["fit", *args, "--trainer.max_epochs", "1"])
+    logger = {"class_path": "lightning.pytorch.loggers.WandbLogger",
+              "init_args": {"save_dir": str(tmp_path / "wb"), "offline": True, "project": "tests", "name": "predict"}}
+    args[args.index("--trainer.logger") + 1] = json.dumps(logger)
+    result = cli.main(["predict", *args, "--ckpt_path", str(tmp_path / "out" / "ckpt" / "last.ckpt"),
+                       "--data.predict_dir", str(tiny_dataset / "imagesTs")])
+    result.trainer.logger.experiment.finish()
+    run = next((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert "predict/efficiency/_type" in history_keys(read_records(next(run.glob("run-*.wandb"))))
