@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchio as tio
@@ -91,6 +90,3 @@ def _flip_sets(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
         sets += [s + (axis,) for s in sets]
     return sets
 
-
-def probabilities_to_mask(probabilities: torch.Tensor) -> np.ndarray:
-    return probabilities.argmax(0).to(torch.uint8).cpu().numpy()

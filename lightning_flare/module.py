@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inference import sliding_window_logits
+from .inference import autocast_context, sliding_window_logits
 from .loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets
 from .metrics import FlareMetrics
 from .plan import Plan
@@ -164,8 +164,7 @@ class FlareSegmentationModule(L.LightningModule):
                 x = image[(slice(None), *window)]
                 pad = [int(p - s) for p, s in zip(patch, x.shape[1:])]
                 x = torch.nn.functional.pad(x, [v for d in reversed(pad) for v in (0, d)])
-                with torch.autocast(self.device.type, dtype=torch.bfloat16 if self.device.type == "cpu" else torch.float16,
-                                    enabled=bool(self.hparams.autocast)):
+                with autocast_context(self.device, bool(self.hparams.autocast)):
                     logits = net(x[None].to(self.device))
                 pred = logits[0].argmax(0)[tuple(slice(0, s) for s in label[window].shape)].cpu() > 0
                 ref = label[window] > 0
