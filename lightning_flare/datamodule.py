@@ -44,11 +44,13 @@ class FlareDataModule(L.LightningDataModule):
         oversample_foreground: float = 0.33,
         intensity_stats: dict[str, float] | None = None,
         resampling: str = "nnunet",
+        anti_aliasing: bool = False,
         augmentation: str = "basic",
         augmentation_device: str = "cpu",
         gpu_spatial: bool = True,
         queue_length: int = 8,
         num_workers: int = 2,
+        preprocess_on: str = "loader",
         predict_dir: str | None = None,
         synthetic: dict[str, Any] | None = None,
         seed: int = 0,
@@ -64,11 +66,17 @@ class FlareDataModule(L.LightningDataModule):
         self.oversample_foreground = oversample_foreground
         self.intensity_stats = IntensityStats.from_any(intensity_stats) if intensity_stats else None
         self.resampling, self.augmentation = resampling, augmentation
+        self.anti_aliasing = bool(anti_aliasing)  # low-pass the image before downsampling it (not nnU-Net's default)
         if augmentation_device not in ("cpu", "gpu"):
             raise ValueError(f"augmentation_device must be 'cpu' or 'gpu', got {augmentation_device!r}")
         self.augmentation_device, self.gpu_spatial = augmentation_device, gpu_spatial
         self.batch_augmentation = None  # "gpu" mode: batched transforms after the batch reaches the device
         self.queue_length, self.num_workers = queue_length, num_workers
+        if preprocess_on not in ("loader", "device"):
+            raise ValueError(f"preprocess_on must be 'loader' or 'device', got {preprocess_on!r}")
+        if preprocess_on == "device" and resampling != "fast":
+            raise ValueError(f"preprocess_on: device needs resampling: fast (torch), got resampling {resampling!r}")
+        self.preprocess_on = preprocess_on  # test/predict: resample + normalise in loader workers or on the device
         self.predict_dir = predict_dir
         self.synthetic, self.seed, self.verify = synthetic, seed, verify
         self.plan: Plan | None = None
@@ -86,10 +94,18 @@ class FlareDataModule(L.LightningDataModule):
         return self._dataset
 
     def prepare_data(self) -> None:
-        if self.synthetic is not None and self.data_dir is not None and not (self.data_dir / "dataset.json").is_file():
-            from .synthetic import write_dataset
+        if self.synthetic is None or self.data_dir is None:
+            return
+        meta = self.data_dir / "dataset.json"
+        if meta.is_file():
+            try:
+                if "synthetic_params" not in json.loads(meta.read_text()):
+                    return  # a real dataset at data_dir: the synthetic settings do not apply
+            except ValueError:
+                return  # not ours to overwrite; loading the dataset reports the broken file
+        from .synthetic import write_dataset
 
-            write_dataset(self.data_dir, **self.synthetic)
+        write_dataset(self.data_dir, **self.synthetic)  # no-op when the folder matches the settings
 
     def plan_from_data(self) -> Plan:
         """Plan from the configuration; intensity statistics from the config or the training fingerprint."""
@@ -101,7 +117,8 @@ class FlareDataModule(L.LightningDataModule):
             inten = self.fingerprint["intensity"]
             stats = IntensityStats(inten["percentile_00_5"], inten["percentile_99_5"], inten["mean"], inten["std"])
         labels = self.dataset.labels if self.data_dir is not None else {"background": 0, "tumor": 1}
-        return Plan(self.target_spacing, self.patch_size, stats, labels, self.resampling)
+        return Plan(self.target_spacing, self.patch_size, stats, labels, self.resampling,
+                    anti_aliasing=self.anti_aliasing)
 
     def resolve_plan(self) -> Plan:
         """The model's plan (restored from a checkpoint) wins; else the one made from the data."""
@@ -117,7 +134,8 @@ class FlareDataModule(L.LightningDataModule):
     def check_plan(self, plan: Plan) -> None:
         """A checkpoint's plan must agree with the configuration: say which value differs."""
         differences = []
-        configured = {"target_spacing": self.target_spacing, "patch_size": self.patch_size, "resampling": self.resampling}
+        configured = {"target_spacing": self.target_spacing, "patch_size": self.patch_size, "resampling": self.resampling,
+                      "anti_aliasing": self.anti_aliasing}
         for key, value in configured.items():
             value = tuple(value) if isinstance(value, (list, tuple)) else value
             if value != getattr(plan, key):
@@ -202,7 +220,7 @@ class FlareDataModule(L.LightningDataModule):
         missing = [c.case_id for c in cases if c.label is None]
         if missing:
             raise ValueError(f"{self.data_dir}: test cases without labels: {missing}")
-        return self._volume_loader(RawVolumes(cases, plan, with_labels=True))
+        return self._volume_loader(RawVolumes(cases, plan, with_labels=True, on_device=self.preprocess_on == "device"))
 
     def predict_dataloader(self) -> DataLoader:
         plan = self.resolve_plan()
@@ -214,7 +232,7 @@ class FlareDataModule(L.LightningDataModule):
             if done:
                 log.warning(f"skipping {len(done)} case(s) already predicted in {self.skip_existing_in} (--writer.overwrite true to redo)")
             cases = [c for c in cases if c not in done]
-        return self._volume_loader(RawVolumes(cases, plan, with_labels=False))
+        return self._volume_loader(RawVolumes(cases, plan, with_labels=False, on_device=self.preprocess_on == "device"))
 
     def _volume_loader(self, dataset: Dataset) -> DataLoader:
         rank, world = _rank_and_world()

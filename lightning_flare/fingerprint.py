@@ -9,10 +9,10 @@ from typing import Sequence
 import numpy as np
 
 from .io import read_image, to_array, write_text
-from .raw_dataset import Case
+from .raw_dataset import Case, source_signature
 
 NUM_FOREGROUND_SAMPLES = int(10e7)  # nnU-Net's constant, written 10e7 there too (= 1e8 voxels in all)
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: source file signatures
 
 
 def _case_fingerprint(case: Case, num_samples: int, seed: int) -> dict:
@@ -50,6 +50,7 @@ def compute_fingerprint(cases: Sequence[Case], num_workers: int = 0, seed: int =
     return {
         "version": FINGERPRINT_VERSION,
         "case_ids": [r["case_id"] for r in results],
+        "sources": {c.case_id: source_signature(c) for c in cases},
         "spacings": [r["spacing"] for r in results],
         "shapes": [r["shape"] for r in results],
         "median_spacing": np.median([r["spacing"] for r in results], axis=0).tolist(),
@@ -66,12 +67,12 @@ def compute_fingerprint(cases: Sequence[Case], num_workers: int = 0, seed: int =
 
 
 def load_or_compute_fingerprint(path: Path, cases: Sequence[Case], num_workers: int = 0) -> dict:
-    """Reuse ``path`` if it describes exactly these cases, else compute and save it (atomically)."""
-    ids = sorted(c.case_id for c in cases)
+    """Reuse ``path`` if it describes exactly these cases and files, else compute and save it (atomically)."""
+    sources = {c.case_id: source_signature(c) for c in cases}
     if path.is_file():
         try:
             saved = json.loads(path.read_text())
-            if saved.get("version") == FINGERPRINT_VERSION and sorted(saved.get("case_ids", [])) == ids:
+            if saved.get("version") == FINGERPRINT_VERSION and saved.get("sources") == sources:
                 return saved
         except json.JSONDecodeError:
             pass

@@ -15,7 +15,9 @@ from .inference import autocast_context, sliding_window_logits
 from .loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets
 from .metrics import FlareMetrics
 from .plan import Plan
-from .resample import resample_to_mask
+from .postprocessing import ComponentThresholdScores, choose_threshold, remove_small_components
+from .preprocessing import preprocess_tensor
+from .resample import probability_axis, resample_to_mask
 
 
 def poly_lr_factor(epoch: int, max_epochs: int, exponent: float = 0.9) -> float:
@@ -40,6 +42,7 @@ class FlareSegmentationModule(L.LightningModule):
         report_dir: str | None = None,
         full_val_every_n_epochs: int = 1,
         pseudo_val_patches: int = 4,
+        min_component_ml: float | str = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -54,6 +57,10 @@ class FlareSegmentationModule(L.LightningModule):
         self.test_rows: list[dict] = []
         self._pseudo_counts = torch.zeros(3, dtype=torch.float64)  # TP, FP, FN of the patch-level pseudo Dice
         self._last_full = {"val/dsc": 0.0, "val/nsd": 0.0}
+        if not (min_component_ml == "auto" or (isinstance(min_component_ml, (int, float)) and min_component_ml >= 0)):
+            raise ValueError(f"min_component_ml must be a volume in ml (>= 0) or 'auto', got {min_component_ml!r}")
+        self.postprocessing_scores = ComponentThresholdScores()  # candidates scored on every full validation
+        self.postprocessing: dict | None = None  # the latest validation choice, kept in the checkpoint
 
     # ----------------------------------------------------------------- plan in the checkpoint
     def setup(self, stage: str) -> None:
@@ -73,11 +80,14 @@ class FlareSegmentationModule(L.LightningModule):
             checkpoint["fingerprint"] = self.fingerprint
         if hasattr(self.net, "init_args"):  # lets export / other tools rebuild the network without the YAML
             checkpoint["net_init_args"] = dict(self.net.init_args)
+        if self.postprocessing is not None:
+            checkpoint["postprocessing"] = self.postprocessing
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "plan" in checkpoint:
             self.plan = Plan.from_dict(checkpoint["plan"])
         self.fingerprint = checkpoint.get("fingerprint", self.fingerprint)
+        self.postprocessing = checkpoint.get("postprocessing", self.postprocessing)
 
     # ----------------------------------------------------------------- training
     def forward(self, x: torch.Tensor):
@@ -126,14 +136,29 @@ class FlareSegmentationModule(L.LightningModule):
     def predict_original_grid(self, item: dict) -> np.ndarray:
         """uint8 mask on the original image grid for an item of ``RawVolumes`` (adds its stage timings)."""
         timings = item.setdefault("timings", {})
+        image = item["image"]
+        if item.get("raw_hu"):  # data.preprocess_on: device
+            start = time.perf_counter()
+            image = preprocess_tensor(image, item["geometry"].spacing, self.plan, self.device)
+            timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
-        probabilities = self.predict_probabilities(item["image"])
+        probabilities = self.predict_probabilities(image)
         if probabilities.is_cuda:
             torch.cuda.synchronize()
         network = time.perf_counter()
-        mask = resample_to_mask(probabilities, item["geometry"].size)
+        geometry = item["geometry"]
+        nearest = probability_axis(self.plan.target_spacing, geometry.spacing, self.plan.resampling)
+        mask = remove_small_components(resample_to_mask(probabilities, geometry.size, nearest_axis=nearest),
+                                       geometry.spacing, self.min_component_ml())
         timings.update(network=network - start, postprocess=time.perf_counter() - network)
         return mask
+
+    def min_component_ml(self) -> float:
+        """Components below this volume are removed; 'auto': the value chosen on the checkpoint's validation fold."""
+        value = self.hparams.get("min_component_ml", 0.0)
+        if value != "auto":
+            return float(value)
+        return float((self.postprocessing or {}).get("min_component_ml", 0.0))
 
     def _full_validation_epoch(self) -> bool:
         n = max(1, int(self.hparams.full_val_every_n_epochs))
@@ -144,6 +169,10 @@ class FlareSegmentationModule(L.LightningModule):
         """Full-volume sliding window (DSC/NSD) every ``full_val_every_n_epochs``; patch pseudo-Dice otherwise."""
         if self._full_validation_epoch():
             prediction = self.predict_probabilities(batch["image"]).argmax(0)
+            self.postprocessing_scores.update(prediction, batch["label"], batch["spacing"])
+            if self.hparams.get("min_component_ml", 0.0) not in (0, 0.0, "auto"):
+                kept = remove_small_components(prediction.cpu().numpy(), batch["spacing"], self.min_component_ml())
+                prediction = torch.from_numpy(kept)
             self.val_metrics.update(prediction, batch["label"], batch["spacing"], batch["index"])
             return {"prediction": prediction.to(torch.uint8)}  # for ValidationImageLogger
         self._pseudo_dice_update(batch)
@@ -175,6 +204,13 @@ class FlareSegmentationModule(L.LightningModule):
             result = self.val_metrics.compute()
             self._last_full = {"val/dsc": float(result["dsc"]), "val/nsd": float(result["nsd"])}
             self.val_metrics.reset()
+            scores = self.postprocessing_scores.compute()
+            self.postprocessing_scores.reset()
+            chosen = choose_threshold(scores)
+            self.postprocessing = {"min_component_ml": chosen, "epoch": int(self.current_epoch),
+                                   "val_dsc_by_min_component_ml": {str(t): round(v, 6) for t, v in scores.items()}}
+            self.log("val/pp_min_component_ml", chosen)
+            self.log("val/dsc_postprocessed", scores[chosen])
         else:
             counts = self.all_gather(self._pseudo_counts).reshape(-1, 3).sum(0) if self.trainer.world_size > 1 else self._pseudo_counts
             tp, fp, fn = counts.tolist()

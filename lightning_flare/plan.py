@@ -46,6 +46,7 @@ class Plan:
     labels: dict[str, int] = field(default_factory=lambda: {"background": 0, "tumor": 1})
     resampling: str = "nnunet"
     anisotropy_threshold: float = 3.0
+    anti_aliasing: bool = False  # Gaussian low-pass before downsampling the image (nnU-Net: none)
 
     def __post_init__(self) -> None:
         spacing = tuple(float(s) for s in self.target_spacing)
@@ -56,6 +57,7 @@ class Plan:
             raise ValueError(f"patch_size must be 3 positive integers (x, y, z), got {self.patch_size}")
         if self.resampling not in ("nnunet", "fast"):
             raise ValueError(f"resampling must be 'nnunet' or 'fast', got {self.resampling!r}")
+        object.__setattr__(self, "anti_aliasing", bool(self.anti_aliasing))
         object.__setattr__(self, "target_spacing", spacing)
         object.__setattr__(self, "patch_size", patch)
         object.__setattr__(self, "intensity", IntensityStats.from_any(self.intensity))

@@ -10,11 +10,12 @@ from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from .io import Geometry, read_image, remove_stale_temporaries, to_array, write_npy, write_text
 from .plan import IntensityStats, Plan
-from .raw_dataset import Case
-from .resample import resample_image, resample_label
+from .raw_dataset import Case, source_signature
+from .resample import _interpolate, new_shape_for_spacing, resample_image, resample_label
 
 MAX_FOREGROUND_LOCATIONS = 10_000
 
@@ -31,7 +32,25 @@ def normalize_ct(array: np.ndarray, stats: IntensityStats, inplace: bool = False
 def preprocess_image(image: sitk.Image, plan: Plan) -> np.ndarray:
     """(x, y, z) float32 array at the plan's spacing, normalised."""
     array = normalize_ct(to_array(image), plan.intensity, inplace=True)  # normalise first, as nnU-Net
-    return resample_image(array, image.GetSpacing(), plan.target_spacing, plan.resampling, plan.anisotropy_threshold)
+    return resample_image(array, image.GetSpacing(), plan.target_spacing, plan.resampling, plan.anisotropy_threshold,
+                          anti_aliasing=plan.anti_aliasing)
+
+
+def preprocess_tensor(image: torch.Tensor, spacing: Sequence[float], plan: Plan,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """``preprocess_image`` in torch on ``device`` for a (1, x, y, z) HU tensor: the same CT normalisation and
+    trilinear resampling as the loader path of ``resampling: fast`` (nnU-Net's cubic spline is scipy, CPU only).
+    A float32 tensor already on ``device`` is normalised in place."""
+    if plan.resampling != "fast":
+        raise ValueError(f"preprocessing on the device needs the plan's resampling 'fast' (torch), got "
+                         f"{plan.resampling!r}; use data.preprocess_on: loader")
+    if plan.anti_aliasing:
+        raise ValueError("preprocessing on the device does not implement anti_aliasing; use data.preprocess_on: loader")
+    x = image.to(device if device is not None else image.device, torch.float32)  # normalised in place
+    stats = plan.intensity
+    x.clamp_(stats.clip_low, stats.clip_high).sub_(stats.mean).div_(max(stats.std, 1e-8))
+    new_shape = new_shape_for_spacing(x.shape[1:], spacing, plan.target_spacing)
+    return _interpolate(x, new_shape)
 
 
 def preprocess_label(label: sitk.Image, plan: Plan, new_shape: Sequence[int]) -> np.ndarray:
@@ -81,9 +100,17 @@ class PreprocessedCache:
         d = self.dir
         return CachedCase(case_id, d / f"{case_id}_image.npy", d / f"{case_id}_label.npy", d / f"{case_id}_fg.npy", d / f"{case_id}.json")
 
-    def is_complete(self, case_id: str) -> bool:
+    def is_complete(self, case_id: str, case: Case | None = None) -> bool:
+        """Entry fully written (and, given the ``case``, made from its current source files)."""
         e = self.entry(case_id)
-        return e.meta.is_file() and e.image.is_file() and e.label.is_file() and e.foreground.is_file()
+        if not (e.meta.is_file() and e.image.is_file() and e.label.is_file() and e.foreground.is_file()):
+            return False
+        if case is None:
+            return True
+        try:
+            return e.load_meta().get("sources") == source_signature(case)
+        except (json.JSONDecodeError, OSError):
+            return False
 
     def build(self, cases: Sequence[Case], num_workers: int = 0, progress: bool = True) -> list[CachedCase]:
         """Preprocess the cases not cached yet (in parallel); return the entries of all cases."""
@@ -91,7 +118,7 @@ class PreprocessedCache:
         remove_stale_temporaries(self.dir)  # left by a run killed mid-write
         if not (self.dir / "plan.json").is_file():
             write_text(self.dir / "plan.json", json.dumps(self.plan.to_dict(), indent=1))
-        todo = [c for c in cases if not self.is_complete(c.case_id)]
+        todo = [c for c in cases if not self.is_complete(c.case_id, c)]  # new or changed sources
         if todo:
             self._run(todo, num_workers, progress)
         return [self.entry(c.case_id) for c in cases]
@@ -129,5 +156,6 @@ def preprocess_into_cache(case: Case, plan: Plan, directory: Path) -> None:
     write_npy(directory / f"{case.case_id}_label.npy", seg)
     write_npy(directory / f"{case.case_id}_fg.npy", fg)
     meta = {"case_id": case.case_id, "source": str(case.image), "shape": list(array.shape),
-            "original": Geometry.of(image).to_dict(), "num_foreground": int((seg > 0).sum()), "pid": os.getpid()}
+            "original": Geometry.of(image).to_dict(), "num_foreground": int((seg > 0).sum()), "pid": os.getpid(),
+            "sources": source_signature(case)}
     write_text(directory / f"{case.case_id}.json", json.dumps(meta))

@@ -18,6 +18,12 @@ class Case:
     label: Path | None = None
 
 
+def source_signature(case: Case) -> dict[str, list[int]]:
+    """Size and modification time of a case's files: an entry made from other file contents is stale."""
+    files = {"image": case.image, "label": case.label}
+    return {kind: [path.stat().st_size, path.stat().st_mtime_ns] for kind, path in files.items() if path is not None}
+
+
 class DatasetError(ValueError):
     """A dataset folder or file that cannot be used; the message names the file and the problem."""
 

@@ -86,6 +86,16 @@ def _resample_nnunet(array: np.ndarray, new_shape, axis: int | None, order: int,
     return _zoom(out, new_shape, order_z)
 
 
+def anti_alias(array: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
+    """Gaussian low-pass along each axis that is downsampled, sigma = (old / new size - 1) / 2 voxels
+    (scikit-image's ``resize(anti_aliasing=True)`` rule), so that noise finer than the new grid is averaged
+    instead of aliased into it. Axes that keep or gain resolution are untouched."""
+    sigma = [max(0.0, (old / new - 1) / 2) for old, new in zip(array.shape, new_shape)]
+    if not any(sigma):
+        return array
+    return ndimage.gaussian_filter(array, sigma, mode="nearest", output=np.float32)
+
+
 def resample_image(
     array: np.ndarray,
     spacing: Sequence[float],
@@ -93,10 +103,14 @@ def resample_image(
     method: str = "nnunet",
     anisotropy_threshold: float = 3.0,
     new_shape: Sequence[int] | None = None,
+    anti_aliasing: bool = False,
 ) -> np.ndarray:
-    """Third-order spline (nearest along a separate low-resolution axis), or trilinear ('fast')."""
+    """Third-order spline (nearest along a separate low-resolution axis), or trilinear ('fast');
+    ``anti_aliasing``: low-pass first where the grid gets coarser (see ``anti_alias``)."""
     new_shape = tuple(new_shape) if new_shape is not None else new_shape_for_spacing(array.shape, spacing, new_spacing)
     array = np.asarray(array, dtype=np.float32)
+    if anti_aliasing:
+        array = anti_alias(array, new_shape)
     if method == "fast":
         return _interpolate(torch.from_numpy(array)[None], new_shape).numpy()[0]
     axis = _separate_axis(spacing, new_spacing, anisotropy_threshold)
@@ -147,24 +161,44 @@ def _linear_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray
     return i0, i1, (src - i0).astype(np.float32)
 
 
-def resample_to_mask(probabilities: torch.Tensor, new_shape: Sequence[int], slab: int = 16) -> np.ndarray:
-    """argmax of the trilinear resampling of (C, x, y, z) probabilities to ``new_shape``, computed in z-slabs.
+def probability_axis(spacing: Sequence[float], new_spacing: Sequence[float], method: str = "nnunet",
+                     anisotropy_threshold: float = 3.0) -> int | None:
+    """Axis that nnU-Net resamples probabilities along with nearest neighbour (its separate z), or None."""
+    return _separate_axis(spacing, new_spacing, anisotropy_threshold) if method == "nnunet" else None
+
+
+def resample_to_mask(probabilities: torch.Tensor, new_shape: Sequence[int], slab: int = 16,
+                     nearest_axis: int | None = None) -> np.ndarray:
+    """argmax of the linear resampling of (C, x, y, z) probabilities to ``new_shape``, computed in slabs.
 
     Equal to ``resample_probabilities(...).argmax(0)`` but never holds the full-resolution float
-    probabilities: peak extra memory is ``C * x * y * slab`` floats.
+    probabilities: peak extra memory is ``C * x * y * slab`` floats. ``nearest_axis``: that axis is
+    resampled with nearest neighbour instead (nnU-Net's order_z 0 for anisotropic spacing, see
+    ``probability_axis``). Two classes: the sign of the resampled difference decides (half the work).
     """
     new_shape = tuple(int(s) for s in new_shape)
+    if nearest_axis is not None and nearest_axis != 2:  # make the nearest axis the slab axis
+        order = [a for a in range(3) if a != nearest_axis] + [nearest_axis]
+        moved = resample_to_mask(probabilities.permute(0, *(a + 1 for a in order)), [new_shape[a] for a in order],
+                                 slab, nearest_axis=2)
+        return np.ascontiguousarray(np.moveaxis(moved, 2, nearest_axis))
     channels, _, _, size_z = probabilities.shape
-    i0, i1, w = _linear_weights(size_z, new_shape[2])
+    if nearest_axis == 2:
+        i0 = np.clip(np.floor((np.arange(new_shape[2]) + 0.5) * size_z / new_shape[2]).astype(int), 0, size_z - 1)
+        i1, w = i0, np.zeros(new_shape[2], np.float32)
+    else:
+        i0, i1, w = _linear_weights(size_z, new_shape[2])
     mask = np.empty(new_shape, np.uint8)
     probabilities = probabilities.float()
+    if channels == 2:  # argmax of two classes = sign of their difference (linear maps commute with it)
+        probabilities = (probabilities[1] - probabilities[0])[None]
     for start in range(0, new_shape[2], slab):
         stop = min(start + slab, new_shape[2])
         weight = torch.from_numpy(w[start:stop]).to(probabilities.device)
         z = probabilities[..., i0[start:stop]] * (1 - weight) + probabilities[..., i1[start:stop]] * weight
-        planes = z.permute(3, 0, 1, 2)  # (slab, C, x', y')
-        planes = F.interpolate(planes, size=new_shape[:2], mode="bilinear", align_corners=False)
-        mask[:, :, start:stop] = planes.argmax(1).permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+        planes = F.interpolate(z.permute(3, 0, 1, 2), size=new_shape[:2], mode="bilinear", align_corners=False)
+        labels = (planes[:, 0] > 0) if channels == 2 else planes.argmax(1)  # (slab, x, y)
+        mask[:, :, start:stop] = labels.permute(1, 2, 0).to(torch.uint8).cpu().numpy()
     return mask
 
 

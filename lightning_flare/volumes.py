@@ -58,10 +58,11 @@ class CachedVolumes(Dataset):
 class RawVolumes(Dataset):
     """Raw cases preprocessed on the fly (in loader workers); labels and geometry stay on the original grid."""
 
-    def __init__(self, cases: Sequence[Case], plan: Plan, with_labels: bool = True):
+    def __init__(self, cases: Sequence[Case], plan: Plan, with_labels: bool = True, on_device: bool = False):
         self.cases = list(cases)
         self.plan = plan
         self.with_labels = with_labels
+        self.on_device = on_device  # hand over the raw HU array: the module preprocesses it on its device
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -74,7 +75,10 @@ class RawVolumes(Dataset):
             image = read_image(case.image)
             item["geometry"] = Geometry.of(image)
             read = time.perf_counter()
-            item["image"] = torch.from_numpy(preprocess_image(image, self.plan))[None]
+            if self.on_device:
+                item["image"], item["raw_hu"] = torch.from_numpy(to_array(image))[None], True
+            else:
+                item["image"] = torch.from_numpy(preprocess_image(image, self.plan))[None]
             item["timings"] = {"read": read - start, "preprocess": time.perf_counter() - read}
             if self.with_labels and case.label is not None:
                 label = read_image(case.label)

@@ -176,6 +176,29 @@ def test_resample_to_mask_equals_full_trilinear_argmax():
             np.testing.assert_array_equal(resample_to_mask(probs, shape, slab=slab), full)
 
 
+def test_resample_to_mask_two_classes_and_nearest_axis_match_nnunet_style_reference():
+    """Two classes (sign of the difference) = full argmax; ``nearest_axis`` = per-slice linear, then nearest
+    along that axis (nnU-Net's probability resampling for anisotropic spacing), on any axis."""
+    import torch
+
+    from lightning_flare.resample import _resample_nnunet, probability_axis, resample_probabilities, resample_to_mask
+
+    torch.manual_seed(1)
+    probs = torch.softmax(torch.randn(2, 7, 9, 5) * 3, 0)
+    for shape in [(20, 23, 17), (5, 30, 3)]:
+        full = resample_probabilities(probs, shape).argmax(0).numpy()
+        np.testing.assert_array_equal(resample_to_mask(probs, shape, slab=4), full)
+    for classes in (2, 3):
+        probs = torch.softmax(torch.randn(classes, 7, 9, 5) * 3, 0)
+        for axis, shape in [(2, (14, 18, 13)), (0, (17, 18, 10)), (1, (14, 4, 10))]:
+            reference = np.stack([_resample_nnunet(p.numpy(), shape, axis, order=1, order_z=0) for p in probs]).argmax(0)
+            np.testing.assert_array_equal(resample_to_mask(probs, shape, slab=3, nearest_axis=axis), reference)
+    # which axis: nnU-Net's separate z of the plan's or the original spacing (threshold 3), only for "nnunet"
+    assert probability_axis((3.0, 3.0, 4.0), (0.8, 0.8, 2.5)) == 2
+    assert probability_axis((2.0, 2.0, 3.0), (0.57, 0.57, 1.6)) is None
+    assert probability_axis((3.0, 3.0, 4.0), (0.8, 0.8, 2.5), method="fast") is None
+
+
 def test_separate_axis_resampling_is_per_slice_then_nearest():
     """Anisotropic spacing: in-plane cubic per slice, then nearest along the low-resolution axis (nnU-Net)."""
     rng = np.random.default_rng(0)
@@ -198,3 +221,95 @@ def test_cubic_resampling_in_slabs_equals_the_whole_volume():
         whole = ndimage.zoom(volume, [n / o for n, o in zip(shape, volume.shape)], order=3, mode="nearest", grid_mode=True)
         slabs = _zoom(volume, shape, order=3, chunk_voxels=30 * 26 * 5)  # a few planes per slab
         np.testing.assert_allclose(slabs, whole, atol=1e-5)
+
+
+def test_preprocess_on_device_equals_the_loader_path(tiny_dataset):
+    """``data.preprocess_on: device`` (torch on the model's device, here the CPU) gives the loader's arrays and the
+    same predicted mask; it needs the torch resampling and says so otherwise."""
+    import torch
+
+    from lightning_flare.module import FlareSegmentationModule
+    from lightning_flare.network import PlainConvUNet
+    from lightning_flare.preprocessing import preprocess_image, preprocess_tensor
+    from lightning_flare.volumes import RawVolumes
+
+    rng = np.random.default_rng(0)
+    image = from_array(rng.normal(0, 300, (37, 29, 11)).astype(np.float32), Geometry((37, 29, 11), (0.8, 0.9, 3.3), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    plan = Plan((2.0, 2.0, 4.0), (16, 16, 8), STATS, resampling="fast")
+    on_device = preprocess_tensor(torch.from_numpy(to_array(image))[None], image.GetSpacing(), plan, "cpu")
+    np.testing.assert_allclose(on_device[0].numpy(), preprocess_image(image, plan), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="resampling 'fast'"):
+        preprocess_tensor(torch.zeros(1, 4, 4, 4), (1, 1, 1), Plan((2.0, 2.0, 4.0), (16, 16, 8), STATS), "cpu")
+
+    cases = load_raw_dataset(tiny_dataset).cases("Ts")[:1]
+    torch.manual_seed(0)
+    module = FlareSegmentationModule(PlainConvUNet(features_per_stage=[4, 8, 16, 32]), sw_batch_size=2).eval()
+    module.plan = plan
+    loader_item, device_item = RawVolumes(cases, plan, False)[0], RawVolumes(cases, plan, False, on_device=True)[0]
+    assert device_item["raw_hu"] and device_item["image"].shape[1:] == device_item["geometry"].size
+    np.testing.assert_array_equal(module.predict_original_grid(device_item), module.predict_original_grid(loader_item))
+    assert device_item["timings"]["preprocess"] > 0
+
+
+def test_preprocess_on_device_rejects_nnunet_resampling():
+    from lightning_flare.datamodule import FlareDataModule
+
+    with pytest.raises(ValueError, match="preprocess_on: device needs resampling: fast"):
+        FlareDataModule(preprocess_on="device", resampling="nnunet")
+    with pytest.raises(ValueError, match="preprocess_on must be"):
+        FlareDataModule(preprocess_on="gpu")
+
+
+def test_anti_aliasing_low_passes_only_downsampled_axes():
+    from lightning_flare.resample import anti_alias
+
+    flat = np.full((12, 12, 6), 7.0, np.float32)
+    assert anti_alias(flat, (12, 12, 12)) is flat  # no axis gets coarser: untouched
+    np.testing.assert_allclose(anti_alias(flat, (4, 4, 6)), flat)  # a constant stays constant
+    noise = np.random.default_rng(0).normal(0, 20, (96, 96, 12)).astype(np.float32)
+    plain = resample_image(noise, (0.8, 0.8, 3.0), (3.2, 3.2, 3.0))
+    smooth = resample_image(noise, (0.8, 0.8, 3.0), (3.2, 3.2, 3.0), anti_aliasing=True)
+    assert plain.shape == smooth.shape == (24, 24, 12)
+    assert smooth.std() < 0.4 * plain.std()  # sigma 1.5 voxels in-plane: noise averaged, not aliased
+    # the plan carries the setting (checkpoint round trip) and it changes the cache key
+    plan = Plan((3, 3, 4), (16, 16, 16), STATS, anti_aliasing=True)
+    assert Plan.from_dict(plan.to_dict()) == plan
+    assert plan.cache_key() != Plan((3, 3, 4), (16, 16, 16), STATS).cache_key()
+
+
+def test_changed_source_files_invalidate_cache_and_fingerprint(tiny_dataset, tmp_path):
+    import os
+    import shutil
+
+    root = tmp_path / "Dataset905_Copy"
+    shutil.copytree(tiny_dataset, root)
+    cases = load_raw_dataset(root).cases("Tr")[:2]
+    fp = load_or_compute_fingerprint(tmp_path / "fp.json", cases)
+    cache = PreprocessedCache(tmp_path / "cache", Plan((4, 4, 5), (16, 16, 16), STATS), "copy")
+    first = [e.image.stat().st_mtime_ns for e in cache.build(cases, progress=False)]
+    assert all(cache.is_complete(c.case_id, c) for c in cases)
+    # replace case 0's image by case 1's (another size and content): its entry and the fingerprint are stale
+    shutil.copy(cases[1].image, cases[0].image)
+    shutil.copy(cases[1].label, cases[0].label)
+    os.utime(cases[0].image, ns=(1, 1))
+    assert not cache.is_complete(cases[0].case_id, cases[0]) and cache.is_complete(cases[1].case_id, cases[1])
+    again = cache.build(cases, progress=False)
+    assert again[0].image.stat().st_mtime_ns != first[0] and again[1].image.stat().st_mtime_ns == first[1]
+    assert np.load(again[0].image).shape == np.load(again[1].image).shape
+    assert load_or_compute_fingerprint(tmp_path / "fp.json", cases)["shapes"] != fp["shapes"]
+
+
+def test_prepare_data_follows_the_synthetic_settings_but_never_touches_real_data(tmp_path):
+    from lightning_flare.datamodule import FlareDataModule
+
+    root = tmp_path / "Dataset906_Syn"
+    settings = {"num_train": 2, "num_test": 1, "in_plane_size": 48}
+    FlareDataModule(data_dir=str(root), synthetic=settings).prepare_data()
+    assert len(list((root / "imagesTr").glob("*.nii.gz"))) == 2
+    FlareDataModule(data_dir=str(root), synthetic=settings | {"num_train": 3}).prepare_data()
+    assert len(list((root / "imagesTr").glob("*.nii.gz"))) == 3  # regenerated for the new settings
+    real = tmp_path / "Dataset907_Real"
+    real.mkdir()
+    (real / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "tumor": 1}}))
+    FlareDataModule(data_dir=str(real), synthetic=settings).prepare_data()
+    assert sorted(p.name for p in real.iterdir()) == ["dataset.json"]
