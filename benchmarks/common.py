@@ -80,6 +80,19 @@ def arch_kwargs_nnunet(features: Sequence[int] = (32, 64, 128, 256), kernel: int
     }
 
 
+def arch_kwargs_from_net(init_args: dict) -> dict:
+    """nnU-Net ``architecture`` entry for one of our networks (``PlainConvUNet.init_args``, per-stage lists)."""
+    arch = arch_kwargs_nnunet(init_args["features_per_stage"])
+    zyx = lambda v: [int(v[2]), int(v[1]), int(v[0])]  # noqa: E731
+    arch["arch_kwargs"].update(
+        kernel_sizes=[zyx(k) for k in init_args["kernel_sizes"]], strides=[zyx(s) for s in init_args["strides"]],
+        n_conv_per_stage=[int(n) for n in init_args["n_conv_per_stage"]],
+        n_conv_per_stage_decoder=[int(n) for n in init_args["n_conv_per_stage_decoder"]],
+        norm_op_kwargs={"eps": float(init_args.get("norm_eps", 1e-5)), "affine": True},
+        nonlin_kwargs={"inplace": True, "negative_slope": float(init_args.get("negative_slope", 0.01))})
+    return arch
+
+
 def nnunet_plans(dataset_name: str, patch_xyz: Sequence[int] = (128, 128, 96),
                  spacing_xyz: Sequence[float] = (2.0, 2.0, 3.0), batch_size: int = 2,
                  median_shape_xyz: Sequence[int] = (205, 205, 167), stats: dict = FLARE24_STATS,
@@ -202,9 +215,12 @@ def write_nifti(array_xyz: np.ndarray, spacing_xyz: Sequence[float], path: str |
 
 
 # ----------------------------------------------------------------------------------------------- processes
-def _tree_rss_kib(root: int) -> int:
-    """Sum of VmRSS over ``root`` and its live descendants (Linux /proc)."""
-    total, todo, seen = 0, [root], set()
+def _tree_memory_kib(root: int) -> tuple[int, int]:
+    """(sum of VmRSS, sum of Pss) over ``root`` and its live descendants (Linux /proc).
+
+    RSS counts pages shared by forked workers once per process; PSS splits each shared page between the
+    processes that map it, so the PSS sum is the tree's real footprint."""
+    rss, pss, todo, seen = 0, 0, [root], set()
     while todo:
         pid = todo.pop()
         if pid in seen:
@@ -212,32 +228,33 @@ def _tree_rss_kib(root: int) -> int:
         seen.add(pid)
         try:
             with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-                        break
+                rss += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                pss += next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
             for task in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{task}/children") as f:
                     todo += [int(c) for c in f.read().split()]
         except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
             continue
-    return total
+    return rss, pss
 
 
 def run_measured(cmd: Sequence[str], env: dict | None = None, cwd: str | Path | None = None,
                  log: str | Path | None = None, interval: float = 0.1) -> dict:
     """Run ``cmd``; wall seconds, peak RSS of the whole process tree (sampled every ``interval`` s) and the
-    largest single-process peak RSS (``wait4``). Output goes to ``log`` (or is captured)."""
+    largest single-process peak RSS (``wait4``); also the peak PSS sum of the tree. Output goes to ``log``
+    (or is captured)."""
     if log:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
     out = open(log, "w") if log else subprocess.PIPE
     start = time.perf_counter()
     proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True)
-    peak, stop = [0], threading.Event()
+    peak, stop = [0, 0], threading.Event()
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], _tree_rss_kib(proc.pid))
+            rss, pss = _tree_memory_kib(proc.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
             stop.wait(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -252,7 +269,7 @@ def run_measured(cmd: Sequence[str], env: dict | None = None, cwd: str | Path | 
         out.close()
         captured = Path(log).read_text()
     return {"seconds": seconds, "returncode": proc.returncode, "peak_tree_mb": peak[0] / 1024,
-            "peak_process_mb": usage.ru_maxrss / 1024, "output": captured}
+            "peak_tree_pss_mb": peak[1] / 1024, "peak_process_mb": usage.ru_maxrss / 1024, "output": captured}
 
 
 # ----------------------------------------------------------------------------------------------- tables

@@ -352,12 +352,12 @@ def main(argv=None) -> int:
         if "ours" not in args.skip:
             e2e["ours"] = run_ours(case_id, in_dir, ckpt, work / "out" / name / "ours", work / "out" / f"{name}_ours.log")
             rows.append(("ours end to end (cli.py predict, bf16)", e2e["ours"]["seconds"], None,
-                         e2e["ours"]["peak_tree_mb"], _stages_note(e2e["ours"].get("stages"))))
+                         _memory(e2e["ours"]), _stages_note(e2e["ours"].get("stages"))))
         if "nnunet" not in args.skip:
             e2e["nnunet"] = run_nnunet(case_id, image, model_dir, work / "out" / name / "nnunet", args.nnunet_processes,
                                        work / "out" / f"{name}_nnunet.log")
             r = e2e["nnunet"]
-            rows.append(("nnU-Net end to end (nnUNetPredictor, fp32)", r["seconds"], None, r["peak_tree_mb"],
+            rows.append(("nnU-Net end to end (nnUNetPredictor, fp32)", r["seconds"], None, _memory(r),
                          f"init {r.get('import_and_init_s', float('nan')):.1f} s, predict_from_files "
                          f"{r.get('predict_from_files_s', float('nan')):.1f} s"))
         agreement = ""
@@ -374,11 +374,11 @@ def main(argv=None) -> int:
         bound = next((r[1] for r in inner if r[0].startswith("lower bound bf16")), None)
         table = []
         for label, seconds, windows, rss, note in rows + [(r[0], r[1], r[2], r[3], r[4]) for r in inner]:
-            table.append([label, seconds, windows if windows is not None else "", f"{rss:.0f}" if rss else "",
+            table.append([label, seconds, windows if windows is not None else "", rss or "",
                           reference / seconds if reference else float("nan"),
                           seconds / bound if bound else float("nan"), note])
         print(format_table(
-            ["method", "seconds", "windows", "peak RSS MB", "nnU-Net e2e / this", "this / bound bf16", "notes"], table,
+            ["method", "seconds", "windows", "peak RSS / PSS MB", "nnU-Net e2e / this", "this / bound bf16", "notes"], table,
             f"{name}: {image.name} {size} voxels at {tuple(round(s, 3) for s in spacing)} mm -> "
             f"{info.get('preprocessed_shape', '?')} (x, y, z) at {SPACING} mm; ours' grid "
             f"{info.get('ours_grid_windows', '?')} windows, nnU-Net's {info.get('nnunet_windows', '?')}"))
@@ -386,6 +386,11 @@ def main(argv=None) -> int:
             print(agreement)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     return 0
+
+
+def _memory(result: dict) -> str:
+    """Peak summed RSS / PSS of the process tree (PSS counts pages shared by forked workers once)."""
+    return f"{result['peak_tree_mb']:.0f} / {result['peak_tree_pss_mb']:.0f}"
 
 
 def _stages_note(stages: dict | None) -> str:

@@ -1,0 +1,174 @@
+"""Mask agreement with nnU-Net v2's ``nnUNetPredictor`` when both use the same trained weights.
+
+Goal (issue "Fast, memory-bounded predictor", item 4): Dice >= 0.99 per case between our mask and
+nnU-Net's (step 0.5, Gaussian, no mirroring) on the shared lung CT and a synthetic 512 x 512 x 200 scan.
+
+Weights: one of our checkpoints trained with nnU-Net's preprocessing (``--data.resampling nnunet``, no
+anti-aliasing), briefly, so that the masks are not trivial; e.g. ``python cli.py fit --config configs/demo.yaml
+--data.anti_aliasing false`` (the demo itself low-passes before downsampling, which nnU-Net cannot reproduce). It is written as an nnU-Net v2 results folder (plans.json
+from the checkpoint's plan and network arguments; weights permuted from our (x, y, z) to nnU-Net's (z, y, x));
+that folder converted back with ``python -m lightning_flare.convert_nnunet`` must give identical tensors.
+Ours runs as users run it (``cli.py predict``: bf16 autocast, Hann weighting); nnU-Net in fp32 with its
+Gaussian weighting, as its predictor does on the CPU. Both read the same file and write a mask on its grid.
+
+Run with the benchmark environment:
+  .venv-bench/bin/python benchmarks/agreement.py --ckpt CKPT --config configs/demo.yaml --override=--data.anti_aliasing=false
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    REPO, SHARED_DATA, arch_kwargs_from_net, format_table, nnunet_dataset_json, nnunet_environment, nnunet_plans,
+    require_nnunet, run_measured, synthetic_ct, write_json, write_nifti,
+)
+from predict import TRAINER_FOLDER, child_env, dice, run_nnunet  # noqa: E402
+
+GOAL = 0.99
+MODEL_DATASET = "Dataset904_AgreementCheck"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=str(REPO / "runs" / "demo" / "checkpoints" / "last.ckpt"))
+    p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"),
+                   help="our YAML for cli.py predict (its plan settings must match the checkpoint)")
+    p.add_argument("--override", nargs="*", default=[],
+                   help="extra cli.py arguments for our side, e.g. --override=--data.anti_aliasing=false")
+    p.add_argument("--cases", nargs="+", choices=["lung", "synthetic"], default=["lung", "synthetic"])
+    p.add_argument("--images", nargs="*", default=[], help="more CASE_0000.nii.gz files to compare on")
+    p.add_argument("--seed", type=int, default=0, help="synthetic scan")
+    p.add_argument("--nnunet-processes", type=int, default=2)
+    p.add_argument("--work-dir", default=str(REPO / "cache" / "benchmarks" / "agreement"))
+    p.add_argument("--data-root", default=str(SHARED_DATA))
+    return p.parse_args(argv)
+
+
+def export_nnunet_folder(ckpt: Path, work: Path) -> Path:
+    """Our checkpoint as an nnU-Net v2 results folder; checks that converting it back is lossless."""
+    import torch
+    from lightning_flare.export import load_for_export
+
+    net, plan, info = load_for_export(ckpt)
+    if plan.resampling != "nnunet" or plan.anti_aliasing:
+        raise SystemExit(f"{ckpt}: its plan preprocesses differently from nnU-Net (resampling {plan.resampling!r}, "
+                         f"anti_aliasing {plan.anti_aliasing}); train one with --data.resampling nnunet "
+                         "--data.anti_aliasing false for this comparison")
+    ours = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    weights = {k: (v.permute(0, 1, 4, 3, 2).contiguous() if v.ndim == 5 else v) for k, v in ours.items()}
+    stats = {"clip_low": plan.intensity.clip_low, "clip_high": plan.intensity.clip_high,
+             "mean": plan.intensity.mean, "std": plan.intensity.std}
+    plans = nnunet_plans(MODEL_DATASET, plan.patch_size, plan.target_spacing, 2, plan.patch_size, stats,
+                         info["net_init_args"]["features_per_stage"])
+    configuration = plans["configurations"]["3d_fullres"]
+    configuration["architecture"] = arch_kwargs_from_net(info["net_init_args"])
+    dataset = nnunet_dataset_json(1) | {"labels": dict(plan.labels)}
+    model_dir = work / "model" / MODEL_DATASET / TRAINER_FOLDER
+    shutil.rmtree(model_dir, ignore_errors=True)
+    write_json(model_dir / "plans.json", plans)
+    write_json(model_dir / "dataset.json", dataset)
+    (model_dir / "fold_all").mkdir(parents=True)
+    torch.save({"network_weights": weights, "trainer_name": "nnUNetTrainer",
+                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": "all", "dataset_json": dataset,
+                              "device": "cpu"},
+                "inference_allowed_mirroring_axes": None, "current_epoch": 0, "optimizer_state": None,
+                "grad_scaler_state": None, "logging": {}, "_best_ema": None}, model_dir / "fold_all" / "checkpoint_final.pth")
+    back = work / "model" / "converted_back.ckpt"
+    result = run_measured([sys.executable, "-m", "lightning_flare.convert_nnunet", str(model_dir), "--fold", "all",
+                           "--output", str(back)], env=child_env(), cwd=REPO)
+    if result["returncode"] != 0:
+        raise SystemExit(f"convert_nnunet failed on the exported folder:\n{result['output'][-3000:]}")
+    converted = torch.load(back, map_location="cpu", weights_only=False)["state_dict"]
+    mismatch = [k for k, v in ours.items() if not torch.equal(converted["net." + k], v)]
+    if mismatch:
+        raise SystemExit(f"exported folder does not convert back to the same weights: {mismatch[:5]}")
+    print(f"{ckpt}: plan spacing {plan.target_spacing} mm, patch {plan.patch_size}; nnU-Net folder {model_dir} "
+          "(converted back: identical tensors)")
+    return model_dir
+
+
+def inputs(args, work: Path) -> list[tuple[str, Path]]:
+    """(case id, image path) pairs; each image sits alone in a folder named after the case."""
+    found = []
+    if "lung" in args.cases:
+        source = Path(args.data_root) / "Dataset002_LungCT" / "imagesTs" / "LUNG1_0000.nii.gz"
+        if source.is_file():
+            found.append(("LUNG1", source))
+        else:
+            print(f"skipping the lung CT: {source} not found")
+    if "synthetic" in args.cases:
+        path = work / "inputs" / f"SYNTH{args.seed}_0000.nii.gz"
+        if not path.is_file():
+            hu, _ = synthetic_ct((512, 512, 200), (0.8, 0.8, 2.5), seed=args.seed, num_lesions=3)
+            write_nifti(hu, (0.8, 0.8, 2.5), path, origin=(-204.8, -204.8, -250.0))
+        found.append((f"SYNTH{args.seed}", path))
+    found += [(Path(p).name.removesuffix(".nii.gz").removesuffix("_0000"), Path(p)) for p in args.images]
+    return found
+
+
+def run_ours(case_id: str, image: Path, ckpt: Path, config: Path, work: Path, override: list[str]) -> dict:
+    folder, out = work / "ours_in" / case_id, work / "out" / "ours" / case_id
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / f"{case_id}_0000.nii.gz").symlink_to(image.resolve())
+    cmd = [sys.executable, str(REPO / "cli.py"), "predict", "--config", str(config), "--ckpt_path", str(ckpt),
+           "--data.predict_dir", str(folder), "--writer.output_dir", str(out), "--writer.overwrite", "true",
+           "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+           "--trainer.default_root_dir", str(work / "lightning_root"), *override]
+    result = run_measured(cmd, env=child_env(), cwd=REPO, log=work / "out" / f"{case_id}_ours.log")
+    if result["returncode"] != 0:
+        raise SystemExit(f"ours (cli.py predict) failed on {image}:\n{result['output'][-3000:]}")
+    result["mask"] = out / f"{case_id}.nii.gz"
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    require_nnunet()
+    import SimpleITK as sitk
+
+    work = Path(args.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    nnunet_environment(work / "nnunet")
+    ckpt, config = Path(args.ckpt).resolve(), Path(args.config).resolve()
+    if not ckpt.is_file():
+        raise SystemExit(f"{ckpt}: no such checkpoint (run `make demo` first, or give --ckpt)")
+    print(f"agreement benchmark: load average {os.getloadavg()[0]:.2f} at start")
+    model_dir = export_nnunet_folder(ckpt, work)
+    rows, failed = [], []
+    for case_id, image in inputs(args, work):
+        start = time.perf_counter()
+        ours = run_ours(case_id, image, ckpt, config, work, args.override)
+        theirs = run_nnunet(case_id, image, model_dir, work / "out" / "nnunet", args.nnunet_processes,
+                            work / "out" / f"{case_id}_nnunet.log")
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(ours["mask"])))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(theirs["mask"])))
+        if a.shape != b.shape:
+            raise SystemExit(f"{case_id}: mask shapes differ (ours {a.shape}, nnU-Net {b.shape})")
+        d = dice(a, b)
+        ok = d >= GOAL or (a.sum() == 0 and b.sum() == 0)
+        failed += [] if ok else [case_id]
+        rows.append([case_id, "x".join(map(str, reversed(a.shape))), f"{100 * (a > 0).mean():.3f}",
+                     f"{100 * (b > 0).mean():.3f}", int((a != b).sum()), d, "yes" if ok else "NO",
+                     ours["seconds"], theirs["seconds"]])
+        print(f"{case_id}: done in {time.perf_counter() - start:.0f} s", flush=True)
+    print(format_table(["case", "size (x y z)", "ours fg %", "nnU-Net fg %", "voxels differing", "Dice",
+                        f">= {GOAL}", "ours s", "nnU-Net s"], rows,
+                       f"ours (cli.py predict, bf16, Hann) vs nnUNetPredictor (fp32, Gaussian, step 0.5, no mirroring); "
+                       f"weights {ckpt.name}"))
+    print(json.dumps({"goal": GOAL, "failed": failed}))
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
