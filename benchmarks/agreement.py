@@ -42,8 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", default=str(REPO / "runs" / "demo" / "checkpoints" / "last.ckpt"))
     p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"),
                    help="our YAML for cli.py predict (its plan settings must match the checkpoint)")
-    p.add_argument("--override", nargs="*", default=[],
-                   help="extra cli.py arguments for our side, e.g. --override=--data.anti_aliasing=false")
+    p.add_argument("--override", action="append", default=[],
+                   help="an extra cli.py argument for our side (repeatable), e.g. --override=--data.anti_aliasing=false")
     p.add_argument("--cases", nargs="+", choices=["lung", "synthetic"], default=["lung", "synthetic"])
     p.add_argument("--images", nargs="*", default=[], help="more CASE_0000.nii.gz files to compare on")
     p.add_argument("--seed", type=int, default=0, help="synthetic scan")

@@ -248,6 +248,8 @@ class FlareSegmentationModule(L.LightningModule):
             self.test_results["report"] = write_reports(rows, out_dir, tolerance_mm=self.hparams.nsd_tolerance_mm)
             self.test_results["report_dir"] = out_dir
             print_test_table(self.test_results)
+            print(f"Postprocessing: components below {self.min_component_ml():g} ml removed"
+                  + (" (min_component_ml auto: chosen on the validation fold)" if self.hparams.get("min_component_ml") == "auto" else ""))
             for logger in self.loggers:
                 if hasattr(logger, "log_table"):  # W&B
                     logger.log_table(key="test/per_case", columns=COLUMNS[:6], data=[[r[c] for c in COLUMNS[:6]] for r in rows])

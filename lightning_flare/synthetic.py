@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: lesion HU >= 40 HU from every parenchymal organ of the case
 DIRECTIONS = {  # row-major 3x3, columns = physical direction of array axes x, y, z
     "identity": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
     "flipped": (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0),  # x and y reversed (RAS-like)
@@ -28,6 +28,8 @@ AIR, FAT, SOFT, LIVER, SPLEEN, KIDNEY, BONE, CORTEX, LUNG, AORTA = range(10)  # 
 HU_RANGES = [(-1000, -1000), (-110, -90), (40, 50), (55, 70), (45, 58),  # (low, high) HU per id,
              (25, 35), (300, 450), (600, 750), (-870, -830), (40, 200)]  # drawn once per case
 LESION_HOSTS, HOST_WEIGHTS = (LIVER, SOFT, SPLEEN, KIDNEY), (0.4, 0.3, 0.15, 0.15)
+PARENCHYMA = (SOFT, LIVER, SPLEEN, KIDNEY)  # a lesion's HU keeps >= MIN_CONTRAST_HU from each of these
+MIN_CONTRAST_HU = 40.0
 RADIUS_MM, MIN_RADIUS_MM = (8.0, 25.0), 4.0
 HALO = 1.3  # lesion, out to HALO x its radii, must lie in host or soft tissue
 
@@ -48,6 +50,7 @@ class SyntheticCase:
     origin: tuple[float, float, float]
     direction: tuple[float, ...]  # 9 floats, row-major as SimpleITK
     lesions: list[Lesion] = field(default_factory=list)
+    tissue_hu: dict[int, float] = field(default_factory=dict)  # clean HU of each tissue id in this case
 
 
 def _box(axes, c, r, k: float = 1.0) -> tuple[slice, ...]:
@@ -62,11 +65,13 @@ def _q2(axes, c, r, box) -> np.ndarray:
     return a[0][:, None, None] + a[1][None, :, None] + a[2][None, None, :]
 
 
-def _contrast(rng: np.random.Generator, host_hu: float, soft_hu: float) -> float:
-    """Lesion-minus-host HU: -90..-40 or +40..+100, also >= 40 HU away from soft tissue."""
+def _contrast(rng: np.random.Generator, host_hu: float, organ_hus: Sequence[float]) -> float:
+    """Lesion-minus-host HU: -90..-40 or +40..+100, with the lesion >= MIN_CONTRAST_HU away from every
+    parenchymal organ of the case too (a soft-tissue lesion at the liver's HU would be a liver-coloured blob
+    that no intensity tells apart from the liver's edge). Always satisfiable: organs span 25-70 HU."""
     while True:
         c = rng.uniform(40, 100) if rng.random() < 0.5 else -rng.uniform(40, 90)
-        if abs(host_hu + c - soft_hu) >= 40:
+        if all(abs(host_hu + c - h) >= MIN_CONTRAST_HU for h in organ_hus):
             return float(c)
 
 
@@ -91,7 +96,7 @@ def _place_lesion(rng, tissue, label, axes, spacing, hu) -> Lesion | None:
                     and np.isin(tissue[box][halo], (host, SOFT)).all() and not label[box][halo].any()):
                 label[box][q2 <= 1] = 1
                 return Lesion(tuple(map(float, centre)), tuple(map(float, radii)), host,
-                              _contrast(rng, hu[host], hu[SOFT]))
+                              _contrast(rng, hu[host], [hu[t] for t in PARENCHYMA]))
         if not cand.size or attempt % 4 == 3:  # shrink when nothing fits or on repeated misses
             if radii.max() <= MIN_RADIUS_MM:
                 return None
@@ -161,7 +166,7 @@ def make_case(rng: np.random.Generator, healthy: bool, in_plane_size: int = 192,
     if len(d) != 9:
         raise ValueError("direction needs 9 values")
     return SyntheticCase(np.clip(np.rint(img), -1024, 3071).astype(np.int16), label,
-                         (s, s, dz), origin, d, lesions)
+                         (s, s, dz), origin, d, lesions, dict(enumerate(hu)))
 
 
 def is_healthy(k: int, fraction: float) -> bool:

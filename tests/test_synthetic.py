@@ -62,6 +62,8 @@ def test_hu_plausible_and_lesions_contrast():
             assert abs(core - shell) >= 30, (seed, les)
             assert np.sign(core - shell) == np.sign(les.contrast_hu)
             assert 40 <= abs(les.contrast_hu) <= 100
+            lesion_hu = case.tissue_hu[les.host] + les.contrast_hu  # no organ has the lesion's intensity
+            assert min(abs(lesion_hu - case.tissue_hu[t]) for t in syn.PARENCHYMA) >= syn.MIN_CONTRAST_HU
 
 
 def test_healthy_and_lesion_labels():
