@@ -163,8 +163,8 @@ def main(argv=None) -> int:
         print(f"{case_id}: done in {time.perf_counter() - start:.0f} s", flush=True)
     print(format_table(["case", "size (x y z)", "ours fg %", "nnU-Net fg %", "voxels differing", "Dice",
                         f">= {GOAL}", "ours s", "nnU-Net s"], rows,
-                       f"ours (cli.py predict, bf16, Hann) vs nnUNetPredictor (fp32, Gaussian, step 0.5, no mirroring); "
-                       f"weights {ckpt.name}"))
+                       f"ours (cli.py predict --config {config.name} {' '.join(args.override)}) vs nnUNetPredictor "
+                       f"(fp32, Gaussian, step 0.5, no mirroring); weights {ckpt}"))
     print(json.dumps({"goal": GOAL, "failed": failed}))
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     return 1 if failed else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchio as tio
@@ -24,14 +25,52 @@ def autocast_context(device: torch.device, enabled: bool = True):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def nnunet_steps(size: int, patch: int, step: float) -> list[int]:
+    """nnU-Net's window starts along one axis: ceil((size - patch) / (step * patch)) + 1 evenly spaced starts."""
+    if size <= patch:
+        return [0]
+    count = int(np.ceil((size - patch) / (patch * step))) + 1
+    return [int(np.round((size - patch) / (count - 1) * i)) for i in range(count)]
+
+
+def gaussian_window(patch_size: Sequence[int], sigma_scale: float = 1 / 8) -> torch.Tensor:
+    """nnU-Net's importance map: a Gaussian (sigma = patch / 8) peaking at the window centre; no zeros."""
+    grids = torch.meshgrid(*[torch.arange(p, dtype=torch.float64) - (p // 2) for p in patch_size], indexing="ij")
+    window = torch.exp(-sum(g ** 2 / (2 * (p * sigma_scale) ** 2) for g, p in zip(grids, patch_size)))
+    window = window / window.max()
+    return torch.clamp(window, min=float(window[window > 0].min())).float()
+
+
 class _SlicingGridSampler(tio.GridSampler):
-    """GridSampler whose windows are plain tensor slices (TorchIO's crop deep-copies the whole subject)."""
+    """GridSampler whose windows are plain tensor slices (TorchIO's crop deep-copies the whole subject);
+    ``steps='nnunet'`` replaces TorchIO's window grid by nnU-Net's."""
+
+    def __init__(self, subject, patch_size, patch_overlap, steps: str = "torchio", step: float = 0.5):
+        super().__init__(subject, patch_size, patch_overlap)
+        if steps == "nnunet":
+            shape, patch = subject.spatial_shape, [int(p) for p in self.patch_size]
+            starts = [nnunet_steps(int(s), p, step) for s, p in zip(shape, patch)]
+            self.locations = np.array([(i, j, k, i + patch[0], j + patch[1], k + patch[2])
+                                       for i in starts[0] for j in starts[1] for k in starts[2]], dtype=np.int64)
+        elif steps != "torchio":
+            raise ValueError(f"sw_steps must be 'torchio' or 'nnunet', got {steps!r}")
+
+    def __len__(self) -> int:
+        return len(self.locations)
 
     def __getitem__(self, index):
         i, j, k, *_ = (int(v) for v in self.locations[index])
         p = self.patch_size.astype(int)
         data = self.subject["image"].data[:, i : i + p[0], j : j + p[1], k : k + p[2]]
         return data, torch.as_tensor(self.locations[index])
+
+
+class _GaussianGridAggregator(tio.inference.GridAggregator):
+    """GridAggregator weighting each window by nnU-Net's Gaussian instead of TorchIO's Hann window."""
+
+    def _initialize_hann_window(self) -> None:
+        if self._hann_window is None:
+            self._hann_window = gaussian_window([int(p) for p in self.patch_size])
 
 
 @torch.no_grad()
@@ -44,12 +83,17 @@ def sliding_window_logits(
     autocast: bool = True,
     mirror_axes: Sequence[int] = (),
     device: torch.device | str | None = None,
+    weighting: str = "hann",
+    steps: str = "torchio",
 ) -> torch.Tensor:
     """Class logits (C, x, y, z), float32 on the CPU, for a normalised (1, x, y, z) image.
 
     Volumes smaller than the window are padded (and cropped back). ``mirror_axes`` enables nnU-Net's
-    test-time mirroring over the given spatial axes (all 2^n flips averaged).
+    test-time mirroring over the given spatial axes (all 2^n flips averaged). ``weighting``: 'hann' (TorchIO)
+    or 'gaussian' (nnU-Net); ``steps``: TorchIO's window grid or nnU-Net's ('nnunet', as ``nnUNetPredictor``).
     """
+    if weighting not in ("hann", "gaussian"):
+        raise ValueError(f"sw_weighting must be 'hann' or 'gaussian', got {weighting!r}")
     device = torch.device(device) if device is not None else next(net.parameters()).device
     patch_size = tuple(int(p) for p in patch_size)
     shape = tuple(image.shape[1:])
@@ -60,8 +104,9 @@ def sliding_window_logits(
             padding += [extra // 2, extra - extra // 2]
         image = F.pad(image, padding)
     subject = tio.Subject(image=tio.ScalarImage(tensor=image.float()))
-    sampler = _SlicingGridSampler(subject, patch_size, grid_overlap(patch_size, overlap))
-    aggregator = tio.inference.GridAggregator(sampler, overlap_mode="hann")
+    sampler = _SlicingGridSampler(subject, patch_size, grid_overlap(patch_size, overlap), steps, 1 - overlap)
+    aggregator_class = _GaussianGridAggregator if weighting == "gaussian" else tio.inference.GridAggregator
+    aggregator = aggregator_class(sampler, overlap_mode="hann")
     flips = _flip_sets(mirror_axes)
     for start in range(0, len(sampler), batch_size):
         items = [sampler[i] for i in range(start, min(start + batch_size, len(sampler)))]

@@ -43,6 +43,8 @@ class FlareSegmentationModule(L.LightningModule):
         full_val_every_n_epochs: int = 1,
         pseudo_val_patches: int = 4,
         min_component_ml: float | str = 0.0,
+        sw_weighting: str = "hann",
+        sw_steps: str = "torchio",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -125,13 +127,18 @@ class FlareSegmentationModule(L.LightningModule):
 
     def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities (C, x, y, z) on the preprocessed grid, for a (1, x, y, z) image."""
+        return torch.softmax(self.predict_logits(image), 0)
+
+    def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Aggregated float32 logits (C, x, y, z) on the preprocessed grid, for a (1, x, y, z) image."""
         if self.plan is None:
             raise RuntimeError("the model has no plan: train it first or load a checkpoint made by lightning_flare")
         hp = self.hparams
         with self._inference_net() as net:
             logits = sliding_window_logits(net, image, self.plan.patch_size, hp.sw_overlap, hp.sw_batch_size,
-                                           hp.autocast, mirror_axes=(0, 1, 2) if hp.tta else (), device=self.device)
-        return torch.softmax(logits, 0)
+                                           hp.autocast, mirror_axes=(0, 1, 2) if hp.tta else (), device=self.device,
+                                           weighting=hp.get("sw_weighting", "hann"), steps=hp.get("sw_steps", "torchio"))
+        return logits
 
     def predict_original_grid(self, item: dict) -> np.ndarray:
         """uint8 mask on the original image grid for an item of ``RawVolumes`` (adds its stage timings)."""
@@ -142,13 +149,13 @@ class FlareSegmentationModule(L.LightningModule):
             image = preprocess_tensor(image, item["geometry"].spacing, self.plan, self.device)
             timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
-        probabilities = self.predict_probabilities(image)
-        if probabilities.is_cuda:
+        logits = self.predict_logits(image)  # resampled as logits, then argmax: as nnU-Net's export
+        if logits.is_cuda:
             torch.cuda.synchronize()
         network = time.perf_counter()
         geometry = item["geometry"]
         nearest = probability_axis(self.plan.target_spacing, geometry.spacing, self.plan.resampling)
-        mask = remove_small_components(resample_to_mask(probabilities, geometry.size, nearest_axis=nearest),
+        mask = remove_small_components(resample_to_mask(logits, geometry.size, nearest_axis=nearest),
                                        geometry.spacing, self.min_component_ml())
         timings.update(network=network - start, postprocess=time.perf_counter() - network)
         return mask
@@ -168,7 +175,7 @@ class FlareSegmentationModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> dict | None:
         """Full-volume sliding window (DSC/NSD) every ``full_val_every_n_epochs``; patch pseudo-Dice otherwise."""
         if self._full_validation_epoch():
-            prediction = self.predict_probabilities(batch["image"]).argmax(0)
+            prediction = self.predict_logits(batch["image"]).argmax(0)
             self.postprocessing_scores.update(prediction, batch["label"], batch["spacing"])
             if self.hparams.get("min_component_ml", 0.0) not in (0, 0.0, "auto"):
                 kept = remove_small_components(prediction.cpu().numpy(), batch["spacing"], self.min_component_ml())

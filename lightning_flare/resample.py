@@ -169,7 +169,7 @@ def probability_axis(spacing: Sequence[float], new_spacing: Sequence[float], met
 
 def resample_to_mask(probabilities: torch.Tensor, new_shape: Sequence[int], slab: int = 16,
                      nearest_axis: int | None = None) -> np.ndarray:
-    """argmax of the linear resampling of (C, x, y, z) probabilities to ``new_shape``, computed in slabs.
+    """argmax of the linear resampling of (C, x, y, z) logits or probabilities to ``new_shape``, in slabs.
 
     Equal to ``resample_probabilities(...).argmax(0)`` but never holds the full-resolution float
     probabilities: peak extra memory is ``C * x * y * slab`` floats. ``nearest_axis``: that axis is
