@@ -94,18 +94,27 @@ class FlareDataModule(L.LightningDataModule):
         return self._dataset
 
     def prepare_data(self) -> None:
+        """Generate the synthetic dataset into data_dir when it is absent; an existing folder is never rewritten
+        (a synthetic one made with other settings gets a warning: delete it to regenerate)."""
         if self.synthetic is None or self.data_dir is None:
             return
         meta = self.data_dir / "dataset.json"
-        if meta.is_file():
-            try:
-                if "synthetic_params" not in json.loads(meta.read_text()):
-                    return  # a real dataset at data_dir: the synthetic settings do not apply
-            except ValueError:
-                return  # not ours to overwrite; loading the dataset reports the broken file
-        from .synthetic import write_dataset
+        if not meta.is_file():
+            from .synthetic import write_dataset
 
-        write_dataset(self.data_dir, **self.synthetic)  # no-op when the folder matches the settings
+            write_dataset(self.data_dir, **self.synthetic)
+            return
+        try:
+            stored = json.loads(meta.read_text()).get("synthetic_params")
+        except ValueError:
+            return  # loading the dataset reports the broken file
+        if stored is not None:
+            from .synthetic import synthetic_params
+
+            wanted = synthetic_params(**self.synthetic)
+            if stored != wanted:
+                log.warning(f"{self.data_dir} holds a synthetic dataset made with {stored}, not the configured "
+                            f"{wanted}; using it as it is (delete the folder to regenerate it)")
 
     def plan_from_data(self) -> Plan:
         """Plan from the configuration; intensity statistics from the config or the training fingerprint."""

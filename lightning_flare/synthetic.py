@@ -201,14 +201,20 @@ def _write(arr: np.ndarray, case: SyntheticCase, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def synthetic_params(num_train: int = 16, num_test: int = 6, healthy_fraction: float = 0.2, seed: int = 0,
+                     in_plane_size: int = 192, name: str = "Dataset900_Synthetic", direction: Direction = "identity") -> dict:
+    """The settings stored in a generated dataset.json (``synthetic_params``); same defaults as ``write_dataset``."""
+    return {"version": GENERATOR_VERSION, "name": name, "num_train": num_train, "num_test": num_test,
+            "healthy_fraction": healthy_fraction, "seed": seed, "in_plane_size": in_plane_size,
+            "direction": direction if isinstance(direction, str) else [float(v) for v in direction]}
+
+
 def write_dataset(out_dir: str | os.PathLike, num_train: int = 16, num_test: int = 6,
                   healthy_fraction: float = 0.2, seed: int = 0, in_plane_size: int = 192,
                   name: str = "Dataset900_Synthetic", direction: Direction = "identity") -> Path:
     """Write (or reuse) an nnU-Net raw dataset in out_dir; dataset.json, written last, marks it complete."""
     out = Path(out_dir)
-    params = {"version": GENERATOR_VERSION, "name": name, "num_train": num_train, "num_test": num_test,
-              "healthy_fraction": healthy_fraction, "seed": seed, "in_plane_size": in_plane_size,
-              "direction": direction if isinstance(direction, str) else [float(v) for v in direction]}
+    params = synthetic_params(num_train, num_test, healthy_fraction, seed, in_plane_size, name, direction)
     splits = {"Tr": num_train, "Ts": num_test}
     expected = {out / f"{kind}{sp}" / (case_id(sp, k) + ("_0000" if kind == "images" else "") + ".nii.gz")
                 for sp, num in splits.items() for k in range(num) for kind in ("images", "labels")}

@@ -128,7 +128,8 @@ def test_kill_during_cache_building_then_rerun(tmp_path):
                             in_plane_size=96, name="Dataset903_Faults")
     spacing = "[0.75, 0.75, 1.25]"  # finer than the images in-plane: ~0.2 s per case, a window for the kill
     args = ["fit", *tiny_cli_args(dataset, tmp_path / "cache", tmp_path / "out"), "--data.target_spacing", spacing,
-            "--data.intensity_stats", STATS, "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0"]
+            "--data.intensity_stats", STATS, "--data.anti_aliasing", "false", "--trainer.max_epochs", "1",
+            "--trainer.limit_val_batches", "0"]  # plan as the reference FlareDataModule below (defaults)
     markers = lambda: [p for p in (tmp_path / "cache").glob("*/*.json") if p.name != "plan.json"]  # noqa: E731
 
     run = _Run(args, tmp_path, "interrupted")

@@ -299,15 +299,17 @@ def test_changed_source_files_invalidate_cache_and_fingerprint(tiny_dataset, tmp
     assert load_or_compute_fingerprint(tmp_path / "fp.json", cases)["shapes"] != fp["shapes"]
 
 
-def test_prepare_data_follows_the_synthetic_settings_but_never_touches_real_data(tmp_path):
+def test_prepare_data_creates_an_absent_synthetic_dataset_and_never_rewrites_one(tmp_path, caplog):
     from lightning_flare.datamodule import FlareDataModule
 
     root = tmp_path / "Dataset906_Syn"
     settings = {"num_train": 2, "num_test": 1, "in_plane_size": 48}
     FlareDataModule(data_dir=str(root), synthetic=settings).prepare_data()
     assert len(list((root / "imagesTr").glob("*.nii.gz"))) == 2
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     FlareDataModule(data_dir=str(root), synthetic=settings | {"num_train": 3}).prepare_data()
-    assert len(list((root / "imagesTr").glob("*.nii.gz"))) == 3  # regenerated for the new settings
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before  # kept as it is ...
+    assert "delete the folder to regenerate" in caplog.text  # ... with a warning naming the difference
     real = tmp_path / "Dataset907_Real"
     real.mkdir()
     (real / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "tumor": 1}}))
