@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    REPO, SHARED_DATA, arch_kwargs_from_net, format_table, nnunet_dataset_json, nnunet_environment, nnunet_plans,
-    require_nnunet, run_measured, synthetic_ct, write_json, write_nifti,
+    REPO, SHARED_DATA, arch_kwargs_from_net, convert_and_compare, format_table, nnunet_dataset_json, nnunet_environment, nnunet_plans,
+    require_nnunet, run_measured, synthetic_ct, write_nifti, write_nnunet_model,
 )
 from predict import TRAINER_FOLDER, child_env, dice, run_nnunet  # noqa: E402
 
@@ -55,7 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def export_nnunet_folder(ckpt: Path, work: Path) -> Path:
     """Our checkpoint as an nnU-Net v2 results folder; checks that converting it back is lossless."""
-    import torch
     from lightning_flare.export import load_for_export
 
     net, plan, info = load_for_export(ckpt)
@@ -64,33 +63,14 @@ def export_nnunet_folder(ckpt: Path, work: Path) -> Path:
                          f"anti_aliasing {plan.anti_aliasing}); train one with --data.resampling nnunet "
                          "--data.anti_aliasing false for this comparison")
     ours = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    weights = {k: (v.permute(0, 1, 4, 3, 2).contiguous() if v.ndim == 5 else v) for k, v in ours.items()}
     stats = {"clip_low": plan.intensity.clip_low, "clip_high": plan.intensity.clip_high,
              "mean": plan.intensity.mean, "std": plan.intensity.std}
     plans = nnunet_plans(MODEL_DATASET, plan.patch_size, plan.target_spacing, 2, plan.patch_size, stats,
                          info["net_init_args"]["features_per_stage"])
-    configuration = plans["configurations"]["3d_fullres"]
-    configuration["architecture"] = arch_kwargs_from_net(info["net_init_args"])
+    plans["configurations"]["3d_fullres"]["architecture"] = arch_kwargs_from_net(info["net_init_args"])
     dataset = nnunet_dataset_json(1) | {"labels": dict(plan.labels)}
-    model_dir = work / "model" / MODEL_DATASET / TRAINER_FOLDER
-    shutil.rmtree(model_dir, ignore_errors=True)
-    write_json(model_dir / "plans.json", plans)
-    write_json(model_dir / "dataset.json", dataset)
-    (model_dir / "fold_all").mkdir(parents=True)
-    torch.save({"network_weights": weights, "trainer_name": "nnUNetTrainer",
-                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": "all", "dataset_json": dataset,
-                              "device": "cpu"},
-                "inference_allowed_mirroring_axes": None, "current_epoch": 0, "optimizer_state": None,
-                "grad_scaler_state": None, "logging": {}, "_best_ema": None}, model_dir / "fold_all" / "checkpoint_final.pth")
-    back = work / "model" / "converted_back.ckpt"
-    result = run_measured([sys.executable, "-m", "lightning_flare.convert_nnunet", str(model_dir), "--fold", "all",
-                           "--output", str(back)], env=child_env(), cwd=REPO)
-    if result["returncode"] != 0:
-        raise SystemExit(f"convert_nnunet failed on the exported folder:\n{result['output'][-3000:]}")
-    converted = torch.load(back, map_location="cpu", weights_only=False)["state_dict"]
-    mismatch = [k for k, v in ours.items() if not torch.equal(converted["net." + k], v)]
-    if mismatch:
-        raise SystemExit(f"exported folder does not convert back to the same weights: {mismatch[:5]}")
+    model_dir = write_nnunet_model(work / "model" / MODEL_DATASET / TRAINER_FOLDER, ours, plans, dataset)
+    convert_and_compare(model_dir, work / "model" / "converted_back.ckpt", ours, child_env())
     print(f"{ckpt}: plan spacing {plan.target_spacing} mm, patch {plan.patch_size}; nnU-Net folder {model_dir} "
           "(converted back: identical tensors)")
     return model_dir

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import subprocess
 import threading
 import time
@@ -212,6 +213,42 @@ def write_nifti(array_xyz: np.ndarray, spacing_xyz: Sequence[float], path: str |
     sitk.WriteImage(image, str(tmp), True)
     os.replace(tmp, path)
     return path
+
+
+def write_nnunet_model(model_dir: Path, state_xyz: dict, plans: dict, dataset: dict) -> Path:
+    """An nnU-Net v2 results folder (plans.json, dataset.json, fold_all/checkpoint_final.pth) holding our
+    network's weights, kernels permuted from our (x, y, z) to nnU-Net's (z, y, x)."""
+    import shutil
+
+    import torch
+
+    weights = {k: (v.permute(0, 1, 4, 3, 2).contiguous() if v.ndim == 5 else v) for k, v in state_xyz.items()}
+    shutil.rmtree(model_dir, ignore_errors=True)
+    write_json(model_dir / "plans.json", plans)
+    write_json(model_dir / "dataset.json", dataset)
+    (model_dir / "fold_all").mkdir(parents=True)
+    torch.save({"network_weights": weights, "trainer_name": "nnUNetTrainer",
+                "init_args": {"plans": plans, "configuration": NNUNET_CONFIGURATION, "fold": "all",
+                              "dataset_json": dataset, "device": "cpu"},
+                "inference_allowed_mirroring_axes": None, "current_epoch": 0, "optimizer_state": None,
+                "grad_scaler_state": None, "logging": {}, "_best_ema": None},
+               model_dir / "fold_all" / "checkpoint_final.pth")
+    return model_dir
+
+
+def convert_and_compare(model_dir: Path, ckpt: Path, state_xyz: dict, env: dict, extra: Sequence[str] = ()) -> Path:
+    """``python -m lightning_flare.convert_nnunet`` on ``model_dir``; the result must hold ``state_xyz`` exactly."""
+    import torch
+
+    result = run_measured([sys.executable, "-m", "lightning_flare.convert_nnunet", str(model_dir), "--fold", "all",
+                           "--output", str(ckpt), *extra], env=env, cwd=REPO)
+    if result["returncode"] != 0:
+        raise SystemExit(f"convert_nnunet failed on {model_dir}:\n{result['output'][-3000:]}")
+    converted = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    mismatch = [k for k, v in state_xyz.items() if not torch.equal(converted["net." + k], v)]
+    if mismatch:
+        raise SystemExit(f"{ckpt}: converted weights differ from the written ones: {mismatch[:5]}")
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------- processes

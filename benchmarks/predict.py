@@ -39,8 +39,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    REPO, SHARED_DATA, format_table, nnunet_dataset_json, nnunet_environment, nnunet_plans, require_nnunet,
-    run_measured, synthetic_ct, write_json, write_nifti,
+    REPO, SHARED_DATA, convert_and_compare, format_table, nnunet_dataset_json, nnunet_environment, nnunet_plans, require_nnunet,
+    run_measured, synthetic_ct, write_nifti, write_nnunet_model,
 )
 
 THREADS = 2
@@ -89,29 +89,10 @@ def write_models(work: Path, seed: int) -> tuple[Path, Path, dict]:
     torch.manual_seed(seed)
     net = PlainConvUNet()  # FLARE24 defaults: 4 stages (32, 64, 128, 256), 5,602,950 parameters
     ours_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    weights = {k: (v.permute(0, 1, 4, 3, 2).contiguous() if v.ndim == 5 else v) for k, v in ours_state.items()}
-    model_dir = work / "model" / MODEL_DATASET / TRAINER_FOLDER
-    shutil.rmtree(model_dir, ignore_errors=True)
-    plans = nnunet_plans(MODEL_DATASET, PATCH, SPACING, 2, (205, 205, 167))
-    write_json(model_dir / "plans.json", plans)
-    write_json(model_dir / "dataset.json", nnunet_dataset_json(1))
-    (model_dir / "fold_all").mkdir(parents=True)
-    torch.save({"network_weights": weights, "trainer_name": "nnUNetTrainer",
-                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": "all",
-                              "dataset_json": nnunet_dataset_json(1), "device": "cpu"},
-                "inference_allowed_mirroring_axes": None, "current_epoch": 0, "optimizer_state": None,
-                "grad_scaler_state": None, "logging": {}, "_best_ema": None},
-               model_dir / "fold_all" / "checkpoint_final.pth")
-    ckpt = work / "model" / "ours_from_nnunet.ckpt"
-    result = run_measured([sys.executable, "-m", "lightning_flare.convert_nnunet", str(model_dir), "--fold", "all",
-                           "--output", str(ckpt), "--config", str(REPO / "configs" / "flare24.yaml")],
-                          env=child_env(), cwd=REPO)
-    if result["returncode"] != 0:
-        raise SystemExit(f"convert_nnunet failed:\n{result['output']}")
-    converted = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    mismatch = [k for k, v in ours_state.items() if not torch.equal(converted["net." + k], v)]
-    if mismatch:
-        raise SystemExit(f"converted checkpoint differs from the generated weights: {mismatch[:5]}")
+    model_dir = write_nnunet_model(work / "model" / MODEL_DATASET / TRAINER_FOLDER, ours_state,
+                                   nnunet_plans(MODEL_DATASET, PATCH, SPACING, 2, (205, 205, 167)), nnunet_dataset_json(1))
+    ckpt = convert_and_compare(model_dir, work / "model" / "ours_from_nnunet.ckpt", ours_state, child_env(),
+                               ["--config", str(REPO / "configs" / "flare24.yaml")])
     return model_dir, ckpt, ours_state
 
 
