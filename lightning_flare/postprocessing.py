@@ -20,6 +20,14 @@ CANDIDATES_ML = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 _CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-neighbourhood: diagonal contact joins components
 
 
+def component_volumes(mask: np.ndarray, spacing_mm: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled foreground components (26-connected, over all labels > 0) and the volume in ml of each label
+    (index 0: the background)."""
+    components, count = ndimage.label(mask > 0, structure=_CONNECTIVITY)
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    return components, np.bincount(components.ravel(), minlength=count + 1) * voxel_ml
+
+
 def remove_small_components(mask: np.ndarray, spacing_mm: Sequence[float], min_ml: float) -> np.ndarray:
     """``mask`` with its foreground components (26-connected, over all labels > 0) smaller than ``min_ml``
     millilitres set to background. Returns ``mask`` itself when nothing is removed."""
@@ -27,10 +35,8 @@ def remove_small_components(mask: np.ndarray, spacing_mm: Sequence[float], min_m
         raise ValueError(f"min_component_ml must be >= 0, got {min_ml}")
     if min_ml == 0 or not mask.any():
         return mask
-    components, count = ndimage.label(mask > 0, structure=_CONNECTIVITY)
-    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
-    sizes = np.bincount(components.ravel(), minlength=count + 1)
-    small = np.flatnonzero(sizes * voxel_ml < min_ml)
+    components, volumes = component_volumes(mask, spacing_mm)
+    small = np.flatnonzero(volumes < min_ml)
     small = small[small > 0]
     if small.size == 0:
         return mask
@@ -48,18 +54,27 @@ def flare_dsc(prediction: np.ndarray, reference: np.ndarray) -> float:
     return dice(p, r) if p_any and r_any else 0.0
 
 
+def case_scores(prediction: np.ndarray, reference: np.ndarray, spacing_mm: Sequence[float],
+                candidates_ml: Sequence[float]) -> list[float]:
+    """FLARE DSC of one case after removing components below each candidate volume (labelled once)."""
+    components, volumes = component_volumes(prediction, spacing_mm)
+    scores = []
+    for threshold in candidates_ml:
+        keep = volumes >= threshold
+        keep[0] = False
+        scores.append(flare_dsc(keep[components], reference))
+    return scores
+
+
 def score_thresholds(cases: Iterable[tuple[np.ndarray, np.ndarray, Sequence[float]]],
                      candidates_ml: Sequence[float] = CANDIDATES_ML) -> dict[float, float]:
     """Mean FLARE DSC over ``(prediction, reference, spacing)`` cases for each threshold."""
     cases = list(cases)
     if not cases:
         raise ValueError("no validation cases to choose the postprocessing on")
-    totals = dict.fromkeys((float(c) for c in candidates_ml), 0.0)
-    for prediction, reference, spacing in cases:
-        for threshold in totals:
-            kept = remove_small_components(prediction, spacing, threshold)
-            totals[threshold] += flare_dsc(kept, reference)
-    return {t: total / len(cases) for t, total in totals.items()}
+    candidates = [float(c) for c in candidates_ml]
+    totals = np.sum([case_scores(p, r, s, candidates) for p, r, s in cases], axis=0)
+    return {t: float(total) / len(cases) for t, total in zip(candidates, totals)}
 
 
 def choose_threshold(scores: dict[float, float], min_gain: float = 1e-6) -> float:
@@ -81,15 +96,9 @@ class ComponentThresholdScores(Metric):
         self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, prediction, reference, spacing_mm: Sequence[float]) -> None:
-        prediction = np.asarray(prediction.cpu() if isinstance(prediction, torch.Tensor) else prediction) > 0
-        reference = np.asarray(reference.cpu() if isinstance(reference, torch.Tensor) else reference) > 0
-        components, count = ndimage.label(prediction, structure=_CONNECTIVITY)
-        volumes = np.bincount(components.ravel(), minlength=count + 1) * float(np.prod(spacing_mm)) / 1000.0
-        scores = []
-        for threshold in self.candidates:
-            keep = volumes >= threshold
-            keep[0] = False
-            scores.append(flare_dsc(keep[components], reference))
+        prediction = np.asarray(prediction.cpu() if isinstance(prediction, torch.Tensor) else prediction)
+        reference = np.asarray(reference.cpu() if isinstance(reference, torch.Tensor) else reference)
+        scores = case_scores(prediction, reference, spacing_mm, self.candidates)
         self.sums += torch.tensor(scores, dtype=torch.float64, device=self.sums.device)
         self.count += 1
 

@@ -20,8 +20,8 @@ class Case:
 
 def source_signature(case: Case) -> dict[str, list[int]]:
     """Size and modification time of a case's files: an entry made from other file contents is stale."""
-    files = {"image": case.image, "label": case.label}
-    return {kind: [path.stat().st_size, path.stat().st_mtime_ns] for kind, path in files.items() if path is not None}
+    stats = {kind: path.stat() for kind, path in (("image", case.image), ("label", case.label)) if path is not None}
+    return {kind: [st.st_size, st.st_mtime_ns] for kind, st in stats.items()}
 
 
 class DatasetError(ValueError):

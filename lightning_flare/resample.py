@@ -80,9 +80,7 @@ def _resample_nnunet(array: np.ndarray, new_shape, axis: int | None, order: int,
     if out.shape[axis] == new_shape[axis]:
         return out
     if order_z == 0:  # nearest along the axis, same centre mapping as zoom(grid_mode=True)
-        scale = out.shape[axis] / new_shape[axis]
-        index = np.clip(np.floor((np.arange(new_shape[axis]) + 0.5) * scale).astype(int), 0, out.shape[axis] - 1)
-        return np.take(out, index, axis=axis)
+        return np.take(out, _nearest_indices(out.shape[axis], new_shape[axis]), axis=axis)
     return _zoom(out, new_shape, order_z)
 
 
@@ -153,6 +151,11 @@ def _interpolate(tensor: torch.Tensor, new_shape: Sequence[int]) -> torch.Tensor
     return out[0]
 
 
+def _nearest_indices(size_in: int, size_out: int) -> np.ndarray:
+    """Source index of each output voxel for nearest-neighbour resampling (voxel centres, pixel-extent mapping)."""
+    return np.clip(np.floor((np.arange(size_out) + 0.5) * size_in / size_out).astype(int), 0, size_in - 1)
+
+
 def _linear_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Source indices and weights of linear interpolation with ``align_corners=False`` (as F.interpolate)."""
     src = np.maximum((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0)
@@ -184,8 +187,8 @@ def resample_to_mask(probabilities: torch.Tensor, new_shape: Sequence[int], slab
         return np.ascontiguousarray(np.moveaxis(moved, 2, nearest_axis))
     channels, _, _, size_z = probabilities.shape
     if nearest_axis == 2:
-        i0 = np.clip(np.floor((np.arange(new_shape[2]) + 0.5) * size_z / new_shape[2]).astype(int), 0, size_z - 1)
-        i1, w = i0, np.zeros(new_shape[2], np.float32)
+        i0 = i1 = _nearest_indices(size_z, new_shape[2])
+        w = np.zeros(new_shape[2], np.float32)
     else:
         i0, i1, w = _linear_weights(size_z, new_shape[2])
     mask = np.empty(new_shape, np.uint8)
