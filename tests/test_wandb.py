@@ -2,7 +2,7 @@
 import json
 
 from conftest import tiny_cli_args
-from wandb_records import config_value, history_keys, read_records
+from wandb_records import config_value, history_keys, read_finished_run
 
 import cli
 
@@ -23,7 +23,7 @@ def test_offline_wandb_run_has_history_config_and_images(tiny_dataset, tmp_path)
     images = list((files / "media" / "images" / "val").glob("slices_*.png"))
     masks = list((files / "media" / "images" / "mask" / "val").glob("slices_*.mask.png"))
     assert images and len(masks) == 2 * len(images)  # ground truth + prediction per panel
-    records = read_records(next(runs[-1].glob("run-*.wandb")))
+    records = read_finished_run(runs[-1])
     history = history_keys(records)
     for key in ("train/loss_step", "train/loss_epoch", "val/dsc", "val/nsd", "train/lr", "val/slices/count"):
         assert key in history, key
@@ -41,4 +41,4 @@ def test_offline_wandb_predict_logs_the_efficiency_table(tiny_dataset, tmp_path)
                        "--data.predict_dir", str(tiny_dataset / "imagesTs")])
     result.trainer.logger.experiment.finish()
     run = next((tmp_path / "wb" / "wandb").glob("offline-run-*"))
-    assert "predict/efficiency/_type" in history_keys(read_records(next(run.glob("run-*.wandb"))))
+    assert "predict/efficiency/_type" in history_keys(read_finished_run(run))

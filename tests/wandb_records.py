@@ -1,5 +1,6 @@
 """Reads the records of an offline W&B run file (run-*.wandb: a LevelDB-style log of protobuf records)."""
 import struct
+import time
 from pathlib import Path
 
 BLOCK = 32768
@@ -19,6 +20,8 @@ def read_records(path: Path) -> list:
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         pos += 7
+        if pos + length > len(data):  # a record still being written
+            break
         if kind == 0 and length == 0:
             pos += left - 7
             continue
@@ -30,6 +33,19 @@ def read_records(path: Path) -> list:
             records.append(record)
             chunk = b""
     return records
+
+
+def read_finished_run(run_dir: Path, timeout_s: float = 60.0) -> list:
+    """Records of the run in `run_dir` once its exit record is on disk.
+
+    `Run.finish()` can return before W&B's service process has flushed the run file, so this polls."""
+    path = next(Path(run_dir).glob("run-*.wandb"))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = read_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def history_keys(records) -> set[str]:
