@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
-PREPROCESSING_VERSION = 1  # bump when the cached arrays would change for the same plan
+PREPROCESSING_VERSION = 2  # bump when the cached arrays would change for the same plan (2: spline output clipped)
 
 
 @dataclass(frozen=True)

@@ -67,15 +67,25 @@ def _zoom_in_slabs(array: np.ndarray, new_shape: Sequence[int], order: int, chun
     return out
 
 
+def _zoom_within_range(array: np.ndarray, new_shape: Sequence[int], order: int) -> np.ndarray:
+    """``_zoom``, with spline overshoot clipped to the input's value range (skimage ``resize(clip=True)``,
+    which nnU-Net calls: a cubic spline rings past saturated air / bone, the clip removes that)."""
+    out = _zoom(array, new_shape, order)
+    if order > 1 and out is not array and array.size:
+        np.clip(out, array.min(), array.max(), out=out)
+    return out
+
+
 def _resample_nnunet(array: np.ndarray, new_shape, axis: int | None, order: int, order_z: int) -> np.ndarray:
     if axis is None:
-        return _zoom(array, new_shape, order)
-    # separate axis: 2D resampling slice by slice (bounded memory), then that axis alone
+        return _zoom_within_range(array, new_shape, order)
+    # separate axis: 2D resampling slice by slice (bounded memory; each slice clipped to its own range, as
+    # nnU-Net resizes slice by slice), then that axis alone
     inplane = [n for i, n in enumerate(new_shape) if i != axis]
     moved = np.moveaxis(array, axis, 0)
     out = np.empty((moved.shape[0], *inplane), np.float32)
     for i, plane in enumerate(moved):
-        out[i] = _zoom(plane, inplane, order)
+        out[i] = _zoom_within_range(plane, inplane, order)
     out = np.moveaxis(out, 0, axis)
     if out.shape[axis] == new_shape[axis]:
         return out
@@ -152,8 +162,12 @@ def _interpolate(tensor: torch.Tensor, new_shape: Sequence[int]) -> torch.Tensor
 
 
 def _nearest_indices(size_in: int, size_out: int) -> np.ndarray:
-    """Source index of each output voxel for nearest-neighbour resampling (voxel centres, pixel-extent mapping)."""
-    return np.clip(np.floor((np.arange(size_out) + 0.5) * size_in / size_out).astype(int), 0, size_in - 1)
+    """Source index of each output voxel for nearest-neighbour resampling (voxel centres, pixel-extent mapping).
+
+    Computed in nnU-Net's floating-point order (``scale * (i + 0.5) - 0.5`` rounded as ``map_coordinates``
+    order 0 rounds), so that exact ties such as 83.5 * 200 / 167 pick the same plane as nnU-Net."""
+    centres = float(size_in) / size_out * (np.arange(size_out) + 0.5) - 0.5
+    return np.clip(np.floor(centres + 0.5).astype(int), 0, size_in - 1)
 
 
 def _linear_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -210,6 +210,58 @@ def test_separate_axis_resampling_is_per_slice_then_nearest():
     np.testing.assert_allclose(out[..., 2], resample_image(volume[..., 1:2], (0.7, 0.7, 5.0), (1.4, 1.4, 5.0))[..., 0], rtol=1e-5, atol=1e-5)
 
 
+def test_cubic_resampling_stays_within_the_input_range():
+    """A saturated step rings under a cubic spline; like skimage ``resize(clip=True)`` the output is clipped."""
+    step = np.zeros((4, 4, 8), np.float32)
+    step[..., 4:] = 1.0
+    out = resample_image(step, (1.0, 1.0, 1.0), (1.0, 1.0, 0.3))
+    assert out.min() == 0.0 and out.max() == 1.0
+    assert 0.0 < out[0, 0, 13] < 1.0  # the edge itself is still interpolated
+
+
+def test_nearest_indices_break_ties_like_nnunet():
+    """83.5 * 200 / 167 is exactly 100, but nnU-Net computes 200 / 167 * 83.5 - 0.5 = 99.49999999999999 and
+    ``map_coordinates(order=0)`` rounds that to 99: the same plane must be picked."""
+    from lightning_flare.resample import _nearest_indices
+
+    assert _nearest_indices(200, 167)[83] == 99
+    np.testing.assert_array_equal(_nearest_indices(4, 8), [0, 0, 1, 1, 2, 2, 3, 3])
+    np.testing.assert_array_equal(_nearest_indices(8, 4), [1, 3, 5, 7])
+
+
+def _nnunet_style_resample(volume: np.ndarray, new_shape, axis):
+    """nnU-Net's image resampling, written from its documented behaviour: skimage ``resize(order=3, mode='edge',
+    anti_aliasing=False)`` in float64 (whole volume, or slice by slice across ``axis``), then order-0
+    ``map_coordinates`` (mode 'nearest') along ``axis``."""
+    from scipy.ndimage import map_coordinates
+    from skimage.transform import resize
+
+    data = volume.astype(float)
+    if axis is None:
+        return resize(data, new_shape, order=3, mode="edge", anti_aliasing=False)
+    planes = [resize(p, [n for i, n in enumerate(new_shape) if i != axis], order=3, mode="edge", anti_aliasing=False)
+              for p in np.moveaxis(data, axis, 0)]
+    inplane = np.moveaxis(np.stack(planes), 0, axis)
+    grids = np.mgrid[tuple(slice(0, n) for n in new_shape)].astype(float)
+    coords = [float(o) / n * (g + 0.5) - 0.5 for g, o, n in zip(grids, inplane.shape, new_shape)]
+    return map_coordinates(inplane, np.array(coords), order=0, mode="nearest")
+
+
+def test_resampling_matches_nnunet_on_saturated_ct_like_volumes():
+    """Cross-check with skimage (nnU-Net's resize): isotropic-ish spacing (3D cubic) and anisotropic spacing
+    (separate z, including the 200 -> 167 slice tie), on volumes clipped like CT normalisation clips them."""
+    pytest.importorskip("skimage")
+    rng = np.random.default_rng(3)
+    for shape, spacing, target in [((23, 19, 17), (0.57, 0.57, 1.6), (2.0, 2.0, 3.0)),
+                                   ((12, 10, 200), (0.8, 0.8, 2.5), (2.0, 2.0, 2.994))]:
+        volume = np.clip(rng.normal(size=shape) * 2, -1.5, 1.5).astype(np.float32)  # saturated voxels, as CT after clipping
+        new_shape = new_shape_for_spacing(shape, spacing, target)
+        axis = lowres_axis(spacing)
+        ours = resample_image(volume, spacing, target)
+        np.testing.assert_allclose(ours, _nnunet_style_resample(volume, new_shape, axis), atol=1e-5)
+    assert new_shape[2] == 167 and axis == 2
+
+
 def test_cubic_resampling_in_slabs_equals_the_whole_volume():
     """Large volumes are resampled slab by slab (bounded memory) with the same result as one ndimage.zoom."""
     from scipy import ndimage
