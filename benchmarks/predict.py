@@ -205,7 +205,7 @@ def in_process(image_path: Path, model_dir: Path, ours_state: dict, args) -> tup
     """Ours / nnU-Net / MONAI sliding windows on our preprocessed array, and the lower bound."""
     import torch
     from torch import nn
-    from lightning_flare.inference import grid_overlap, sliding_window_logits
+    from lightning_flare.inference import grid_overlap, sliding_window_logits, window_batch_size
     from lightning_flare.io import read_image
     from lightning_flare.network import PlainConvUNet
     from lightning_flare.plan import Plan
@@ -235,9 +235,10 @@ def in_process(image_path: Path, model_dir: Path, ours_state: dict, args) -> tup
     rows, masks = [], {}
     if "sliding" not in args.skip:
         wrapped = Wrapped(net)
-        seconds, logits = time_it(lambda: sliding_window_logits(wrapped, image, PATCH, 0.5, 2, autocast=True))
+        batch = window_batch_size("auto", "cpu")  # what cli.py predict uses with configs/flare24.yaml
+        seconds, logits = time_it(lambda: sliding_window_logits(wrapped, image, PATCH, 0.5, batch, autocast=True))
         masks["ours"] = logits.argmax(0).numpy()
-        rows.append(("ours sliding window (bf16, Hann, batch 2)", seconds, wrapped.windows, None, ""))
+        rows.append((f"ours sliding window (bf16, Hann, batch {batch})", seconds, wrapped.windows, None, ""))
 
         # nnU-Net's sliding window on the same array, (1, z, y, x), as nnUNetPredictor runs it on the CPU (fp32)
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor

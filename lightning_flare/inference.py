@@ -25,6 +25,16 @@ def autocast_context(device: torch.device, enabled: bool = True):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def window_batch_size(value: int | str, device: torch.device | str) -> int:
+    """Windows per forward pass; ``"auto"``: 1 on the CPU (a batch of 2 128x128x96 windows took ~20% longer
+    per window than one at a time on 2 cores: cache misses, no parallelism gained), 2 on accelerators."""
+    if value == "auto":
+        return 1 if torch.device(device).type == "cpu" else 2
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"sw_batch_size must be a positive integer or 'auto', got {value!r}")
+    return value
+
+
 def nnunet_steps(size: int, patch: int, step: float) -> list[int]:
     """nnU-Net's window starts along one axis: ceil((size - patch) / (step * patch)) + 1 evenly spaced starts."""
     if size <= patch:

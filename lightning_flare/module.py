@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inference import autocast_context, sliding_window_logits
+from .inference import autocast_context, sliding_window_logits, window_batch_size
 from .loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets
 from .metrics import FlareMetrics
 from .plan import Plan
@@ -35,7 +35,7 @@ class FlareSegmentationModule(L.LightningModule):
         nesterov: bool = True,
         poly_exponent: float = 0.9,
         sw_overlap: float = 0.5,
-        sw_batch_size: int = 2,
+        sw_batch_size: int | str = "auto",
         tta: bool = False,
         autocast: bool = True,
         nsd_tolerance_mm: float = 2.0,
@@ -135,7 +135,8 @@ class FlareSegmentationModule(L.LightningModule):
             raise RuntimeError("the model has no plan: train it first or load a checkpoint made by lightning_flare")
         hp = self.hparams
         with self._inference_net() as net:
-            logits = sliding_window_logits(net, image, self.plan.patch_size, hp.sw_overlap, hp.sw_batch_size,
+            logits = sliding_window_logits(net, image, self.plan.patch_size, hp.sw_overlap,
+                                           window_batch_size(hp.sw_batch_size, self.device),
                                            hp.autocast, mirror_axes=(0, 1, 2) if hp.tta else (), device=self.device,
                                            weighting=hp.get("sw_weighting", "hann"), steps=hp.get("sw_steps", "torchio"))
         return logits

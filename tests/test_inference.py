@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_flare.inference import gaussian_window, nnunet_steps, sliding_window_logits
+from lightning_flare.inference import gaussian_window, nnunet_steps, sliding_window_logits, window_batch_size
 
 
 def test_nnunet_steps_hand_computed():
@@ -52,3 +52,12 @@ def test_bad_sliding_window_options_are_named():
         sliding_window_logits(_Toy(), torch.zeros(1, 8, 8, 8), (8, 8, 8), weighting="box", device="cpu")
     with pytest.raises(ValueError, match="sw_steps"):
         sliding_window_logits(_Toy(), torch.zeros(1, 8, 8, 8), (8, 8, 8), steps="dense", device="cpu")
+
+
+def test_window_batch_size_auto_and_bad_values():
+    assert window_batch_size("auto", "cpu") == 1
+    assert window_batch_size("auto", torch.device("cuda")) == 2  # resolving needs no GPU
+    assert window_batch_size(3, "cpu") == 3
+    for bad in (0, -1, "two", 1.5, True):
+        with pytest.raises(ValueError, match="sw_batch_size"):
+            window_batch_size(bad, "cpu")
