@@ -246,7 +246,10 @@ class FlareDataModule(L.LightningDataModule):
     def _volume_loader(self, dataset: Dataset) -> DataLoader:
         rank, world = _rank_and_world()
         sampler = ShardSampler(len(dataset), rank, world) if world > 1 else None
-        workers = min(self.num_workers, len(dataset))
+        # workers read and preprocess the *next* volumes while this process computes; with a single volume there
+        # is nothing to overlap, and a worker would only add its own memory
+        count = len(sampler) if sampler is not None else len(dataset)
+        workers = max(0, min(self.num_workers, count - 1))
         return DataLoader(dataset, batch_size=1, sampler=sampler, collate_fn=first_item, num_workers=workers,
                           persistent_workers=False, multiprocessing_context="fork" if workers and os.name == "posix" else None)
 

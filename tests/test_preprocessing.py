@@ -367,3 +367,23 @@ def test_prepare_data_creates_an_absent_synthetic_dataset_and_never_rewrites_one
     (real / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "tumor": 1}}))
     FlareDataModule(data_dir=str(real), synthetic=settings).prepare_data()
     assert sorted(p.name for p in real.iterdir()) == ["dataset.json"]
+
+
+def test_volume_loaders_use_workers_only_when_there_is_a_next_volume_to_read():
+    """Workers overlap reading the next volume with compute: a single volume gets none (no extra process)."""
+    from torch.utils.data import Dataset
+
+    from lightning_flare.datamodule import FlareDataModule
+
+    class Volumes(Dataset):
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            return i
+
+    dm = FlareDataModule(num_workers=8)
+    assert [dm._volume_loader(Volumes(n)).num_workers for n in (0, 1, 2, 5, 20)] == [0, 0, 1, 4, 8]
