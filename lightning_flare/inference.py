@@ -1,4 +1,4 @@
-"""Sliding-window inference with TorchIO's GridSampler / GridAggregator (Hann weighting)."""
+"""Sliding-window inference with TorchIO's GridSampler and a GridAggregator that stays on the device (Hann or Gaussian)."""
 from __future__ import annotations
 
 import contextlib
@@ -75,12 +75,44 @@ class _SlicingGridSampler(tio.GridSampler):
         return data, torch.as_tensor(self.locations[index])
 
 
-class _GaussianGridAggregator(tio.inference.GridAggregator):
-    """GridAggregator weighting each window by nnU-Net's Gaussian instead of TorchIO's Hann window."""
+class DeviceGridAggregator(tio.inference.GridAggregator):
+    """TorchIO's weighted ('hann' overlap mode) GridAggregator, accumulated on the windows' own device.
+
+    TorchIO's ``add_batch`` copies every batch to the CPU and keeps a weight map per class; this one sums
+    ``window * output`` and ``window`` where the batch is (the GPU when predicting there) with one weight map
+    for all classes, and divides in place. ``weighting``: TorchIO's Hann window or nnU-Net's Gaussian."""
+
+    def __init__(self, sampler: tio.GridSampler, weighting: str = "hann"):
+        super().__init__(sampler, overlap_mode="hann")
+        if self.volume_padded:
+            raise ValueError("DeviceGridAggregator needs a sampler without padding_mode")
+        if weighting not in ("hann", "gaussian"):
+            raise ValueError(f"sw_weighting must be 'hann' or 'gaussian', got {weighting!r}")
+        self.weighting = weighting
 
     def _initialize_hann_window(self) -> None:
         if self._hann_window is None:
-            self._hann_window = gaussian_window([int(p) for p in self.patch_size])
+            size = [int(p) for p in self.patch_size]
+            self._hann_window = gaussian_window(size) if self.weighting == "gaussian" else self._get_hann_window(size)
+
+    def add_batch(self, batch_tensor: torch.Tensor, locations: torch.Tensor) -> None:
+        self._initialize_hann_window()
+        if self._output_tensor is None:
+            device = batch_tensor.device
+            self._hann_window = self._hann_window.to(device, torch.float32)
+            self._output_tensor = torch.zeros((batch_tensor.shape[1], *self.spatial_shape), dtype=torch.float32, device=device)
+            self._avgmask_tensor = torch.zeros((1, *self.spatial_shape), dtype=torch.float32, device=device)
+        for window, (i, j, k, i1, j1, k1) in zip(batch_tensor, locations.tolist()):
+            if tuple(window.shape[1:]) != (i1 - i, j1 - j, k1 - k):
+                raise RuntimeError(f"window of shape {tuple(window.shape[1:])} does not fit location {(i, j, k, i1, j1, k1)}")
+            self._output_tensor[:, i:i1, j:j1, k:k1].addcmul_(window.float(), self._hann_window)
+            self._avgmask_tensor[:, i:i1, j:j1, k:k1].add_(self._hann_window)
+
+    def get_output_tensor(self) -> torch.Tensor:
+        """The weighted average, (C, x, y, z) float32 on the windows' device (computed in place: call once)."""
+        if self._output_tensor is None:
+            raise RuntimeError("no window was added")
+        return self._output_tensor.div_(self._avgmask_tensor)
 
 
 @torch.no_grad()
@@ -96,7 +128,7 @@ def sliding_window_logits(
     weighting: str = "hann",
     steps: str = "torchio",
 ) -> torch.Tensor:
-    """Class logits (C, x, y, z), float32 on the CPU, for a normalised (1, x, y, z) image.
+    """Class logits (C, x, y, z), float32 on the network's device, for a normalised (1, x, y, z) image.
 
     Volumes smaller than the window are padded (and cropped back). ``mirror_axes`` enables nnU-Net's
     test-time mirroring over the given spatial axes (all 2^n flips averaged). ``weighting``: 'hann' (TorchIO)
@@ -115,8 +147,7 @@ def sliding_window_logits(
         image = F.pad(image, padding)
     subject = tio.Subject(image=tio.ScalarImage(tensor=image.float()))
     sampler = _SlicingGridSampler(subject, patch_size, grid_overlap(patch_size, overlap), steps, 1 - overlap)
-    aggregator_class = _GaussianGridAggregator if weighting == "gaussian" else tio.inference.GridAggregator
-    aggregator = aggregator_class(sampler, overlap_mode="hann")
+    aggregator = DeviceGridAggregator(sampler, weighting)
     flips = _flip_sets(mirror_axes)
     for start in range(0, len(sampler), batch_size):
         items = [sampler[i] for i in range(start, min(start + batch_size, len(sampler)))]

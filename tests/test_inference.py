@@ -47,6 +47,23 @@ def test_nnunet_mode_equals_a_direct_weighted_average(shape):
         assert not torch.allclose(hann, out)
 
 
+@pytest.mark.parametrize("shape", [(37, 29, 20), (16, 12, 8)])
+def test_default_mode_equals_torchio_grid_aggregator(shape):
+    """Our device-resident aggregator reproduces TorchIO's own GridAggregator(overlap_mode='hann')."""
+    import torchio as tio
+
+    from lightning_flare.inference import grid_overlap
+
+    torch.manual_seed(1)
+    image, patch = torch.randn(1, *shape), (16, 12, 8)
+    ours = sliding_window_logits(_Toy(), image, patch, 0.5, batch_size=2, autocast=False, device="cpu")
+    sampler = tio.GridSampler(tio.Subject(image=tio.ScalarImage(tensor=image)), patch, grid_overlap(patch, 0.5))
+    reference = tio.inference.GridAggregator(sampler, overlap_mode="hann")
+    for batch in torch.utils.data.DataLoader(sampler, batch_size=2):
+        reference.add_batch(_Toy()(batch["image"][tio.DATA]), batch[tio.LOCATION])
+    torch.testing.assert_close(ours, reference.get_output_tensor(), rtol=1e-5, atol=1e-6)
+
+
 def test_bad_sliding_window_options_are_named():
     with pytest.raises(ValueError, match="sw_weighting"):
         sliding_window_logits(_Toy(), torch.zeros(1, 8, 8, 8), (8, 8, 8), weighting="box", device="cpu")
