@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # cli.py
-from common import REPO, format_table, synthetic_ct, write_nifti  # noqa: E402
+from common import REPO, format_table, run_measured, synthetic_ct, write_nifti  # noqa: E402
 
 GOAL_SECONDS, GOAL_GPU_MB = 2.0, 2048.0
 
@@ -76,8 +76,6 @@ def train_check(work: Path, accelerator: str, precision: str, augmentation_devic
 
 def predict_run(work: Path, out_root: Path, ckpt: Path, in_dir: Path, accelerator: str, precision: str,
                 label: str, extra: list[str]) -> list[dict]:
-    from common import run_measured
-
     out = out_root / f"predict_{label}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, str(REPO / "cli.py"), "predict", "--config", str(REPO / "configs" / "flare24.yaml"),

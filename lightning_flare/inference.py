@@ -134,8 +134,6 @@ def sliding_window_logits(
     test-time mirroring over the given spatial axes (all 2^n flips averaged). ``weighting``: 'hann' (TorchIO)
     or 'gaussian' (nnU-Net); ``steps``: TorchIO's window grid or nnU-Net's ('nnunet', as ``nnUNetPredictor``).
     """
-    if weighting not in ("hann", "gaussian"):
-        raise ValueError(f"sw_weighting must be 'hann' or 'gaussian', got {weighting!r}")
     device = torch.device(device) if device is not None else next(net.parameters()).device
     patch_size = tuple(int(p) for p in patch_size)
     shape = tuple(image.shape[1:])
