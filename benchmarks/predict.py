@@ -1,7 +1,7 @@
 """Inference time, in one run with the same random FLARE24 weights: ours end to end (``cli.py predict``), nnU-Net v2's
 ``nnUNetPredictor`` end to end, the three sliding-window implementations (ours, nnU-Net's, MONAI's
 ``sliding_window_inference``) on the same preprocessed array, and the lower bound (number of windows x one
-window's forward time, fp32 and bf16).
+window's forward time, fp32 and bf16, in our channels-last layout and in the contiguous one).
 
 Cases: (a) a synthetic 512 x 512 x 200 CT-like scan at 0.8 x 0.8 x 2.5 mm, (b) the real chest CT
 ``../shared/data/Dataset002_LungCT/imagesTs/LUNG1_0000.nii.gz`` (BSD-3-Clause, see its LICENSE.md).
@@ -273,18 +273,23 @@ def in_process(image_path: Path, model_dir: Path, ours_state: dict, args) -> tup
         note = f"Dice vs ours {dice(masks['ours'], masks['monai']):.3f}" if "ours" in masks else ""
         rows.append(("MONAI sliding_window_inference (bf16, Gaussian, batch 2)", seconds, counting.windows, None, note))
     if "bound" not in args.skip:
+        from lightning_flare.inference import channels_last_forward
+
         windows = info.get("nnunet_windows") or _nnunet_window_count(tuple(reversed(array.shape)))
         x = torch.randn(1, 1, *PATCH)
+        layouts = (("channels-last", channels_last_forward(net), "ours' layout on the CPU"),
+                   ("contiguous", net, "nnU-Net's and MONAI's layout"))
         for label, autocast in (("fp32", False), ("bf16", True)):
-            def forward():
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                    net(x)
+            for layout, fn, note in layouts:
+                def forward():
+                    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                        fn(x)
 
-            forward()  # warm-up
-            torch.set_num_threads(THREADS)
-            one = statistics.median(time_it(forward)[0] for _ in range(args.repeats))
-            rows.append((f"lower bound {label} ({windows} windows x {one:.2f} s)", windows * one, windows, None,
-                         "one window, batch 1"))
+                forward()  # warm-up
+                torch.set_num_threads(THREADS)
+                one = statistics.median(time_it(forward)[0] for _ in range(args.repeats))
+                rows.append((f"lower bound {label} {layout} ({windows} windows x {one:.2f} s)", windows * one, windows,
+                             None, f"one window, batch 1, {note}"))
     import torchio as tio
 
     padded = torch.zeros(1, *(max(s, p) for s, p in zip(array.shape, PATCH)), dtype=torch.uint8)
@@ -353,14 +358,17 @@ def main(argv=None) -> int:
         inner, info = in_process(image, model_dir, ours_state, args) if {"sliding", "monai", "bound"} - set(args.skip) \
             else ([], {})
         reference = e2e.get("nnunet", {}).get("seconds")
-        bound = next((r[1] for r in inner if r[0].startswith("lower bound bf16")), None)
+        bound = next((r[1] for r in inner if r[0].startswith("lower bound bf16 channels-last")), None)
+        network = (e2e.get("ours", {}).get("stages") or {}).get("network")
+        if network not in (None, ""):
+            rows.append(("ours network stage inside cli.py predict", float(network), None, "", "efficiency.csv"))
         table = []
         for label, seconds, windows, rss, note in rows + [(r[0], r[1], r[2], r[3], r[4]) for r in inner]:
             table.append([label, seconds, windows if windows is not None else "", rss or "",
                           reference / seconds if reference else float("nan"),
                           seconds / bound if bound else float("nan"), note])
         print(format_table(
-            ["method", "seconds", "windows", "peak RSS / PSS MB", "nnU-Net e2e / this", "this / bound bf16", "notes"], table,
+            ["method", "seconds", "windows", "peak RSS / PSS MB", "nnU-Net e2e / this", "this / bound bf16 ours' layout", "notes"], table,
             f"{name}: {image.name} {size} voxels at {tuple(round(s, 3) for s in spacing)} mm -> "
             f"{info.get('preprocessed_shape', '?')} (x, y, z) at {SPACING} mm; ours' grid "
             f"{info.get('ours_grid_windows', '?')} windows, nnU-Net's {info.get('nnunet_windows', '?')}"))

@@ -17,8 +17,7 @@ def main(config: str = DEMO_CONFIG) -> int:
 
     shutil.rmtree(RUN_DIR / "checkpoints", ignore_errors=True)
     start = time.time()
-    # validation during fit without mirroring TTA (8x cheaper); the config's TTA applies to test and predict
-    cli.main(["fit", "--config", config, "--model.tta", "false"])
+    cli.main(["fit", "--config", config])
     fit_minutes = (time.time() - start) / 60
     ckpt = RUN_DIR / "checkpoints" / "last.ckpt"
     test = cli.main(["test", "--config", config, "--ckpt_path", str(ckpt), "--trainer.logger", "false"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from copy import deepcopy
 from typing import Sequence
 
 import numpy as np
@@ -33,6 +34,27 @@ def window_batch_size(value: int | str, device: torch.device | str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"sw_batch_size must be a positive integer or 'auto', got {value!r}")
     return value
+
+
+def use_channels_last(value: bool | str, device: torch.device | str) -> bool:
+    """Whether windows run in the channels-last 3D layout; ``"auto"``: on the CPU, where oneDNN then runs the
+    3D convolutions without reordering every input and output (benchmarks/window_forward.py)."""
+    if value == "auto":
+        return torch.device(device).type == "cpu"
+    if not isinstance(value, bool):
+        raise ValueError(f"channels_last must be true, false or 'auto', got {value!r}")
+    return value
+
+
+def channels_last_forward(net: nn.Module):
+    """A forward function running a channels-last copy of ``net`` (``net`` itself is left untouched): a
+    convolution keeps the channels-last layout only when its weight has it too."""
+    copy = deepcopy(net).to(memory_format=torch.channels_last_3d)
+
+    def forward(x: torch.Tensor):
+        return copy(x.contiguous(memory_format=torch.channels_last_3d))
+
+    return forward
 
 
 def nnunet_steps(size: int, patch: int, step: float) -> list[int]:
@@ -127,12 +149,14 @@ def sliding_window_logits(
     device: torch.device | str | None = None,
     weighting: str = "hann",
     steps: str = "torchio",
+    channels_last: bool | str = "auto",
 ) -> torch.Tensor:
     """Class logits (C, x, y, z), float32 on the network's device, for a normalised (1, x, y, z) image.
 
     Volumes smaller than the window are padded (and cropped back). ``mirror_axes`` enables nnU-Net's
     test-time mirroring over the given spatial axes (all 2^n flips averaged). ``weighting``: 'hann' (TorchIO)
-    or 'gaussian' (nnU-Net); ``steps``: TorchIO's window grid or nnU-Net's ('nnunet', as ``nnUNetPredictor``).
+    or 'gaussian' (nnU-Net); ``steps``: TorchIO's window grid or nnU-Net's ('nnunet', as ``nnUNetPredictor``);
+    ``channels_last``: see ``use_channels_last``.
     """
     device = torch.device(device) if device is not None else next(net.parameters()).device
     patch_size = tuple(int(p) for p in patch_size)
@@ -147,6 +171,7 @@ def sliding_window_logits(
     sampler = _SlicingGridSampler(subject, patch_size, grid_overlap(patch_size, overlap), steps, 1 - overlap)
     aggregator = DeviceGridAggregator(sampler, weighting)
     flips = _flip_sets(mirror_axes)
+    forward = channels_last_forward(net) if use_channels_last(channels_last, device) else net
     for start in range(0, len(sampler), batch_size):
         items = [sampler[i] for i in range(start, min(start + batch_size, len(sampler)))]
         windows = torch.stack([w for w, _ in items]).to(device)
@@ -155,7 +180,7 @@ def sliding_window_logits(
         with autocast_context(device, autocast):
             for dims in flips:
                 x = torch.flip(windows, dims) if dims else windows
-                out = net(x)
+                out = forward(x)
                 out = out[0] if isinstance(out, (list, tuple)) else out
                 out = (torch.flip(out, dims) if dims else out).float()
                 logits = out if logits is None else logits + out

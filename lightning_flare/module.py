@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inference import autocast_context, sliding_window_logits, window_batch_size
+from .inference import autocast_context, sliding_window_logits, use_channels_last, window_batch_size
 from .loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets
 from .metrics import FlareMetrics
 from .plan import Plan
@@ -45,6 +45,8 @@ class FlareSegmentationModule(L.LightningModule):
         min_component_ml: float | str = 0.0,
         sw_weighting: str = "hann",
         sw_steps: str = "torchio",
+        sw_channels_last: bool | str = "auto",
+        val_tta: bool | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -61,6 +63,9 @@ class FlareSegmentationModule(L.LightningModule):
         self._last_full = {"val/dsc": 0.0, "val/nsd": 0.0}
         if not (min_component_ml == "auto" or (isinstance(min_component_ml, (int, float)) and min_component_ml >= 0)):
             raise ValueError(f"min_component_ml must be a volume in ml (>= 0) or 'auto', got {min_component_ml!r}")
+        use_channels_last(sw_channels_last, "cpu")  # checks the value
+        if val_tta is not None and not isinstance(val_tta, bool):
+            raise ValueError(f"val_tta must be true, false or null (= tta), got {val_tta!r}")
         self.postprocessing_scores = ComponentThresholdScores()  # candidates scored on every full validation
         self.postprocessing: dict | None = None  # the latest validation choice, kept in the checkpoint
 
@@ -129,16 +134,19 @@ class FlareSegmentationModule(L.LightningModule):
         """Softmax probabilities (C, x, y, z) on the preprocessed grid, for a (1, x, y, z) image."""
         return torch.softmax(self.predict_logits(image), 0)
 
-    def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
-        """Aggregated float32 logits (C, x, y, z) on the preprocessed grid, for a (1, x, y, z) image."""
+    def predict_logits(self, image: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
+        """Aggregated float32 logits (C, x, y, z) on the preprocessed grid, for a (1, x, y, z) image;
+        ``tta`` (mirroring) defaults to the ``tta`` hyper-parameter."""
         if self.plan is None:
             raise RuntimeError("the model has no plan: train it first or load a checkpoint made by lightning_flare")
         hp = self.hparams
+        tta = hp.tta if tta is None else tta
         with self._inference_net() as net:
             logits = sliding_window_logits(net, image, self.plan.patch_size, hp.sw_overlap,
                                            window_batch_size(hp.sw_batch_size, self.device),
-                                           hp.autocast, mirror_axes=(0, 1, 2) if hp.tta else (), device=self.device,
-                                           weighting=hp.get("sw_weighting", "hann"), steps=hp.get("sw_steps", "torchio"))
+                                           hp.autocast, mirror_axes=(0, 1, 2) if tta else (), device=self.device,
+                                           weighting=hp.get("sw_weighting", "hann"), steps=hp.get("sw_steps", "torchio"),
+                                           channels_last=hp.get("sw_channels_last", "auto"))
         return logits
 
     def predict_original_grid(self, item: dict) -> np.ndarray:
@@ -176,7 +184,7 @@ class FlareSegmentationModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> dict | None:
         """Full-volume sliding window (DSC/NSD) every ``full_val_every_n_epochs``; patch pseudo-Dice otherwise."""
         if self._full_validation_epoch():
-            prediction = self.predict_logits(batch["image"]).argmax(0)
+            prediction = self.predict_logits(batch["image"], tta=self.hparams.get("val_tta")).argmax(0)
             self.postprocessing_scores.update(prediction, batch["label"], batch["spacing"])
             if self.hparams.get("min_component_ml", 0.0) not in (0, 0.0, "auto"):
                 kept = remove_small_components(prediction.cpu().numpy(), batch["spacing"], self.min_component_ml())

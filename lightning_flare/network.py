@@ -47,6 +47,29 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+class InstanceNorm3d(nn.InstanceNorm3d):
+    """``nn.InstanceNorm3d`` that keeps a channels-last input channels-last.
+
+    torch's instance_norm makes a contiguous copy and returns a contiguous tensor, which sends every following
+    convolution through a layout reorder. For one sample, instance norm is batch norm with batch statistics, and
+    that kernel works in either layout (float32 statistics, output in the input's dtype). Same parameters and
+    state_dict keys as the parent.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last_3d):
+            return super().forward(x)
+        if x.shape[0] == 1:
+            return self._one(x)
+        out = torch.empty_like(x)  # keeps the layout; one sample's output at a time is the only extra memory
+        for i in range(x.shape[0]):
+            out[i : i + 1] = self._one(x[i : i + 1])
+        return out
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.batch_norm(x, self.weight, self.bias, None, None, True, 0.0, self.eps, False)
+
+
 class ConvDropoutNormReLU(nn.Module):
     """Conv3d (bias) -> InstanceNorm3d (affine) -> LeakyReLU, with 'same' padding."""
 
@@ -55,7 +78,7 @@ class ConvDropoutNormReLU(nn.Module):
         super().__init__()
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride,
                               padding=[(k - 1) // 2 for k in kernel_size], bias=True)
-        self.norm = nn.InstanceNorm3d(out_channels, eps=norm_eps, affine=True)
+        self.norm = InstanceNorm3d(out_channels, eps=norm_eps, affine=True)
         self.nonlin = nn.LeakyReLU(negative_slope, inplace=True)
         # Same modules again under a Sequential: nnU-Net's state_dict has both sets of keys.
         self.all_modules = nn.Sequential(self.conv, self.norm, self.nonlin)
@@ -134,11 +157,19 @@ class UNetDecoder(nn.Module):
         self.seg_layers = nn.ModuleList(seg_layers)
 
     def forward(self, skips: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        x = skips[-1]
+        """Consumes ``skips`` (the encoder's list, emptied as it goes).
+
+        For inference memory, every tensor is released as soon as it is used: a skip once concatenated, the
+        concatenation after the stage's first block (hence the blocks are called one by one, not through the
+        stage module). Autograd keeps what training needs either way.
+        """
+        x = skips.pop()
         outputs = []
         last = len(self.stages) - 1
         for s, (up, stage) in enumerate(zip(self.transpconvs, self.stages)):
-            x = stage(torch.cat((up(x), skips[-(s + 2)]), dim=1))
+            x = torch.cat((up(x), skips.pop()), dim=1)
+            for block in stage.convs:
+                x = block(x)
             if self.deep_supervision or s == last:
                 outputs.append(self.seg_layers[s](x))
         outputs.reverse()  # full resolution first

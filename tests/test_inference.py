@@ -78,3 +78,50 @@ def test_window_batch_size_auto_and_bad_values():
     for bad in (0, -1, "two", 1.5, True):
         with pytest.raises(ValueError, match="sw_batch_size"):
             window_batch_size(bad, "cpu")
+
+
+def test_channels_last_windows_equal_contiguous_windows():
+    from lightning_flare.inference import use_channels_last
+    from lightning_flare.network import PlainConvUNet
+
+    torch.manual_seed(0)
+    net = PlainConvUNet(features_per_stage=(8, 16, 32), strides=(1, 2, 2), deep_supervision=False).eval()
+    image = torch.randn(1, 37, 29, 20)
+    kwargs = dict(patch_size=(16, 12, 8), overlap=0.5, batch_size=2, autocast=False, device="cpu",
+                  mirror_axes=(0,))
+    contiguous = sliding_window_logits(net, image, channels_last=False, **kwargs)
+    channels_last = sliding_window_logits(net, image, channels_last=True, **kwargs)
+    torch.testing.assert_close(channels_last, contiguous, rtol=1e-4, atol=1e-4)
+    assert use_channels_last("auto", "cpu") and not use_channels_last("auto", torch.device("cuda"))
+    assert use_channels_last(False, "cpu") is False
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="channels_last"):
+            use_channels_last(bad, "cpu")
+
+
+def test_validation_mirrors_per_val_tta_and_prediction_per_tta(monkeypatch):
+    import lightning_flare.module as module_file
+    from lightning_flare.network import PlainConvUNet
+    from lightning_flare.plan import IntensityStats, Plan
+
+    calls = []
+
+    def fake(net, image, *args, mirror_axes=(), **kwargs):
+        calls.append((tuple(mirror_axes), kwargs["channels_last"]))
+        return torch.zeros(2, *image.shape[1:])
+
+    monkeypatch.setattr(module_file, "sliding_window_logits", fake)
+    net = PlainConvUNet(features_per_stage=[4, 8, 16, 32])
+    batch = {"image": torch.zeros(1, 8, 8, 8), "label": torch.zeros(8, 8, 8, dtype=torch.uint8),
+             "spacing": (1.0, 1.0, 1.0), "index": 0}
+    for tta, val_tta, expected in [(True, False, ()), (True, None, (0, 1, 2)), (False, True, (0, 1, 2)), (False, None, ())]:
+        module = module_file.FlareSegmentationModule(net, tta=tta, val_tta=val_tta, sw_channels_last=False)
+        module.plan = Plan((1, 1, 1), (8, 8, 8), IntensityStats(-100.0, 100.0, 0.0, 50.0))
+        calls.clear()
+        module.validation_step(batch, 0)
+        module.predict_logits(batch["image"])
+        assert calls == [(expected, False), ((0, 1, 2) if tta else (), False)], (tta, val_tta)
+    with pytest.raises(ValueError, match="val_tta"):
+        module_file.FlareSegmentationModule(net, val_tta="yes")
+    with pytest.raises(ValueError, match="channels_last"):
+        module_file.FlareSegmentationModule(net, sw_channels_last="fast")

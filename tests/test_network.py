@@ -143,3 +143,60 @@ def test_he_init():
 def test_invalid_arguments(kwargs, bad):
     with pytest.raises(ValueError, match=bad):
         PlainConvUNet(**kwargs)
+
+
+CL = torch.channels_last_3d
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_instance_norm_keeps_channels_last_and_matches_hand_computed(batch):
+    from lightning_flare.network import InstanceNorm3d
+
+    torch.manual_seed(0)
+    norm = InstanceNorm3d(4, eps=1e-5, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5, -1.0]))
+        norm.bias.copy_(torch.tensor([0.0, 1.0, -1.0, 0.25]))
+    x = torch.randn(batch, 4, 5, 4, 3) * 3 + 2
+    xl = x.contiguous(memory_format=CL).requires_grad_()
+    out = norm(xl)
+    assert out.is_contiguous(memory_format=CL) and not out.is_contiguous()
+    mean = x.mean(dim=(2, 3, 4), keepdim=True)
+    var = x.var(dim=(2, 3, 4), unbiased=False, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + 1e-5) * norm.weight.view(1, -1, 1, 1, 1) + norm.bias.view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # gradients (training) equal torch's instance norm on the contiguous tensor
+    xc = x.clone().requires_grad_()
+    grad = torch.randn_like(x)
+    out.backward(grad)
+    nn.functional.instance_norm(xc, weight=norm.weight, bias=norm.bias, eps=1e-5).backward(grad)
+    torch.testing.assert_close(xl.grad, xc.grad, rtol=1e-4, atol=1e-5)
+    assert norm(x).is_contiguous()  # contiguous input: the parent's path
+
+
+def test_channels_last_network_matches_contiguous_and_stays_channels_last():
+    from lightning_flare.inference import channels_last_forward
+
+    torch.manual_seed(0)
+    net = PlainConvUNet(features_per_stage=(8, 16, 32), strides=(1, 2, 2), deep_supervision=False).eval()
+    seen = []
+    for name, m in net.named_modules():
+        if isinstance(m, nn.InstanceNorm3d) and not name.startswith("decoder.encoder"):
+            m.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=CL) and not o.is_contiguous()))
+    x = torch.randn(2, 1, 16, 12, 8)
+    with torch.no_grad():
+        reference = net(x)
+        seen.clear()
+        out = channels_last_forward(net)(x)
+    # every norm after the first block runs channels-last (the 1-channel input's first conv cannot tell layouts)
+    assert sum(seen) >= len(seen) - 2 and len(seen) == 10
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+    assert all(p.is_contiguous() for p in net.parameters())  # the module's own weights are left as they were
+
+
+def test_decoder_consumes_the_skip_list():
+    net = PlainConvUNet(features_per_stage=(4, 8, 16), strides=(1, 2, 2), deep_supervision=True).eval()
+    skips = net.encoder(torch.randn(1, 1, 8, 8, 8))
+    assert len(skips) == 3
+    outputs = net.decoder(skips)
+    assert skips == [] and [tuple(o.shape[2:]) for o in outputs] == [(8, 8, 8), (4, 4, 4)]
