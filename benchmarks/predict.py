@@ -15,7 +15,9 @@ from our (x, y, z) to nnU-Net's (z, y, x)); our checkpoint is made from that fol
 Settings: window 128 x 128 x 96 (x, y, z), step 0.5, no test-time mirroring, 2 torch threads everywhere.
 Ours: bf16 autocast, Hann weighting; nnU-Net: Gaussian weighting, fp32 (nnU-Net never autocasts on the CPU);
 MONAI: Gaussian weighting, sw_batch_size 2, bf16 autocast. End-to-end runs are subprocesses (start-up, reading,
-preprocessing, inference, resampling back, writing) with their wall time and peak resident memory.
+preprocessing, inference, resampling back, writing) with their wall time and peak resident memory. Ours and
+every in-process measurement run with THP_MEM_ALLOC_ENABLE=1 (cli.py's setting); nnU-Net's end-to-end process
+without it.
 
 Run with the benchmark environment:  .venv-bench/bin/python benchmarks/predict.py  (see benchmarks/README.md)
 """
@@ -34,6 +36,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+# Our processes ask torch's CPU allocator for transparent huge pages (cli.py sets this before importing torch);
+# the in-process measurements (sliding windows, lower bounds) run under the same allocator setting, and
+# nnU-Net's end-to-end process runs as its users run it, without (child_env).
+os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
 
 import numpy as np
 
@@ -145,7 +152,9 @@ def run_nnunet(case_id: str, image: Path, model_dir: Path, out_dir: Path, proces
     payload = json.dumps({"image": str(image), "model_dir": str(model_dir), "output": str(out_dir / case_id),
                           "processes": processes})
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "nnunet", "--child-args", payload]
-    result = run_measured(cmd, env=child_env(), cwd=REPO, log=log)
+    env = child_env()
+    env.pop("THP_MEM_ALLOC_ENABLE")  # as nnU-Net runs for its users
+    result = run_measured(cmd, env=env, cwd=REPO, log=log)
     if result["returncode"] != 0:
         raise SystemExit(f"nnU-Net (nnUNetPredictor) failed, see {log}:\n{result['output'][-3000:]}")
     for line in result["output"].splitlines():
@@ -224,12 +233,14 @@ def in_process(image_path: Path, model_dir: Path, ours_state: dict, args) -> tup
     net.eval()
 
     class Wrapped(nn.Module):  # sliding_window_logits needs an nn.Module (device from its parameters)
+        windows = 0  # on the class: sliding_window_logits runs a (channels-last) copy of the module
+
         def __init__(self, inner):
             super().__init__()
-            self.inner, self.windows = inner, 0
+            self.inner = inner
 
         def forward(self, x):
-            self.windows += x.shape[0]
+            type(self).windows += x.shape[0]
             return self.inner(x)
 
     rows, masks = [], {}

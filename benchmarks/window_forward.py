@@ -1,5 +1,6 @@
 """One sliding window's forward pass on the CPU: the predictor's channels-last layout against the contiguous
-layout (what nnU-Net and MONAI run), fp32 and bf16 autocast, in one run with the same seeded weights.
+layout (what nnU-Net and MONAI run), fp32 and bf16 autocast, with torch's CPU allocator asking for transparent
+huge pages (``THP_MEM_ALLOC_ENABLE=1``, which cli.py sets) or not, in one run with the same seeded weights.
 
 Each (layout, precision) runs in a fresh subprocess, so its peak resident memory is its own: the table gives the
 median seconds per window over ``--repeats`` passes (after one warm-up pass) and the peak RSS added by the passes
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = [("contiguous", "fp32"), ("channels_last", "fp32"), ("contiguous", "bf16"), ("channels_last", "bf16")]
+LAYOUTS, PRECISIONS, HUGE_PAGES = ("contiguous", "channels_last"), ("fp32", "bf16"), ("0", "1")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed passes per subprocess")
     p.add_argument("--rounds", type=int, default=2, help="subprocesses per configuration, alternated")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--huge-pages", nargs="+", choices=HUGE_PAGES, default=list(HUGE_PAGES),
+                   help="THP_MEM_ALLOC_ENABLE values to run (default: both)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -107,34 +110,37 @@ def main(argv=None) -> int:
     if args.child:
         child(json.loads(args.child))
         return 0
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    results: dict = {c: [] for c in CONFIGS}
+    configs = [(p, layout, thp) for p in PRECISIONS for thp in args.huge_pages for layout in LAYOUTS]
+    results: dict = {c: [] for c in configs}
     print(f"load average at start: {os.getloadavg()}")
     for _ in range(args.rounds):
-        for layout, precision in CONFIGS:
+        for precision, layout, thp in configs:
             spec = {"layout": layout, "precision": precision, "patch": args.patch, "batch": args.batch,
                     "repeats": args.repeats, "threads": args.threads}
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+                       THP_MEM_ALLOC_ENABLE=thp)
             run = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, cwd=REPO,
                                  capture_output=True, text=True)
             lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
             if run.returncode or not lines:
-                raise SystemExit(f"{layout} / {precision} failed:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
-            results[(layout, precision)].append(json.loads(lines[-1][len("RESULT "):]))
+                raise SystemExit(f"{layout} / {precision} / THP {thp} failed:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
+            results[(precision, layout, thp)].append(json.loads(lines[-1][len("RESULT "):]))
     print(f"load average at end: {os.getloadavg()}")
     title = (f"FLARE24 network, {args.batch} x {tuple(args.patch)} window(s), {args.threads} threads, "
-             f"{args.rounds} rounds x {args.repeats} passes (median)")
+             f"{args.rounds} rounds x {args.repeats} passes (median); reference: contiguous, "
+             f"THP_MEM_ALLOC_ENABLE={args.huge_pages[0]}, same precision")
     print(f"\n{title}")
-    print("| precision | layout | s / pass | vs contiguous | peak RSS added MB | vs contiguous |")
-    print("|---|---|---|---|---|---|")
-    for precision in ("fp32", "bf16"):
-        base = results[("contiguous", precision)]
-        base_s = statistics.median(r["seconds"] for r in base)
-        base_mb = statistics.median(r["peak_added_mb"] for r in base)
-        for layout in ("contiguous", "channels_last"):
-            runs = results[(layout, precision)]
-            s = statistics.median(r["seconds"] for r in runs)
-            mb = statistics.median(r["peak_added_mb"] for r in runs)
-            print(f"| {precision} | {layout} | {s:.3f} | {s / base_s:.2f}x | {mb:.0f} | {mb / base_mb:.2f}x |")
+    print("| precision | layout | THP_MEM_ALLOC_ENABLE | s / pass | vs reference | peak RSS added MB | vs reference |")
+    print("|---|---|---|---|---|---|---|")
+    for precision in PRECISIONS:
+        def median(key, config):
+            return statistics.median(r[key] for r in results[config])
+
+        reference = (precision, "contiguous", args.huge_pages[0])
+        for config in [c for c in configs if c[0] == precision]:
+            s, mb = median("seconds", config), median("peak_added_mb", config)
+            print(f"| {precision} | {config[1]} | {config[2]} | {s:.3f} | {s / median('seconds', reference):.2f}x | "
+                  f"{mb:.0f} | {mb / median('peak_added_mb', reference):.2f}x |")
     print("\nSame window, both layouts:")
     for line in agreement(args.patch, args.threads):
         print("  " + line)
