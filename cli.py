@@ -4,13 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Idle OpenMP threads sleep instead of spinning: with loader worker processes on few cores, spinning
-# threads starve the workers (measured here: 6-7 s instead of 0.75 s per training step on 2 cores).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# torch's CPU allocator asks for transparent huge pages for tensors of 2 MB and more (read once, at torch's
-# first allocation): fewer page faults for every window's fresh activations (benchmarks/window_forward.py).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
+import lightning_flare  # noqa: F401  (first: it sets torch's environment defaults before torch loads)
 import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
