@@ -20,7 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, format_table  # noqa: E402
+
 LAYOUTS, PRECISIONS, HUGE_PAGES = ("contiguous", "channels_last"), ("fp32", "bf16"), ("0", "1")
 
 
@@ -126,21 +128,20 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{layout} / {precision} / THP {thp} failed:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
             results[(precision, layout, thp)].append(json.loads(lines[-1][len("RESULT "):]))
     print(f"load average at end: {os.getloadavg()}")
-    title = (f"FLARE24 network, {args.batch} x {tuple(args.patch)} window(s), {args.threads} threads, "
-             f"{args.rounds} rounds x {args.repeats} passes (median); reference: contiguous, "
-             f"THP_MEM_ALLOC_ENABLE={args.huge_pages[0]}, same precision")
-    print(f"\n{title}")
-    print("| precision | layout | THP_MEM_ALLOC_ENABLE | s / pass | vs reference | peak RSS added MB | vs reference |")
-    print("|---|---|---|---|---|---|---|")
-    for precision in PRECISIONS:
-        def median(key, config):
-            return statistics.median(r[key] for r in results[config])
+    def median(key, config):
+        return statistics.median(r[key] for r in results[config])
 
+    rows = []
+    for precision, layout, thp in configs:
         reference = (precision, "contiguous", args.huge_pages[0])
-        for config in [c for c in configs if c[0] == precision]:
-            s, mb = median("seconds", config), median("peak_added_mb", config)
-            print(f"| {precision} | {config[1]} | {config[2]} | {s:.3f} | {s / median('seconds', reference):.2f}x | "
-                  f"{mb:.0f} | {mb / median('peak_added_mb', reference):.2f}x |")
+        s, mb = median("seconds", (precision, layout, thp)), median("peak_added_mb", (precision, layout, thp))
+        rows.append([precision, layout, thp, f"{s:.3f}", f"{s / median('seconds', reference):.2f}x", f"{mb:.0f}",
+                     f"{mb / median('peak_added_mb', reference):.2f}x"])
+    print(format_table(["precision", "layout", "THP_MEM_ALLOC_ENABLE", "s / pass", "vs reference",
+                        "peak RSS added MB", "vs reference"], rows,
+                       f"FLARE24 network, {args.batch} x {tuple(args.patch)} window(s), {args.threads} threads, "
+                       f"{args.rounds} rounds x {args.repeats} passes (median); reference: contiguous, "
+                       f"THP_MEM_ALLOC_ENABLE={args.huge_pages[0]}, same precision"))
     print("\nSame window, both layouts:")
     for line in agreement(args.patch, args.threads):
         print("  " + line)
