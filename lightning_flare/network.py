@@ -70,13 +70,34 @@ class InstanceNorm3d(nn.InstanceNorm3d):
         return torch.batch_norm(x, self.weight, self.bias, None, None, True, 0.0, self.eps, False)
 
 
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` that avoids a oneDNN fault under CPU bf16 autocast.
+
+    On CPUs with AVX512_BF16 but no AMX, oneDNN's bf16 backward-weights kernel for a stride-1 convolution
+    whose input depth (the first spatial axis) lies between 1 and the kernel depth (2 for a 3x3x3 kernel)
+    reads uninitialised memory: the weight gradient changes from run to run and can be inf or NaN. Such
+    inputs (the deepest stage of a small patch) are tiny, so they run in float32 instead. Same parameters
+    and state_dict keys as the parent.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _cpu_bf16_autocast(x) and self.stride[0] == 1 and 1 < x.shape[2] < self.kernel_size[0]:
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+def _cpu_bf16_autocast(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 class ConvDropoutNormReLU(nn.Module):
     """Conv3d (bias) -> InstanceNorm3d (affine) -> LeakyReLU, with 'same' padding."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Triple, stride: Triple,
                  norm_eps: float = 1e-5, negative_slope: float = 0.01) -> None:
         super().__init__()
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride,
+        self.conv = Conv3d(in_channels, out_channels, kernel_size, stride,
                               padding=[(k - 1) // 2 for k in kernel_size], bias=True)
         self.norm = InstanceNorm3d(out_channels, eps=norm_eps, affine=True)
         self.nonlin = nn.LeakyReLU(negative_slope, inplace=True)

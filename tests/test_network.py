@@ -200,3 +200,46 @@ def test_decoder_consumes_the_skip_list():
     assert len(skips) == 3
     outputs = net.decoder(skips)
     assert skips == [] and [tuple(o.shape[2:]) for o in outputs] == [(8, 8, 8), (4, 4, 4)]
+
+
+# oneDNN's code paths, newest first: AMX, AVX512_BF16 without AMX (where its bf16 backward-weights kernel
+# misreads inputs of depth 2), AVX-512 without bf16, AVX2. A cap above what this CPU has changes nothing.
+ONEDNN_ISA_CAPS = ["ALL", "AVX512_CORE_BF16", "AVX512_CORE", "AVX2"]
+
+_BF16_GRADIENTS = """
+import torch
+from lightning_flare.network import PlainConvUNet
+torch.manual_seed(0)
+net = PlainConvUNet(features_per_stage=[16, 32, 32, 32], deep_supervision=False)
+x = torch.randn(2, 1, 16, 16, 16)  # the deepest stage sees 2 x 2 x 2
+probe = torch.randn(2, 2, 16, 16, 16)  # a linear objective: its weight gradient is well conditioned
+grads = []
+for _ in range(3):
+    net.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+    (out.float() * probe).mean().backward()
+    grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+assert torch.isfinite(grads[0]).all(), "non-finite weight gradient"
+for g in grads[1:]:
+    assert torch.equal(g, grads[0]), f"weight gradients differ between identical passes by {(g - grads[0]).abs().max()}"
+net.zero_grad(set_to_none=True)
+(net(x) * probe).mean().backward()
+reference = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+error = float((grads[0] - reference).norm() / reference.norm())  # ~0.2 in bf16 here; the fault gives 1e30+
+assert error < 0.5, f"bf16 weight gradient {error:.3g} (relative) away from float32"
+"""
+
+
+@pytest.mark.parametrize("isa", ONEDNN_ISA_CAPS)
+def test_bf16_weight_gradients_are_deterministic_on_every_onednn_path(isa):
+    """Identical bf16 passes give identical, finite weight gradients close to float32's, whichever kernels
+    oneDNN picks on this CPU (each cap in a fresh process: oneDNN reads it once)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-c", _BF16_GRADIENTS], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-2000:]
