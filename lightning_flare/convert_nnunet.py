@@ -21,6 +21,7 @@ import torch
 from .io import atomic_write
 from .network import PlainConvUNet
 from .plan import IntensityStats, Plan
+from .raw_dataset import parse_labels
 
 NET_CLASS_PATH = "lightning_flare.network.PlainConvUNet"
 
@@ -106,13 +107,9 @@ def _architecture(config: Mapping[str, Any]) -> dict:
             "n_conv_per_stage_decoder": config["n_conv_per_stage_decoder"], "norm_eps": 1e-5, "negative_slope": 0.01}
 
 
-def _labels(dataset: Mapping[str, Any]) -> dict[str, int]:
-    labels = dataset.get("labels", {"background": 0, "tumor": 1})
-    values = list(labels.values())
-    if "ignore" in labels or any(type(v) is not int for v in values) or sorted(values) != list(range(len(values))):
-        raise ConversionError(f"dataset.json: labels {labels} are not supported (need consecutive ints from 0; "
-                              "no regions, no ignore label)")
-    return {str(k): int(v) for k, v in labels.items()}
+def _labels(dataset: Mapping[str, Any], source: str | Path = "dataset.json") -> dict[str, int]:
+    """{name: int} from dataset.json's labels (ints or "1" strings; DatasetError for regions, ignore, ...)."""
+    return parse_labels(dataset.get("labels", {"background": 0, "tumor": 1}), source=source)
 
 
 def net_kwargs_from_plans(plans: Mapping[str, Any], configuration: str,
@@ -184,6 +181,7 @@ def convert(results_dir: str | Path, fold: str = "all", configuration: str = "3d
 
     root = Path(results_dir)
     plans, dataset = _read_json(root / "plans.json"), _read_json(root / "dataset.json")
+    _labels(dataset, source=root / "dataset.json")  # unsupported labels: the message names the file
     net_kwargs = net_kwargs_from_plans(plans, configuration, dataset)
     plan = plan_from_plans(plans, configuration, dataset)
     ckpt_path = root / f"fold_{fold}" / checkpoint_name
