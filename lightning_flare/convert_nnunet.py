@@ -14,13 +14,14 @@ import pickle
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 
 from .io import atomic_write
 from .network import PlainConvUNet
 from .plan import IntensityStats, Plan
+from .raw_dataset import parse_labels
 
 NET_CLASS_PATH = "lightning_flare.network.PlainConvUNet"
 
@@ -106,13 +107,9 @@ def _architecture(config: Mapping[str, Any]) -> dict:
             "n_conv_per_stage_decoder": config["n_conv_per_stage_decoder"], "norm_eps": 1e-5, "negative_slope": 0.01}
 
 
-def _labels(dataset: Mapping[str, Any]) -> dict[str, int]:
-    labels = dataset.get("labels", {"background": 0, "tumor": 1})
-    values = list(labels.values())
-    if "ignore" in labels or any(type(v) is not int for v in values) or sorted(values) != list(range(len(values))):
-        raise ConversionError(f"dataset.json: labels {labels} are not supported (need consecutive ints from 0; "
-                              "no regions, no ignore label)")
-    return {str(k): int(v) for k, v in labels.items()}
+def _labels(dataset: Mapping[str, Any], source: str | Path = "dataset.json") -> dict[str, int]:
+    """{name: int} from dataset.json's labels (ints or "1" strings; DatasetError for regions, ignore, ...)."""
+    return parse_labels(dataset.get("labels", {"background": 0, "tumor": 1}), source=source)
 
 
 def net_kwargs_from_plans(plans: Mapping[str, Any], configuration: str,
@@ -177,15 +174,32 @@ def load_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def convert(results_dir: str | Path, fold: str = "all", configuration: str = "3d_fullres",
+def choose_configuration(requested: str | None, trained: str | None, results_dir: str | Path,
+                         known: Collection[str], source: str | Path) -> tuple[str, str]:
+    """(configuration, why): the one asked for, else as trained (the checkpoint's init_args, then the results
+    folder name TRAINER__PLANS__CONFIGURATION when plans.json has it), else 3d_fullres. Asking for another than
+    the trained one is an error."""
+    if requested is not None:
+        if trained not in (None, requested):
+            raise ConversionError(f"{source}: trained with configuration {trained!r}, not {requested!r} "
+                                  "(leave out --configuration to convert it as trained)")
+        return requested, "--configuration"
+    if trained is not None:
+        return str(trained), "as trained: the checkpoint's init_args"
+    parts = Path(results_dir).resolve().name.split("__")
+    if len(parts) == 3 and parts[2] in known:
+        return parts[2], f"as trained: the results folder name {Path(results_dir).resolve().name!r}"
+    return "3d_fullres", "default: neither the checkpoint nor the folder name says"
+
+
+def convert(results_dir: str | Path, fold: str = "all", configuration: str | None = None,
             checkpoint_name: str = "checkpoint_final.pth") -> dict:
-    """The Lightning checkpoint dict for one fold of an nnU-Net v2 results folder."""
+    """The Lightning checkpoint dict for one fold of an nnU-Net v2 results folder; ``configuration`` None:
+    the one the checkpoint was trained with (see ``choose_configuration``)."""
     import lightning
 
     root = Path(results_dir)
-    plans, dataset = _read_json(root / "plans.json"), _read_json(root / "dataset.json")
-    net_kwargs = net_kwargs_from_plans(plans, configuration, dataset)
-    plan = plan_from_plans(plans, configuration, dataset)
+    plans = _read_json(root / "plans.json")
     ckpt_path = root / f"fold_{fold}" / checkpoint_name
     if not ckpt_path.is_file():
         folds = sorted(p.name for p in root.glob("fold_*"))
@@ -193,18 +207,31 @@ def convert(results_dir: str | Path, fold: str = "all", configuration: str = "3d
     source = load_checkpoint(ckpt_path)
     if "network_weights" not in source:
         raise ConversionError(f"{ckpt_path}: no 'network_weights' (keys: {sorted(source)})")
-    if (trained_config := (source.get("init_args") or {}).get("configuration")) not in (None, configuration):
-        raise ConversionError(f"{ckpt_path}: trained with configuration {trained_config!r}, not {configuration!r}")
+    init_args = source.get("init_args") or {}
+    dataset_path = root / "dataset.json"
+    if not dataset_path.is_file() and isinstance(init_args.get("dataset_json"), dict):
+        dataset, dataset_source = init_args["dataset_json"], f"{ckpt_path} init_args['dataset_json']"
+    else:  # nnU-Net writes dataset.json beside plans.json; its checkpoints carry a copy
+        dataset, dataset_source = _read_json(dataset_path), str(dataset_path)
+    _labels(dataset, source=dataset_source)  # unsupported labels: the message names the file
+    if configuration is not None:
+        resolve_configuration(plans, configuration)  # a name plans.json lacks: say so, with the names it has
+    configuration, why = choose_configuration(configuration, init_args.get("configuration"), root,
+                                               known=plans.get("configurations", {}), source=ckpt_path)
+    net_kwargs = net_kwargs_from_plans(plans, configuration, dataset)
+    plan = plan_from_plans(plans, configuration, dataset)
     state_dict = convert_state_dict(source["network_weights"], axis_map(plans))
     try:  # our PlainConvUNet must take the converted weights with strict=True
         PlainConvUNet(**net_kwargs).load_state_dict({k[len("net."):]: v for k, v in state_dict.items()}, strict=True)
     except RuntimeError as err:
-        raise ConversionError(f"{ckpt_path}: weights do not fit PlainConvUNet({net_kwargs}): {str(err)[:800]}") from err
+        raise ConversionError(f"{ckpt_path}: weights do not fit PlainConvUNet({net_kwargs}) of configuration "
+                              f"{configuration!r} ({why}): {str(err)[:800]}") from err
     return {"state_dict": state_dict, "plan": plan.to_dict(),
             "hyper_parameters": {"net": {"class_path": NET_CLASS_PATH, "init_args": net_kwargs}},
             "net_init_args": net_kwargs, "pytorch-lightning_version": lightning.__version__, "epoch": 0,
             "global_step": 0,
-            "nnunet": {"configuration": configuration, "fold": str(fold), "source": str(ckpt_path.resolve()),
+            "nnunet": {"configuration": configuration, "configuration_source": why, "fold": str(fold),
+                       "source": str(ckpt_path.resolve()), "dataset_json": dataset_source,
                        "trainer_name": source.get("trainer_name"), "plans_name": plans.get("plans_name"),
                        "dataset_name": plans.get("dataset_name"), "transpose_forward": plans.get("transpose_forward")}}
 
@@ -213,9 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lightning_flare.convert_nnunet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results_dir", help="nnU-Net results folder holding plans.json, dataset.json, fold_X/")
-    for flag, default in (("--fold", "all"), ("--configuration", "3d_fullres"),
-                          ("--checkpoint-name", "checkpoint_final.pth"), ("--output", "model.ckpt")):
+    for flag, default in (("--fold", "all"), ("--checkpoint-name", "checkpoint_final.pth"), ("--output", "model.ckpt")):
         parser.add_argument(flag, default=default, help=f"default: {default}")
+    parser.add_argument("--configuration", help="default: as trained (the checkpoint's init_args, else the folder "
+                        "name TRAINER__PLANS__CONFIGURATION, else 3d_fullres); another than the trained one is an error")
     parser.add_argument("--config", help="optional YAML config whose model.net is compared with the converted one")
     args = parser.parse_args(argv)
     try:
@@ -235,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     snippet = {"model": {"net": checkpoint["hyper_parameters"]["net"]},
                "data": {"target_spacing": plan["target_spacing"], "patch_size": plan["patch_size"],
                         "intensity_stats": plan["intensity"]}}
+    info = checkpoint["nnunet"]
+    print(f"configuration {info['configuration']!r} ({info['configuration_source']}); labels from {info['dataset_json']}")
     print(f"wrote {args.output} ({len(checkpoint['state_dict'])} tensors). The checkpoint carries model.net and the "
           "plan, so `cli.py predict --ckpt_path` uses them; the matching YAML is:")
     print(yaml.safe_dump(snippet, default_flow_style=None, sort_keys=False))

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -28,6 +29,49 @@ class DatasetError(ValueError):
     """A dataset folder or file that cannot be used; the message names the file and the problem."""
 
 
+_EXAMPLE = '(e.g. {"background": 0, "tumor": 1})'
+
+
+def _label_value(name: str, value: Any, source: str | Path) -> int:
+    """One label's value as an int: 1, 1.0, "1" or [1] (a one-value list is no region in nnU-Net)."""
+    if isinstance(value, (list, tuple)) and len(value) > 1:
+        raise DatasetError(f"{source}: label {name!r} has the value {value!r}, a region (several label values); "
+                           "region-based training is not supported: give each label one integer")
+    original, value = value, (value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value)
+    if isinstance(value, int) and not isinstance(value, bool):  # JSON true is no label value
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # nnU-Net int()s values; 1.5 is rejected here rather than silently read as 1
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value):
+        return int(value)  # FLARE24 writes {"background": "0", "tumor": "1"}
+    raise DatasetError(f"{source}: label {name!r} has the value {original!r}; a label value must be a "
+                       'non-negative integer, written 1 or "1"')
+
+
+def parse_labels(labels: Any, source: str | Path) -> dict[str, int]:
+    """dataset.json's ``labels`` as {name: int}, in the forms nnU-Net v2 accepts for a non-region dataset.
+
+    Values may be ints, integral floats (1.0), integer strings ("1", as FLARE24's own dataset.json) or one-value
+    lists. Errors (DatasetError naming ``source`` and the value): regions (lists of several values), nnU-Net's
+    "ignore" label, bools, other strings or floats, a background that is missing or not 0, values that are not
+    0, 1, ..., n-1.
+    """
+    if not isinstance(labels, dict) or not labels:
+        raise DatasetError(f"{source}: needs a 'labels' mapping {_EXAMPLE}, got {labels!r}")
+    if "ignore" in labels:
+        raise DatasetError(f"{source}: label 'ignore' (value {labels['ignore']!r}) is nnU-Net's ignore label for "
+                           "sparse annotations, which is not supported: annotate every voxel and remove it")
+    parsed = {str(name): _label_value(str(name), value, source) for name, value in labels.items()}
+    if "background" not in parsed:
+        raise DatasetError(f"{source}: label 'background' is missing; it must be 0 {_EXAMPLE}, got {labels}")
+    if parsed["background"] != 0:
+        raise DatasetError(f"{source}: label 'background' is {labels['background']!r}; it must be 0 {_EXAMPLE}")
+    if (values := sorted(parsed.values())) != list(range(len(values))):
+        raise DatasetError(f"{source}: label values must be consecutive integers from 0, each used once "
+                           f"(0, 1, ..., {len(values) - 1}), got {values} in {labels}")
+    return parsed
+
+
 @dataclass
 class RawDataset:
     root: Path
@@ -35,7 +79,7 @@ class RawDataset:
 
     @property
     def labels(self) -> dict[str, int]:
-        return {str(k): int(v) for k, v in self.meta["labels"].items()}
+        return parse_labels(self.meta.get("labels"), source=self.root / "dataset.json")
 
     @property
     def file_ending(self) -> str:
@@ -85,14 +129,9 @@ def load_raw_dataset(root: str | Path) -> RawDataset:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise DatasetError(f"{meta_path}: cannot be parsed as JSON ({err})") from err
-    if not isinstance(meta, dict) or not isinstance(meta.get("labels"), dict) or "background" not in meta["labels"]:
-        raise DatasetError(f"{meta_path}: needs a 'labels' mapping with 'background' (e.g. {{\"background\": 0, \"tumor\": 1}})")
-    try:
-        values = sorted(int(v) for v in meta["labels"].values())
-    except (TypeError, ValueError) as err:
-        raise DatasetError(f"{meta_path}: label values must be integers, got {meta['labels']}") from err
-    if values != list(range(len(values))):
-        raise DatasetError(f"{meta_path}: label values must be consecutive from 0, got {values}")
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{meta_path}: must hold a JSON object, got {type(meta).__name__}")
+    parse_labels(meta.get("labels"), source=meta_path)
     return RawDataset(root, meta)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .io import read_image
-from .raw_dataset import IMAGE_SUFFIXES, DatasetError
+from .raw_dataset import IMAGE_SUFFIXES, DatasetError, parse_labels
 
 TOLERANCE = 1e-3  # mm for spacing/origin, unitless for direction cosines
 MAX_SPACING_MM = 10.0
@@ -57,15 +57,11 @@ def _check_meta(root: Path, report: VerificationReport) -> tuple[str, set[int] |
     if not isinstance(file_ending, str) or not file_ending.startswith("."):
         error(f"needs 'file_ending' (e.g. \".nii.gz\"), got {file_ending!r}")
         file_ending = ".nii.gz"
-    labels, values = meta.get("labels"), None
-    if not isinstance(labels, dict) or labels.get("background") != 0:
-        error("needs a 'labels' mapping with \"background\": 0 (e.g. {\"background\": 0, \"tumor\": 1})")
-    elif not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
-        error(f"label values must be integers (region-based labels are not supported), got {labels}")
-    elif sorted(labels.values()) != list(range(len(labels))):
-        error(f"label values must be consecutive integers from 0, got {sorted(labels.values())}")
-    else:
-        values = set(labels.values())
+    try:
+        values = set(parse_labels(meta.get("labels"), source=path).values())
+    except DatasetError as err:  # the message starts with the path
+        report.errors.append(str(err))
+        values = None
     channels = meta.get("channel_names", meta.get("modality"))
     if not isinstance(channels, dict) or not channels:
         error("needs 'channel_names' (e.g. {\"0\": \"CT\"})")

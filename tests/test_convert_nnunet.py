@@ -8,7 +8,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from lightning_flare.convert_nnunet import ConversionError, convert, main, net_kwargs_from_plans
+from lightning_flare.convert_nnunet import ConversionError, choose_configuration, convert, main, net_kwargs_from_plans
 from lightning_flare.network import PlainConvUNet
 from lightning_flare.plan import Plan
 
@@ -183,4 +183,132 @@ def test_cli_predict_with_converted_checkpoint(tmp_path):
               "--trainer.default_root_dir", str(tmp_path), *plan_args])
     mask = sitk.ReadImage(str(out / "CASE.nii.gz"))
     assert mask.GetSize() == image.GetSize()
+    assert set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1}
+
+
+# ------------------------------------------------------------- the published FLARE24 results folder's structure
+FLARE24 = Path(__file__).resolve().parent / "data" / "flare24_results"
+FLARE24_CONFIGURATION = "3d_fullres_S4D2W32"
+FLARE24_FOLDER = f"nnUNetTrainer_Epoch2000_Lr1e3__nnUNetPlans__{FLARE24_CONFIGURATION}"
+
+
+def make_flare24_results(root: Path, init_configuration: str | None = FLARE24_CONFIGURATION,
+                         with_dataset_json: bool = True) -> Path:
+    """The FLARE24 plans.json / dataset.json / dataset_fingerprint.json copies and a fold_all checkpoint as
+    nnU-Net writes it (init_args: configuration, fold, dataset_json with string labels), random weights."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet as Reference
+
+    dataset = json.loads((FLARE24 / "dataset.json").read_text())
+    root.mkdir(parents=True)
+    names = ("plans.json", "dataset.json", "dataset_fingerprint.json") if with_dataset_json else ("plans.json",)
+    for name in names:
+        (root / name).write_bytes((FLARE24 / name).read_bytes())
+    torch.manual_seed(0)
+    net = Reference(1, 4, [32, 64, 128, 256], nn.Conv3d, [[3, 3, 3]] * 4, [[1, 1, 1]] + [[2, 2, 2]] * 3,
+                    [2, 2, 2, 2], 2, [2, 2, 2], conv_bias=True, norm_op=nn.InstanceNorm3d,
+                    norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+                    nonlin_kwargs={"inplace": True}, deep_supervision=True)
+    init_args = {"plans": json.loads((FLARE24 / "plans.json").read_text()), "fold": "all", "dataset_json": dataset}
+    if init_configuration is not None:
+        init_args["configuration"] = init_configuration
+    (root / "fold_all").mkdir()
+    torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer_Epoch2000_Lr1e3",
+                "init_args": init_args, "current_epoch": 2000}, root / "fold_all" / "checkpoint_final.pth")
+    return root
+
+
+def _assert_flare24_network(checkpoint: dict) -> None:
+    from lightning_flare.network import count_parameters
+
+    net = PlainConvUNet(**checkpoint["net_init_args"])
+    net.load_state_dict({k[len("net."):]: v for k, v in checkpoint["state_dict"].items()}, strict=True)
+    assert count_parameters(net) == 5_602_950
+    plan = Plan.from_dict(checkpoint["plan"])
+    assert plan.target_spacing == (2.0, 2.0, 3.0) and plan.patch_size == (128, 128, 96)
+    assert plan.labels == {"background": 0, "tumor": 1} and all(type(v) is int for v in plan.labels.values())
+    assert (plan.intensity.clip_low, plan.intensity.clip_high) == (-900.0, 619.0)
+
+
+def test_flare24_folder_converts_as_trained(tmp_path, capsys):
+    """String labels and the configuration '3d_fullres_S4D2W32' come from the folder itself: no flag needed."""
+    root = make_flare24_results(tmp_path / FLARE24_FOLDER)
+    out = tmp_path / "model.ckpt"
+    assert main([str(root), "--fold", "all", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"configuration '{FLARE24_CONFIGURATION}' (as trained: the checkpoint's init_args)" in printed
+    checkpoint = torch.load(out, map_location="cpu", weights_only=True)
+    _assert_flare24_network(checkpoint)
+    assert checkpoint["nnunet"]["configuration"] == FLARE24_CONFIGURATION
+    assert checkpoint["nnunet"]["trainer_name"] == "nnUNetTrainer_Epoch2000_Lr1e3"
+    assert convert(root, configuration=FLARE24_CONFIGURATION)["net_init_args"] == checkpoint["net_init_args"]
+
+
+def test_flare24_disagreeing_configuration_is_an_error(tmp_path, capsys):
+    root = make_flare24_results(tmp_path / FLARE24_FOLDER)
+    with pytest.raises(ConversionError, match=f"trained with configuration '{FLARE24_CONFIGURATION}', not '3d_fullres'"):
+        convert(root, configuration="3d_fullres")
+    assert main([str(root), "--configuration", "3d_fullres", "--output", str(tmp_path / "x.ckpt")]) == 1
+    assert "checkpoint_final.pth: trained with configuration" in capsys.readouterr().err
+    assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_configuration_from_folder_name_then_default(tmp_path):
+    """No configuration in the checkpoint: the folder name's TRAINER__PLANS__CONFIGURATION, else 3d_fullres."""
+    named = make_flare24_results(tmp_path / FLARE24_FOLDER, init_configuration=None)
+    checkpoint = convert(named)
+    assert checkpoint["nnunet"]["configuration"] == FLARE24_CONFIGURATION
+    assert "folder name" in checkpoint["nnunet"]["configuration_source"]
+    _assert_flare24_network(checkpoint)
+    unnamed = make_flare24_results(tmp_path / "model", init_configuration=None)
+    with pytest.raises(ConversionError, match="weights do not fit"):  # 3d_fullres: the 6-stage network
+        convert(unnamed)
+    assert net_kwargs_from_plans(json.loads((unnamed / "plans.json").read_text()), "3d_fullres")["strides"][-1] == [2, 2, 1]
+    assert convert(unnamed, configuration=FLARE24_CONFIGURATION)["nnunet"]["configuration_source"] == "--configuration"
+    known = ["3d_fullres", FLARE24_CONFIGURATION]
+    choose = lambda requested, trained, folder: choose_configuration(requested, trained, tmp_path / folder,  # noqa: E731
+                                                                     known=known, source="ckpt")[0]
+    assert choose(None, None, "T__P__3d_lowres") == "3d_fullres"  # a suffix plans.json lacks is no configuration
+    assert choose(None, None, f"T__P__{FLARE24_CONFIGURATION}") == FLARE24_CONFIGURATION
+    assert choose(None, "3d_fullres", f"T__P__{FLARE24_CONFIGURATION}") == "3d_fullres"  # the checkpoint wins
+    assert choose("3d_fullres", None, f"T__P__{FLARE24_CONFIGURATION}") == "3d_fullres"  # so does the user
+
+
+def test_dataset_json_from_checkpoint_when_absent(tmp_path, capsys):
+    """The published model folder holds plans.json and fold_all/ only; the checkpoint carries dataset.json."""
+    root = make_flare24_results(tmp_path / FLARE24_FOLDER, with_dataset_json=False)
+    out = tmp_path / "model.ckpt"
+    assert main([str(root), "--output", str(out)]) == 0
+    assert "init_args['dataset_json']" in capsys.readouterr().out
+    _assert_flare24_network(torch.load(out, map_location="cpu", weights_only=True))
+
+
+def test_unsupported_labels_name_dataset_json(tmp_path, capsys):
+    root = make_flare24_results(tmp_path / FLARE24_FOLDER)
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": "0", "tumor": ["1", "2"]},
+                                                   "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}))
+    assert main([str(root), "--output", str(tmp_path / "x.ckpt")]) == 1
+    err = capsys.readouterr().err
+    assert f"{root / 'dataset.json'}: label 'tumor' has the value ['1', '2']" in err and "region" in err
+
+
+def test_cli_predict_flare24_yaml_without_flags(tmp_path, monkeypatch):
+    """``cli.py predict --config configs/flare24.yaml --ckpt_path model.ckpt`` with only the input and output
+    folders: the converted plan and network match the paper's YAML. One 128 x 128 x 96 window on the CPU."""
+    import cli
+
+    root = make_flare24_results(tmp_path / FLARE24_FOLDER)
+    ckpt = tmp_path / "model.ckpt"
+    assert main([str(root), "--output", str(ckpt)]) == 0
+    images, out = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(-200, 300, (24, 50, 50)).astype(np.int16))
+    image.SetSpacing((1.6, 1.6, 2.5))  # 40 x 40 x 20 voxels at 2 x 2 x 3 mm: one window
+    image.SetOrigin((-40.0, 12.5, 300.0))
+    sitk.WriteImage(image, str(images / "FLARE_0001_0000.nii.gz"))
+    monkeypatch.chdir(tmp_path)  # the YAML's run folders (runs/flare24/...) are relative
+    cli.main(["predict", "--config", str(ROOT / "configs" / "flare24.yaml"), "--ckpt_path", str(ckpt),
+              "--data.predict_dir", str(images), "--writer.output_dir", str(out)])
+    mask, image = sitk.ReadImage(str(out / "FLARE_0001.nii.gz")), sitk.ReadImage(str(images / "FLARE_0001_0000.nii.gz"))
+    assert mask.GetSize() == image.GetSize() and mask.GetSpacing() == image.GetSpacing()
+    assert mask.GetOrigin() == image.GetOrigin() and mask.GetDirection() == image.GetDirection()
     assert set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1}
