@@ -12,12 +12,13 @@ export WANDB_SILENT ?= true
 venv: $(STAMP)
 
 # torch==2.13.0 is a local CPU build on this kind of machine; installing it first keeps pip from pulling a
-# multi-GB CUDA build when lightning / torchio ask for "torch".
-$(STAMP): pyproject.toml
+# multi-GB CUDA build when lightning / torchio ask for "torch". constraints.txt pins every package to the versions the
+# suite was last run with, so both commands behave the same on a fresh machine next month.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip 2>/dev/null || true
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
