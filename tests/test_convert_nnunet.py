@@ -175,7 +175,8 @@ def test_cli_predict_with_converted_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="data.target_spacing: checkpoint"):  # the paper's YAML alone disagrees
         cli.main(["predict", "--config", str(ROOT / "configs" / "flare24.yaml"), "--ckpt_path", str(ckpt),
                   "--data.predict_dir", str(images), "--trainer.logger", "false", "--trainer.callbacks", "[]",
-                  "--trainer.accelerator", "cpu", "--writer.output_dir", str(out)])
+                  "--trainer.accelerator", "cpu", "--writer.output_dir", str(out),
+                  "--trainer.default_root_dir", str(tmp_path)])
     cli.main(["predict", "--config", str(ROOT / "configs" / "flare24.yaml"), "--ckpt_path", str(ckpt),
               "--data.predict_dir", str(images), "--data.num_workers", "0", "--writer.output_dir", str(out),
               "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.precision", "32",
