@@ -47,14 +47,23 @@ class FlareCLI(LightningCLI):
             self.datamodule.skip_existing_in = str(writers[0].output_dir)
 
 
-def main(args=None) -> FlareCLI:
+BASE_CONFIG = Path(__file__).resolve().parent / "configs" / "base.yaml"
+
+
+def main(args=None, run: bool = True) -> FlareCLI:
+    """``--config`` files apply on top of configs/base.yaml (trainer, W&B logger, callbacks, network)."""
     os.environ.setdefault("WANDB_MODE", "offline")
+    base = {"default_config_files": [str(BASE_CONFIG)]}
+    if not run:  # no subcommand: one parser
+        return FlareCLI(FlareSegmentationModule, FlareDataModule, subclass_mode_model=False, run=False,
+                        parser_kwargs=base, args=args)
     return FlareCLI(
         FlareSegmentationModule,
         FlareDataModule,
         subclass_mode_model=False,
         save_config_callback=LoggerSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={subcommand: base for subcommand in ("fit", "validate", "test", "predict")},
         args=args,
     )
 

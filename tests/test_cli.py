@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import tiny_cli_args
+from conftest import ROOT, tiny_cli_args
 
 import cli
 
@@ -176,3 +176,18 @@ def test_checkpoint_plan_mismatch_names_the_value(trained, tiny_dataset, tmp_pat
     with pytest.raises(ValueError, match=r"data.target_spacing: checkpoint \(4.0, 4.0, 5.0\) != config \(3.0, 3.0, 5.0\)"):
         cli.main(["predict", *args, "--ckpt_path", str(ckpt), "--data.predict_dir", str(tiny_dataset / "imagesTs"),
                   "--writer.output_dir", str(tmp_path / "m"), "--data.target_spacing", "[3.0, 3.0, 5.0]"])
+
+
+@pytest.mark.parametrize("name", ["demo", "flare24", "ibsi_cpu"])
+def test_shipped_configs_compose_with_the_base(name, tmp_path, monkeypatch):
+    """configs/base.yaml holds the shared trainer, logger, callbacks and network; each config adds its own."""
+    monkeypatch.chdir(tmp_path)
+    built = cli.main(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--trainer.logger", "false"], run=False)
+    trainer = built.trainer
+    assert trainer.gradient_clip_val == 12 and trainer.gradient_clip_algorithm == "norm"
+    assert type(trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
+    checkpoints = [c for c in trainer.callbacks if type(c).__name__ == "RunCheckpoint"]
+    assert [c.filename for c in checkpoints] == ["best-epoch{epoch:04d}", "last"]
+    assert any(type(c).__name__ == "PreemptionCheckpoint" for c in trainer.callbacks)
+    assert sum(p.numel() for p in built.model.net.parameters()) == 5_602_950
+    assert trainer.default_root_dir == f"runs/{name}" and trainer.max_epochs > 1
