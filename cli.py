@@ -5,9 +5,9 @@ import os
 from pathlib import Path
 
 import lightning_flare  # noqa: F401  (first: it sets torch's environment defaults before torch loads)
-import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from lightning_flare.checkpoint import load_checkpoint, network_spec
 from lightning_flare.datamodule import FlareDataModule
 from lightning_flare.module import FlareSegmentationModule
 from lightning_flare.writer import NiftiPredictionWriter
@@ -29,15 +29,13 @@ class FlareCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """The checkpoint decides the network (its weights fit no other); the YAML and the command line decide
         everything else (tta, overlap, ...). Lightning's default would let the checkpoint's saved
-        hyper-parameters silently override command-line options such as ``--model.tta true``."""
+        hyper-parameters silently override command-line options such as ``--model.tta true``. The network's
+        class and args are looked up as ``lightning_flare.checkpoint.network_spec`` says."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-        net = checkpoint.get("hyper_parameters", {}).get("net")
-        if net is None and checkpoint.get("net_init_args") is not None:
-            net = {"class_path": "lightning_flare.network.PlainConvUNet", "init_args": checkpoint["net_init_args"]}
+        net = network_spec(load_checkpoint(ckpt_path, trusted_fallback=False))
         if net is not None:
             self.config = self.parser.parse_object({subcommand: {"model": {"net": net}}}, self.config)
 

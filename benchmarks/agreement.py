@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    REPO, SHARED_DATA, arch_kwargs_from_net, convert_and_compare, format_table, nnunet_dataset_json, nnunet_environment, nnunet_plans,
-    require_nnunet, run_measured, synthetic_ct, write_nifti, write_nnunet_model,
+    REPO, SHARED_DATA, convert_and_compare, format_table, nnunet_environment, require_nnunet, run_measured,
+    synthetic_ct, write_nifti,
 )
 from predict import TRAINER_FOLDER, child_env, dice, run_nnunet  # noqa: E402
 
@@ -55,21 +55,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def export_nnunet_folder(ckpt: Path, work: Path) -> Path:
     """Our checkpoint as an nnU-Net v2 results folder; checks that converting it back is lossless."""
+    from lightning_flare.convert_nnunet import ConversionError, export_results_folder
     from lightning_flare.export import load_for_export
 
-    net, plan, info = load_for_export(ckpt)
-    if plan.resampling != "nnunet" or plan.anti_aliasing:
-        raise SystemExit(f"{ckpt}: its plan preprocesses differently from nnU-Net (resampling {plan.resampling!r}, "
-                         f"anti_aliasing {plan.anti_aliasing}); train one with --data.resampling nnunet "
-                         "--data.anti_aliasing false for this comparison")
+    net, plan, _ = load_for_export(ckpt)
     ours = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    stats = {"clip_low": plan.intensity.clip_low, "clip_high": plan.intensity.clip_high,
-             "mean": plan.intensity.mean, "std": plan.intensity.std}
-    plans = nnunet_plans(MODEL_DATASET, plan.patch_size, plan.target_spacing, 2, plan.patch_size, stats,
-                         info["net_init_args"]["features_per_stage"])
-    plans["configurations"]["3d_fullres"]["architecture"] = arch_kwargs_from_net(info["net_init_args"])
-    dataset = nnunet_dataset_json(1) | {"labels": dict(plan.labels)}
-    model_dir = write_nnunet_model(work / "model" / MODEL_DATASET / TRAINER_FOLDER, ours, plans, dataset)
+    model_dir = work / "model" / MODEL_DATASET / TRAINER_FOLDER
+    shutil.rmtree(model_dir, ignore_errors=True)
+    try:
+        export_results_folder(ckpt, model_dir, MODEL_DATASET)
+    except ConversionError as err:  # e.g. a plan that preprocesses differently from nnU-Net
+        raise SystemExit(f"{ckpt}: {err}; train one with --data.resampling nnunet --data.anti_aliasing false for "
+                         "this comparison") from err
     convert_and_compare(model_dir, work / "model" / "converted_back.ckpt", ours, child_env())
     print(f"{ckpt}: plan spacing {plan.target_spacing} mm, patch {plan.patch_size}; nnU-Net folder {model_dir} "
           "(converted back: identical tensors)")

@@ -1,8 +1,9 @@
 """Helpers shared by the benchmark scripts (pipeline.py, predict.py): nnU-Net v2 plans / folders written from
-our configuration, a CT-like synthetic volume generator, process-tree memory sampling and table printing.
+our configuration (through ``lightning_flare.nnunet_compat`` / ``convert_nnunet``), a CT-like synthetic volume
+generator, process-tree memory sampling and table printing.
 
 Axis orders: our arrays are (x, y, z); nnU-Net's are (z, y, x) (``transpose_forward`` [0, 1, 2] on arrays read
-with SimpleITK), so every shape / spacing / kernel written into nnU-Net files is reversed.
+with SimpleITK), so every shape / spacing / kernel written into nnU-Net files is reversed (by the package).
 
 These scripts need the benchmark environment (``make bench-env`` -> ``.venv-bench``: nnunetv2, MONAI and this
 package); see benchmarks/README.md.
@@ -27,7 +28,6 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 FLARE24_STATS = {"clip_low": -900.0, "clip_high": 619.0, "mean": -52.232, "std": 268.799}
 LABELS = {"background": 0, "tumor": 1}
 NNUNET_CONFIGURATION = "3d_fullres"
-NNUNET_PLANS_NAME = "nnUNetPlans"
 
 
 # ----------------------------------------------------------------------------------------------- environment
@@ -60,86 +60,27 @@ def require_nnunet() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- nnU-Net files
-def arch_kwargs_nnunet(features: Sequence[int] = (32, 64, 128, 256), kernel: int = 3,
-                       strides_xyz: Sequence[Sequence[int]] | None = None) -> dict:
-    """nnU-Net ``architecture`` entry equal to our ``PlainConvUNet`` (defaults: the FLARE24 network)."""
-    n = len(features)
-    strides_xyz = strides_xyz or [[1, 1, 1]] + [[2, 2, 2]] * (n - 1)
-    return {
-        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-        "arch_kwargs": {
-            "n_stages": n, "features_per_stage": [int(f) for f in features],
-            "conv_op": "torch.nn.modules.conv.Conv3d",
-            "kernel_sizes": [[kernel] * 3 for _ in range(n)],
-            "strides": [list(reversed([int(v) for v in s])) for s in strides_xyz],
-            "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
-            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-            "dropout_op": None, "dropout_op_kwargs": None,
-            "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
-        },
-        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-    }
-
-
-def arch_kwargs_from_net(init_args: dict) -> dict:
-    """nnU-Net ``architecture`` entry for one of our networks (``PlainConvUNet.init_args``, per-stage lists)."""
-    arch = arch_kwargs_nnunet(init_args["features_per_stage"])
-    zyx = lambda v: [int(v[2]), int(v[1]), int(v[0])]  # noqa: E731
-    arch["arch_kwargs"].update(
-        kernel_sizes=[zyx(k) for k in init_args["kernel_sizes"]], strides=[zyx(s) for s in init_args["strides"]],
-        n_conv_per_stage=[int(n) for n in init_args["n_conv_per_stage"]],
-        n_conv_per_stage_decoder=[int(n) for n in init_args["n_conv_per_stage_decoder"]],
-        norm_op_kwargs={"eps": float(init_args.get("norm_eps", 1e-5)), "affine": True},
-        nonlin_kwargs={"inplace": True, "negative_slope": float(init_args.get("negative_slope", 0.01))})
-    return arch
-
-
+# plans.json / dataset.json / results folders come from the package (lightning_flare.nnunet_compat and
+# lightning_flare.convert_nnunet: the same axis mapping that convert_nnunet reads them back with).
 def nnunet_plans(dataset_name: str, patch_xyz: Sequence[int] = (128, 128, 96),
                  spacing_xyz: Sequence[float] = (2.0, 2.0, 3.0), batch_size: int = 2,
                  median_shape_xyz: Sequence[int] = (205, 205, 167), stats: dict = FLARE24_STATS,
                  features: Sequence[int] = (32, 64, 128, 256)) -> dict:
-    """An nnU-Net v2 ``nnUNetPlans.json`` with one ``3d_fullres`` configuration in the FLARE24 setting
-    (nnU-Net's default resampling: order 3 image / order 1 seg, separate z when anisotropic)."""
-    zyx = lambda v: [v[2], v[1], v[0]]  # noqa: E731
-    resample = "resample_data_or_seg_to_shape"
-    return {
-        "dataset_name": dataset_name,
-        "plans_name": NNUNET_PLANS_NAME,
-        "original_median_spacing_after_transp": [float(s) for s in zyx(spacing_xyz)],
-        "original_median_shape_after_transp": [int(s) for s in zyx(median_shape_xyz)],
-        "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [0, 1, 2],
-        "transpose_backward": [0, 1, 2],
-        "configurations": {NNUNET_CONFIGURATION: {
-            "data_identifier": f"{NNUNET_PLANS_NAME}_{NNUNET_CONFIGURATION}",
-            "preprocessor_name": "DefaultPreprocessor",
-            "batch_size": int(batch_size),
-            "patch_size": [int(p) for p in zyx(patch_xyz)],
-            "median_image_size_in_voxels": [int(s) for s in zyx(median_shape_xyz)],
-            "spacing": [float(s) for s in zyx(spacing_xyz)],
-            "normalization_schemes": ["CTNormalization"],
-            "use_mask_for_norm": [False],
-            "resampling_fn_data": resample,
-            "resampling_fn_seg": resample,
-            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_probabilities": resample,
-            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                   "force_separate_z": None},
-            "architecture": arch_kwargs_nnunet(features),
-            "batch_dice": True,
-        }},
-        "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {"0": {
-            "max": 3071.0, "mean": stats["mean"], "median": stats["mean"], "min": -1024.0,
-            "percentile_00_5": stats["clip_low"], "percentile_99_5": stats["clip_high"], "std": stats["std"]}},
-    }
+    """An nnU-Net v2 ``nnUNetPlans.json`` with one ``3d_fullres`` configuration in the FLARE24 setting (our
+    default ``PlainConvUNet`` with ``features`` per stage, strides 1, 2, 2, ...)."""
+    from lightning_flare.nnunet_compat import plans_from_plan
+    from lightning_flare.plan import IntensityStats, Plan
+
+    plan = Plan(tuple(spacing_xyz), tuple(patch_xyz), IntensityStats(**stats), dict(LABELS), resampling="nnunet")
+    net = {"features_per_stage": [int(f) for f in features], "strides": [1] + [2] * (len(features) - 1)}
+    return plans_from_plan(plan, net, dataset_name, NNUNET_CONFIGURATION, batch_size, median_shape_xyz,
+                           foreground={"max": 3071.0, "min": -1024.0, "median": stats["mean"]})
 
 
 def nnunet_dataset_json(num_training: int) -> dict:
-    return {"channel_names": {"0": "CT"}, "labels": dict(LABELS), "numTraining": int(num_training),
-            "file_ending": ".nii.gz"}
+    from lightning_flare.nnunet_compat import dataset_json
+
+    return dataset_json(LABELS, num_training)
 
 
 def write_json(path: str | Path, data: dict) -> Path:
@@ -202,50 +143,36 @@ def synthetic_ct(shape_xyz: Sequence[int], spacing_xyz: Sequence[float], seed: i
 
 def write_nifti(array_xyz: np.ndarray, spacing_xyz: Sequence[float], path: str | Path,
                 origin: Sequence[float] = (0.0, 0.0, 0.0)) -> Path:
-    import SimpleITK as sitk
+    """``array_xyz`` as a compressed NIfTI with identity direction (the package's atomic image writer)."""
+    from lightning_flare.io import Geometry, from_array, write_image
 
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array_xyz.transpose(2, 1, 0)))
-    image.SetSpacing(tuple(float(s) for s in spacing_xyz))
-    image.SetOrigin(tuple(float(o) for o in origin))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
-    sitk.WriteImage(image, str(tmp), True)
-    os.replace(tmp, path)
-    return path
+    geometry = Geometry(tuple(int(s) for s in array_xyz.shape), tuple(float(s) for s in spacing_xyz),
+                        tuple(float(o) for o in origin), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    return write_image(from_array(array_xyz, geometry), path)
 
 
 def write_nnunet_model(model_dir: Path, state_xyz: dict, plans: dict, dataset: dict) -> Path:
-    """An nnU-Net v2 results folder (plans.json, dataset.json, fold_all/checkpoint_final.pth) holding our
-    network's weights, kernels permuted from our (x, y, z) to nnU-Net's (z, y, x)."""
+    """A fresh nnU-Net v2 results folder (plans.json, dataset.json, fold_all/checkpoint_final.pth) holding our
+    network's weights (``lightning_flare.convert_nnunet.write_results_folder``)."""
     import shutil
 
-    import torch
+    from lightning_flare.convert_nnunet import write_results_folder
 
-    weights = {k: (v.permute(0, 1, 4, 3, 2).contiguous() if v.ndim == 5 else v) for k, v in state_xyz.items()}
     shutil.rmtree(model_dir, ignore_errors=True)
-    write_json(model_dir / "plans.json", plans)
-    write_json(model_dir / "dataset.json", dataset)
-    (model_dir / "fold_all").mkdir(parents=True)
-    torch.save({"network_weights": weights, "trainer_name": "nnUNetTrainer",
-                "init_args": {"plans": plans, "configuration": NNUNET_CONFIGURATION, "fold": "all",
-                              "dataset_json": dataset, "device": "cpu"},
-                "inference_allowed_mirroring_axes": None, "current_epoch": 0, "optimizer_state": None,
-                "grad_scaler_state": None, "logging": {}, "_best_ema": None},
-               model_dir / "fold_all" / "checkpoint_final.pth")
-    return model_dir
+    return write_results_folder(model_dir, state_xyz, plans, dataset, NNUNET_CONFIGURATION, fold="all")
 
 
 def convert_and_compare(model_dir: Path, ckpt: Path, state_xyz: dict, env: dict, extra: Sequence[str] = ()) -> Path:
     """``python -m lightning_flare.convert_nnunet`` on ``model_dir``; the result must hold ``state_xyz`` exactly."""
     import torch
+    from lightning_flare.checkpoint import load_checkpoint, net_weights
 
     result = run_measured([sys.executable, "-m", "lightning_flare.convert_nnunet", str(model_dir), "--fold", "all",
                            "--output", str(ckpt), *extra], env=env, cwd=REPO)
     if result["returncode"] != 0:
         raise SystemExit(f"convert_nnunet failed on {model_dir}:\n{result['output'][-3000:]}")
-    converted = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    mismatch = [k for k, v in state_xyz.items() if not torch.equal(converted["net." + k], v)]
+    converted = net_weights(load_checkpoint(ckpt))
+    mismatch = [k for k, v in state_xyz.items() if not torch.equal(converted[k], v)]
     if mismatch:
         raise SystemExit(f"{ckpt}: converted weights differ from the written ones: {mismatch[:5]}")
     return ckpt
