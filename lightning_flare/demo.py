@@ -13,7 +13,7 @@ TARGET_DSC = 0.85
 
 
 def main(config: str = DEMO_CONFIG) -> int:
-    import cli  # the LightningCLI entry at the repository root
+    from . import cli
 
     shutil.rmtree(RUN_DIR / "checkpoints", ignore_errors=True)
     start = time.time()
@@ -38,5 +38,4 @@ def main(config: str = DEMO_CONFIG) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path.cwd()))
     sys.exit(main())

@@ -191,3 +191,13 @@ def test_shipped_configs_compose_with_the_base(name, tmp_path, monkeypatch):
     assert any(type(c).__name__ == "PreemptionCheckpoint" for c in trainer.callbacks)
     assert sum(p.numel() for p in built.model.net.parameters()) == 5_602_950
     assert trainer.default_root_dir == f"runs/{name}" and trainer.max_epochs > 1
+
+
+def test_flare_console_script_is_the_cli():
+    """`flare ...` (pyproject's [project.scripts]) and `python cli.py ...` run the same entry point."""
+    from importlib.metadata import entry_points
+
+    import lightning_flare.cli
+
+    (script,) = entry_points(group="console_scripts", name="flare")
+    assert script.load() is lightning_flare.cli.main is cli.main

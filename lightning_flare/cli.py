@@ -1,0 +1,70 @@
+"""LightningCLI entry point: ``flare {fit,validate,test,predict} --config configs/....yaml`` (the console script;
+``python cli.py ...`` at the repository root is the same)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from .checkpoint import load_checkpoint, network_spec
+from .datamodule import FlareDataModule
+from .module import FlareSegmentationModule
+from .writer import NiftiPredictionWriter
+
+
+class LoggerSaveConfigCallback(SaveConfigCallback):
+    """Also hands the full resolved config to the loggers (the W&B run's config)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = self.config.as_dict()
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"cli": config})
+
+
+class FlareCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(NiftiPredictionWriter, "writer")
+
+    def _parse_ckpt_path(self) -> None:
+        """The checkpoint decides the network (its weights fit no other); the YAML and the command line decide
+        everything else (tta, overlap, ...). Lightning's default would let the checkpoint's saved
+        hyper-parameters silently override command-line options such as ``--model.tta true``. The network's
+        class and args are looked up as ``lightning_flare.checkpoint.network_spec`` says."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        net = network_spec(load_checkpoint(ckpt_path, trusted_fallback=False))
+        if net is not None:
+            self.config = self.parser.parse_object({subcommand: {"model": {"net": net}}}, self.config)
+
+    def before_predict(self) -> None:
+        writers = [c for c in self.trainer.callbacks if isinstance(c, NiftiPredictionWriter)]
+        if writers and not writers[0].overwrite:
+            self.datamodule.skip_existing_in = str(writers[0].output_dir)
+
+
+BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
+
+
+def main(args=None, run: bool = True) -> FlareCLI:
+    """``--config`` files apply on top of configs/base.yaml (trainer, W&B logger, callbacks, network)."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    base = {"default_config_files": [str(BASE_CONFIG)]}
+    if not run:  # no subcommand: one parser
+        return FlareCLI(FlareSegmentationModule, FlareDataModule, subclass_mode_model=False, run=False,
+                        parser_kwargs=base, args=args)
+    return FlareCLI(
+        FlareSegmentationModule,
+        FlareDataModule,
+        subclass_mode_model=False,
+        save_config_callback=LoggerSaveConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={subcommand: base for subcommand in ("fit", "validate", "test", "predict")},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()
