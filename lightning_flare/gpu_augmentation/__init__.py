@@ -31,9 +31,12 @@ How it works
   same draws as an uninterrupted one (per device kind: CPU and CUDA noise streams differ).
 * ``last_params`` holds the host-side draws of the last call (masks and values), for tests and logging.
 
-Wiring (``plan_gpu_augmentation`` does the datamodule side)
------------------------------------------------------------
-The datamodule gets ``augmentation_device: "cpu" | "gpu"`` (and ``gpu_spatial: bool = True``). With "gpu" the
+Wiring (``plan_augmentation`` does the datamodule side, for 'cpu' and 'gpu')
+--------------------------------------------------------------------------
+The datamodule gets ``augmentation_device: "cpu" | "gpu"`` (and ``gpu_spatial: bool = True``) and asks
+``plan_augmentation`` for the workers' transform and crop and the batched augmentation (``AugmentationPlan``).
+With "cpu" the workers run ``build_augmentation(name, crop=margin)`` on a crop enlarged by
+``spatial_margin(patch)`` when the spec rotates / scales ('nnunet'), and there is no batched part. With "gpu" the
 loader workers only crop the patch (no TorchIO transform), or, with ``gpu_spatial=False`` and 'nnunet', crop
 the enlarged patch and rotate / scale it on the CPU (``RandomRotationScaling(crop=margin)``, the CPU pipeline's
 first step), and the datamodule keeps ``self.batch_augmentation`` (a ``BatchAugmentation`` or ``None``). With
@@ -58,17 +61,25 @@ Layout: ``batch_augmentation`` (the ``BatchAugmentation`` module: the spec walke
 ``parameter_draws`` (the per-sample parameters, drawn on the host), ``intensity`` (the batched blur, and the shared
 row functions under their batched names), ``selected_rows`` (applying them to the rows that drew them, and the
 noise), ``spatial`` (the batched rotation / scaling with its centre crop), ``mirroring``, ``factories``
-(``build_batch_augmentation``, ``plan_gpu_augmentation`` and ``GpuAugmentationPlan``).
+(``build_batch_augmentation``, ``plan_augmentation`` / ``plan_gpu_augmentation`` and ``AugmentationPlan``).
 """
 from __future__ import annotations
 
 from .batch_augmentation import BatchAugmentation
-from .factories import GpuAugmentationPlan, build_batch_augmentation, plan_gpu_augmentation
+from .factories import (
+    AugmentationPlan,
+    GpuAugmentationPlan,
+    build_batch_augmentation,
+    plan_augmentation,
+    plan_gpu_augmentation,
+)
 from .intensity import _blur_rows, _contrast_rows, _gamma_rows, _low_resolution_rows  # noqa: F401 (tests use them)
 
 __all__ = [
+    "AugmentationPlan",
     "BatchAugmentation",
     "GpuAugmentationPlan",
     "build_batch_augmentation",
+    "plan_augmentation",
     "plan_gpu_augmentation",
 ]
