@@ -13,8 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from .augmentation import build_augmentation, spatial_margin
-from .gpu_augmentation import plan_gpu_augmentation
+from .gpu_augmentation import plan_augmentation
 from .fingerprint import load_or_compute_fingerprint
 from .plan import IntensityStats, Plan
 from .preprocessing import PreprocessedCache
@@ -193,17 +192,12 @@ class FlareDataModule(L.LightningDataModule):
         train_cases, _ = self._fold_cases()
         entries = self._cache(plan, train_cases)
         rank, world = _rank_and_world()
-        if self.augmentation_device == "gpu":
-            split = plan_gpu_augmentation(self.augmentation, plan.patch_size, self.gpu_spatial, self.seed, rank)
-            self.batch_augmentation = split.batch_augmentation
-            sampler = PatchSampler(split.sampler_patch_size, self.batch_size, self.oversample_foreground,
-                                   split.worker_transform, margin=split.sampler_margin)
-        else:
-            # spatial augmentation reads an enlarged crop (no padding pulled in), resamples only the patch voxels
-            self.batch_augmentation = None
-            margin = spatial_margin(plan.patch_size) if self.augmentation == "nnunet" else (0, 0, 0)
-            transform = build_augmentation(self.augmentation, crop=margin)
-            sampler = PatchSampler(plan.patch_size, self.batch_size, self.oversample_foreground, transform, margin=margin)
+        # per-patch transform in the loader workers (with the crop it needs), batched one after the transfer ('gpu')
+        split = plan_augmentation(self.augmentation, plan.patch_size, self.augmentation_device, self.gpu_spatial,
+                                  self.seed, rank)
+        self.batch_augmentation = split.batch_augmentation
+        sampler = PatchSampler(split.sampler_patch_size, self.batch_size, self.oversample_foreground,
+                               split.worker_transform, margin=split.sampler_margin)
         return build_patch_loader(entries, sampler, plan.target_spacing, self.iterations_per_epoch, self.num_workers,
                                   self.seed, rank, world, self.queue_length)
 

@@ -1,25 +1,14 @@
-"""Patch augmentation: random transforms sample parameters and delegate to deterministic ones (TorchIO style).
+"""Patch augmentation: the named augmentations' specification (``spec``) and the per-patch executor, TorchIO
+random transforms that sample parameters and delegate to deterministic ones.
 
-``build_augmentation("nnunet")`` is nnU-Net's default training augmentation (SPEC.md, "Augmentation"), applied
-to one patch at a time, in nnU-Net's order, each transform with its own probability:
+``spec`` is the one description of nnU-Net's default training augmentation (SPEC.md, "Augmentation") and of the
+'basic' set: transforms, order, probabilities and ranges. ``build_augmentation(name)`` builds it here, applied to
+one patch at a time in the loader workers; ``lightning_flare.gpu_augmentation`` builds the same spec as a batched
+module on the device. The table of 'nnunet' (nnU-Net's order, each transform with its own probability) is in
+``spec``'s docstring, beside ``spec.NNUNET``.
 
-==================================  ===========================  ==========================================
-transform                           probability                  parameters
-==================================  ===========================  ==========================================
-rotation (3 axes) / scaling         0.2 / 0.2, independent       angles U(-30, 30) deg; factor U(0.7, 1.4)
-Gaussian noise                      0.1                          std U(0, 0.1)
-Gaussian blur                       0.2, then 0.5 per channel    sigma U(0.5, 1.0) voxels, per axis
-multiplicative brightness           0.15                         factor 0.75 - 1.25
-contrast                            0.15                         factor 0.75 - 1.25, clipped to [min, max]
-low-resolution simulation           0.25, then 0.5 per channel   zoom U(0.5, 1.0)
-gamma of the inverted image         0.1                          gamma 0.7 - 1.5, mean and std retained
-gamma                               0.3                          gamma 0.7 - 1.5, mean and std retained
-mirroring                           0.5 per axis                 axes 0, 1, 2
-==================================  ===========================  ==========================================
-
-Brightness, contrast and gamma factors are drawn as nnU-Net's ``BGContrast`` does: with probability 0.5 from
-``U(low, 1)``, otherwise from ``U(1, high)`` (so half the draws darken / flatten). Every random number comes from
-torch's global generator, so ``torch.manual_seed`` makes a run reproducible.
+Every random number of the per-patch executor comes from torch's global generator, so ``torch.manual_seed`` makes
+a run reproducible.
 
 Rotations and zoom-outs need context around the patch: crop ``spatial_margin(patch_size)`` more voxels per side
 (nnU-Net also samples a larger patch first). Either centre-crop the result back to the patch, or pass the margin
@@ -30,9 +19,11 @@ Every deterministic transform here is an ``IntensityTransform`` (labels are neve
 ``RotationScaling`` (a ``SpatialTransform``: image and label are resampled with the same grid, the label with
 nearest neighbour so its values and dtype are kept).
 
-Layout: ``intensity`` (deterministic intensity transforms), ``random_intensity`` (their random counterparts),
-``spatial`` (rotation / scaling and ``spatial_margin``), ``pipeline`` (the named pipelines), ``timing``
-(``time_transforms``); ``_checks`` and ``_draws`` hold the argument checks and the random draws.
+Layout: ``spec`` (the named augmentations as data, read by both executors), ``intensity`` (deterministic intensity
+transforms and their arithmetic on rows, shared with the batched executor), ``random_intensity`` (their random
+counterparts), ``spatial`` (rotation / scaling, its matrix and ``spatial_margin``), ``pipeline`` (the spec walked
+into TorchIO transforms: ``spec_transforms``, ``build_augmentation``), ``timing`` (``time_transforms``);
+``_checks`` (argument checks, shared) and ``_draws`` (the per-patch random draws).
 """
 from __future__ import annotations
 
@@ -43,6 +34,7 @@ from .pipeline import (
     build_augmentation,
     nnunet_augmentation,
     nnunet_transforms,
+    spec_transforms,
 )
 from .random_intensity import (
     RandomBrightness,
@@ -52,9 +44,13 @@ from .random_intensity import (
     RandomRescaledGamma,
 )
 from .spatial import RandomRotationScaling, RotationScaling, rotation_scaling_matrix, spatial_margin
+from .spec import AUGMENTATIONS, BASIC, NNUNET, TransformSpec, augmentation_spec
 from .timing import time_transforms
 
 __all__ = [
+    "AUGMENTATIONS",
+    "BASIC",
+    "NNUNET",
     "NNUNET_INTENSITY_AND_MIRROR",
     "Contrast",
     "GaussianBlur",
@@ -68,11 +64,14 @@ __all__ = [
     "RescaledGamma",
     "RotationScaling",
     "SimulateLowResolution",
+    "TransformSpec",
+    "augmentation_spec",
     "basic_augmentation",
     "build_augmentation",
     "gaussian_blur",
     "nnunet_augmentation",
     "nnunet_transforms",
+    "spec_transforms",
     "rotation_scaling_matrix",
     "spatial_margin",
     "time_transforms",

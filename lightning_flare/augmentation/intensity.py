@@ -1,5 +1,10 @@
 """Deterministic intensity transforms: they act on the selected channels of every intensity image (labels are never
-touched)."""
+touched).
+
+The arithmetic of each lives in a function on rows ``(K, x, y, z)`` (one image per row, per-row statistics; the
+parameter a number or a ``(K, 1, 1, 1)`` tensor): ``contrast_rows``, ``gamma_rows``, ``simulate_low_resolution``,
+and for the blur ``gaussian_weights`` / ``blur_radius`` / ``_reflect_index``. The transforms here and the batched
+executor (``lightning_flare.gpu_augmentation``) both call them."""
 from __future__ import annotations
 
 import math
@@ -44,10 +49,10 @@ class _ChannelIntensityTransform(IntensityTransform):
 
 
 def _per_channel(function, data: torch.Tensor) -> torch.Tensor:
-    """Apply ``function`` (which needs per-channel statistics) to each channel of ``data``."""
+    """Apply ``function`` (rows -> rows, with per-row statistics) to each channel of ``data`` on its own."""
     if data.shape[0] == 1:
-        return function(data[0])[None]
-    return torch.stack([function(channel) for channel in data])
+        return function(data)
+    return torch.cat([function(data[c:c + 1]) for c in range(data.shape[0])])
 
 
 class MultiplyIntensity(_ChannelIntensityTransform):
@@ -62,12 +67,57 @@ class MultiplyIntensity(_ChannelIntensityTransform):
         return data * self.factor
 
 
-class Contrast(_ChannelIntensityTransform):
-    """Deterministic: ``(x - mean) * factor + mean`` per channel; with ``preserve_range`` the result is clipped to
-    the channel's original ``[min, max]`` (nnU-Net's ``ContrastTransform(preserve_range=True)``).
+def contrast_rows(x: torch.Tensor, factor, preserve_range: bool = True) -> torch.Tensor:
+    """``(x - mean) * factor + mean`` per row; with ``preserve_range`` clipped to the row's original ``[min, max]``
+    (nnU-Net's ``ContrastTransform(preserve_range=True)``). A new tensor."""
+    dims = tuple(range(1, x.ndim))
+    out = x * factor
+    out += x.mean(dims, keepdim=True) * (1 - factor)
+    if preserve_range:
+        out = torch.clamp(out, x.amin(dims, keepdim=True), x.amax(dims, keepdim=True))
+    return out
 
-    The mean is kept exactly when nothing is clipped (always the case for ``factor <= 1``).
-    """
+
+def gamma_rows(x: torch.Tensor, gamma, invert: bool = False, retain_stats: bool = True) -> torch.Tensor:
+    """nnU-Net's ``augment_gamma`` per row: rescaled to [0, 1] with the row's min and range, raised to ``gamma``,
+    rescaled back; with ``retain_stats`` the row's mean and (unbiased) std are then set back to the values before;
+    with ``invert`` the row is negated before and after (gamma acts on the bright end). A new tensor."""
+    dims = tuple(range(1, x.ndim))
+    if invert:
+        x = -x
+    if retain_stats:
+        mean, std = x.mean(dims, keepdim=True), x.std(dims, keepdim=True)
+    low = x.amin(dims, keepdim=True)
+    scale = (x.amax(dims, keepdim=True) - low).clamp(min=1e-7)
+    out = x - low
+    out /= scale
+    out.pow_(gamma)
+    out *= scale
+    out += low
+    if retain_stats:
+        out -= out.mean(dims, keepdim=True)
+        out *= std / out.std(dims, keepdim=True).clamp(min=1e-7)
+        out += mean
+    if invert:
+        out.neg_()
+    return out
+
+
+def simulate_low_resolution(x: torch.Tensor, zoom: Sequence[float], upsampling: str = "linear") -> torch.Tensor:
+    """Rows ``(K, x, y, z)`` down to ``round(shape * zoom)`` (nearest neighbour), then back to their shape with
+    ``upsampling`` ('linear': trilinear, or 'nearest'). A new tensor."""
+    shape = tuple(x.shape[1:])
+    small = tuple(max(1, round(n * z)) for n, z in zip(shape, zoom))
+    if small == shape:
+        return x.clone()
+    down = F.interpolate(x[None], size=small, mode="nearest-exact")
+    mode = "trilinear" if upsampling == "linear" else "nearest-exact"
+    return F.interpolate(down, size=shape, mode=mode)[0]
+
+
+class Contrast(_ChannelIntensityTransform):
+    """Deterministic: ``contrast_rows`` per channel: ``(x - mean) * factor + mean``, with ``preserve_range`` clipped
+    to the channel's original ``[min, max]``. The mean is kept exactly when nothing is clipped (``factor <= 1``)."""
 
     def __init__(self, factor: float, preserve_range: bool = True, channels: Sequence[int] | int | None = None,
                  **kwargs):
@@ -78,26 +128,13 @@ class Contrast(_ChannelIntensityTransform):
         self.preserve_range = bool(preserve_range)
         self.args_names = ["factor", "preserve_range", "channels"]
 
-    def _channel(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean()
-        out = x * self.factor
-        out += mean * (1 - self.factor)
-        if self.preserve_range:
-            low, high = torch.aminmax(x)
-            out.clamp_(low, high)
-        return out
-
     def _apply(self, data: torch.Tensor) -> torch.Tensor:
-        return _per_channel(self._channel, data)
+        return _per_channel(lambda x: contrast_rows(x, self.factor, self.preserve_range), data)
 
 
 class RescaledGamma(_ChannelIntensityTransform):
-    """Deterministic: nnU-Net's ``augment_gamma`` per channel.
-
-    The channel is rescaled to [0, 1] with its min and range, raised to ``gamma``, rescaled back; with
-    ``retain_stats`` its mean and (unbiased) std are then set back to the values before. With ``invert`` the
-    channel is negated before and after (gamma acts on the inverted image, i.e. on the bright end).
-    """
+    """Deterministic: nnU-Net's ``augment_gamma`` per channel (``gamma_rows``), ``invert``: of the inverted
+    channel; ``retain_stats``: its mean and std kept."""
 
     def __init__(self, gamma: float, invert: bool = False, retain_stats: bool = True,
                  channels: Sequence[int] | int | None = None, **kwargs):
@@ -109,40 +146,33 @@ class RescaledGamma(_ChannelIntensityTransform):
         self.retain_stats = bool(retain_stats)
         self.args_names = ["gamma", "invert", "retain_stats", "channels"]
 
-    def _channel(self, x: torch.Tensor) -> torch.Tensor:
-        if self.invert:
-            x = -x
-        if self.retain_stats:
-            mean, std = x.mean(), x.std()
-        low, high = torch.aminmax(x)
-        scale = (high - low).clamp(min=1e-7)
-        out = x - low
-        out /= scale
-        out.pow_(self.gamma)
-        out *= scale
-        out += low
-        if self.retain_stats:
-            out -= out.mean()
-            out *= std / out.std().clamp(min=1e-7)
-            out += mean
-        if self.invert:
-            out.neg_()
-        return out
-
     def _apply(self, data: torch.Tensor) -> torch.Tensor:
-        return _per_channel(self._channel, data)
+        return _per_channel(lambda x: gamma_rows(x, self.gamma, self.invert, self.retain_stats), data)
+
+
+def blur_radius(sigma: float) -> int:
+    """The Gaussian kernel's radius in voxels: ``ceil(3 sigma)``, at least 1."""
+    return max(1, math.ceil(3 * sigma))
+
+
+def gaussian_weights(offsets: torch.Tensor, sigma, radius=None) -> torch.Tensor:
+    """Gaussian weights at integer ``offsets`` (last axis), normalised to sum 1 along it; ``radius`` (optional,
+    broadcast like ``sigma``): zero weight beyond it (a row's own radius inside a longer common kernel)."""
+    weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    if radius is not None:
+        weights = weights * (offsets.abs() <= radius)
+    return weights / weights.sum(-1, keepdim=True)
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, math.ceil(3 * sigma))
+    radius = blur_radius(sigma)
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (kernel / kernel.sum()).float()
+    return gaussian_weights(x, sigma).float()
 
 
-def _reflect_index(size: int, radius: int) -> torch.Tensor:
+def _reflect_index(size: int, radius: int, device=None) -> torch.Tensor:
     """Indices ``-radius .. size - 1 + radius`` reflected into ``[0, size)`` (torch 'reflect': d c b | a b c d)."""
-    index = torch.arange(-radius, size + radius).abs()
+    index = torch.arange(-radius, size + radius, device=device).abs()
     index = torch.where(index > size - 1, 2 * (size - 1) - index, index)
     return index.clamp(0, size - 1)  # only matters when radius >= size (tiny images)
 
@@ -198,10 +228,4 @@ class SimulateLowResolution(_ChannelIntensityTransform):
         self.args_names = ["zoom", "upsampling", "channels"]
 
     def _apply(self, data: torch.Tensor) -> torch.Tensor:
-        shape = tuple(data.shape[1:])
-        small = tuple(max(1, round(n * z)) for n, z in zip(shape, self.zoom))
-        if small == shape:
-            return data.clone()
-        down = F.interpolate(data[None], size=small, mode="nearest-exact")
-        mode = "trilinear" if self.upsampling == "linear" else "nearest-exact"
-        return F.interpolate(down, size=shape, mode=mode)[0]
+        return simulate_low_resolution(data, self.zoom, self.upsampling)

@@ -1,7 +1,8 @@
-"""The named augmentation pipelines: 'none', 'basic' and nnU-Net's default ('nnunet')."""
+"""The per-patch executor: the named augmentations ('none', 'basic', 'nnunet'; their specs in ``spec``) as TorchIO
+transforms, built by walking the spec in order."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torchio as tio
 
@@ -14,49 +15,77 @@ from .random_intensity import (
     RandomRescaledGamma,
 )
 from .spatial import RandomRotationScaling, RotationScaling
+from .spec import (
+    BASIC,
+    NNUNET,
+    BlurSpec,
+    BrightnessSpec,
+    ContrastSpec,
+    GammaSpec,
+    LowResolutionSpec,
+    MirrorSpec,
+    NoiseSpec,
+    RotationScalingSpec,
+    TransformSpec,
+    augmentation_spec,
+    check_spec,
+    forced as forced_spec,
+)
+
+# spec entry -> its TorchIO transform; ``kw`` holds TorchIO's ``copy`` flag, ``crop`` is the spatial step's
+_PER_PATCH: dict[type, Callable[..., tio.Transform]] = {
+    RotationScalingSpec: lambda s, kw, crop: RandomRotationScaling(
+        degrees=s.degrees, scaling=s.scaling, p_rotation=s.p_rotation, p_scaling=s.p_scaling, default_pad_value=0.0,
+        crop=crop, **kw),
+    NoiseSpec: lambda s, kw, crop: tio.RandomNoise(mean=0, std=s.std, p=s.p, **kw),
+    BlurSpec: lambda s, kw, crop: RandomGaussianBlur(sigma=s.sigma, p_per_channel=s.p_per_channel, p=s.p, **kw),
+    BrightnessSpec: lambda s, kw, crop: RandomBrightness(s.multiplier, split_at_one=s.split_at_one, p=s.p, **kw),
+    ContrastSpec: lambda s, kw, crop: RandomContrast(s.factor, preserve_range=True, p=s.p, **kw),
+    LowResolutionSpec: lambda s, kw, crop: RandomLowResolution(zoom=s.zoom, p_per_channel=s.p_per_channel, p=s.p,
+                                                               **kw),
+    GammaSpec: lambda s, kw, crop: RandomRescaledGamma(s.gamma, invert=s.invert, retain_stats=True, p=s.p, **kw),
+    MirrorSpec: lambda s, kw, crop: tio.RandomFlip(axes=s.axes, flip_probability=s.p_per_axis, **kw),
+}
+
+
+def spec_transforms(spec: Sequence[TransformSpec], copy: bool = True,
+                    crop: int | Sequence[int] = 0) -> dict[str, tio.Transform]:
+    """The TorchIO transforms of ``spec``, by name, in its order.
+
+    ``crop`` (voxels per side): the first step returns only the centre of its input: rotation / scaling when the
+    spec starts with it, else an added plain crop named 'crop' (see ``build_augmentation``).
+    ``copy``: TorchIO's flag; with ``False`` a transform writes its results into the subject it is given (for use
+    inside a ``Compose`` that copies the subject once: a deep copy of a 166 x 166 x 125 patch costs about as much as
+    the whole intensity augmentation).
+    """
+    spec = check_spec(spec)
+    crop = _crop_margin(crop)
+    transforms: dict[str, tio.Transform] = {}
+    if any(crop) and not (spec and isinstance(spec[0], RotationScalingSpec)):
+        transforms["crop"] = RotationScaling(crop=crop, copy=copy)
+    for entry in spec:
+        transforms[entry.name] = _PER_PATCH[type(entry)](entry, {"copy": copy}, crop)
+    return transforms
 
 
 def basic_augmentation() -> tio.Compose:
-    """Mirroring on each axis (p 0.5 per axis) plus nnU-Net's noise and brightness (issue 2's basic set)."""
-    return tio.Compose([
-        tio.RandomFlip(axes=(0, 1, 2), flip_probability=0.5),
-        tio.RandomNoise(mean=0, std=(0, 0.1), p=0.1),
-        RandomBrightness((0.75, 1.25), p=0.15),
-    ])
+    """Mirroring on each axis (p 0.5 per axis) plus nnU-Net's noise and brightness (``spec.BASIC``)."""
+    return tio.Compose(spec_transforms(BASIC, copy=False))
 
 
 def nnunet_transforms(
     forced: bool = False, copy: bool = True, crop: int | Sequence[int] = 0
 ) -> dict[str, tio.Transform]:
-    """The transforms of nnU-Net's default augmentation, by name, in nnU-Net's order.
+    """The transforms of nnU-Net's default augmentation (``spec.NNUNET``), by name, in nnU-Net's order.
 
     ``forced``: every transform always applies (probabilities 1, also per channel / per axis): for timing.
     ``crop``: the spatial transform returns only the centre (``crop`` voxels fewer per side), see
-    ``build_augmentation``.
-    ``copy``: TorchIO's flag; with ``False`` a transform writes its results into the subject it is given
-    (``nnunet_augmentation`` uses that inside a ``Compose`` that copies the subject once: a deep copy of a
-    166 x 166 x 125 patch costs about as much as the whole intensity augmentation).
+    ``build_augmentation``. ``copy``: see ``spec_transforms`` (``nnunet_augmentation`` uses ``False``).
     """
-    def p(value: float) -> float:
-        return 1.0 if forced else value
-
-    kw = {"copy": copy}
-    return {
-        "rotation_scaling": RandomRotationScaling(degrees=30.0, scaling=(0.7, 1.4), p_rotation=p(0.2),
-                                                  p_scaling=p(0.2), default_pad_value=0.0, crop=crop, **kw),
-        "noise": tio.RandomNoise(mean=0, std=(0, 0.1), p=p(0.1), **kw),
-        "blur": RandomGaussianBlur(sigma=(0.5, 1.0), p_per_channel=p(0.5), p=p(0.2), **kw),
-        "brightness": RandomBrightness((0.75, 1.25), split_at_one=True, p=p(0.15), **kw),
-        "contrast": RandomContrast((0.75, 1.25), preserve_range=True, p=p(0.15), **kw),
-        "low_resolution": RandomLowResolution(zoom=(0.5, 1.0), p_per_channel=p(0.5), p=p(0.25), **kw),
-        "inverted_gamma": RandomRescaledGamma((0.7, 1.5), invert=True, retain_stats=True, p=p(0.1), **kw),
-        "gamma": RandomRescaledGamma((0.7, 1.5), invert=False, retain_stats=True, p=p(0.3), **kw),
-        "mirror": tio.RandomFlip(axes=(0, 1, 2), flip_probability=p(0.5), **kw),
-    }
+    return spec_transforms(forced_spec(NNUNET) if forced else NNUNET, copy=copy, crop=crop)
 
 
-NNUNET_INTENSITY_AND_MIRROR = ("noise", "blur", "brightness", "contrast", "low_resolution", "inverted_gamma",
-                               "gamma", "mirror")
+NNUNET_INTENSITY_AND_MIRROR = tuple(entry.name for entry in NNUNET if not isinstance(entry, RotationScalingSpec))
 
 
 def nnunet_augmentation(crop: int | Sequence[int] = 0) -> tio.Compose:
@@ -78,12 +107,5 @@ def build_augmentation(name: str, crop: int | Sequence[int] = 0) -> tio.Transfor
     centre-crop again. Default 0: same shape out as in.
     """
     crop = _crop_margin(crop)
-    cut = RotationScaling(crop=crop, copy=False) if any(crop) else None
-    if name == "none":
-        return None if cut is None else tio.Compose([cut])
-    if name == "basic":
-        basic = basic_augmentation()
-        return basic if cut is None else tio.Compose([cut, *basic.transforms])
-    if name == "nnunet":
-        return nnunet_augmentation(crop)
-    raise ValueError(f"augmentation must be 'none', 'basic' or 'nnunet', got {name!r}")
+    transforms = spec_transforms(augmentation_spec(name), copy=False, crop=crop)
+    return tio.Compose(transforms) if transforms else None

@@ -1,28 +1,11 @@
 """Batched patch augmentation on the training device (``augmentation_device: gpu``), for machines where the CPU
 loader workers cannot keep up with the GPU.
 
-``BatchAugmentation`` is the batched counterpart of ``build_augmentation("nnunet")`` (``lightning_flare.augmentation``,
-SPEC.md "Augmentation"): same transforms, same order, same probabilities and ranges, but applied to a whole batch
-``image (B, C, x, y, z)`` float / ``label (B, 1, x, y, z)`` uint8 on its device with torch ops only. Every sample
-(and, where nnU-Net draws per channel, every channel) gets its own parameters:
-
-==================================  ===========================  ===============================================
-transform                           probability                  parameters
-==================================  ===========================  ===============================================
-rotation (3 axes) / scaling         0.2 / 0.2, independent       angles U(-30, 30) deg; factor U(0.7, 1.4)
-Gaussian noise                      0.1                          std U(0, 0.1)
-Gaussian blur                       0.2, then 0.5 per channel    sigma U(0.5, 1.0) voxels, per axis
-multiplicative brightness           0.15                         factor 0.75 - 1.25 (split at one)
-contrast                            0.15                         factor 0.75 - 1.25 (split at one), clipped
-low-resolution simulation           0.25, then 0.5 per channel   zoom U(0.5, 1.0), nearest down, trilinear up
-gamma of the inverted image         0.1                          gamma 0.7 - 1.5 (split at one), mean/std kept
-gamma                               0.3                          gamma 0.7 - 1.5 (split at one), mean/std kept
-mirroring                           0.5 per axis                 axes 0, 1, 2 (image and label together)
-==================================  ===========================  ===============================================
-
-"Split at one" is nnU-Net's ``BGContrast`` draw (as the CPU pipeline): with probability 0.5 from ``U(low, 1)``,
-otherwise from ``U(1, high)``. ``build_batch_augmentation("basic")`` mirrors the CPU 'basic' set (mirroring,
-noise, brightness drawn from ``U(0.75, 1.25)``).
+``BatchAugmentation`` is the batched executor of the named augmentations' spec (``lightning_flare.augmentation.spec``,
+the same one ``build_augmentation`` builds per patch: same transforms, same order, same probabilities and ranges),
+applied to a whole batch ``image (B, C, x, y, z)`` float / ``label (B, 1, x, y, z)`` uint8 on its device with torch
+ops only. Every sample (and, where nnU-Net draws per channel, every channel) gets its own parameters.
+``build_batch_augmentation(name)``: 'nnunet' (``spec.NNUNET``), 'basic' (``spec.BASIC``) or 'none'.
 
 How it works
 ------------
@@ -33,8 +16,10 @@ How it works
   second generator on that device, seeded from the same seed).
 * Pointwise transforms (noise, brightness, contrast, gamma) are vectorised over the selected rows with the
   parameters as ``(K, 1, 1, 1)`` tensors; the blur is one grouped separable ``conv3d`` per axis with one kernel per
-  row (radius ``ceil(3 sigma)``, reflected borders, as the CPU ``gaussian_blur``); low-resolution loops over the
-  selected rows (each has its own down-sampled shape); mirroring flips, per axis, the samples that drew that axis.
+  row (the per-patch kernel and reflected borders, from ``augmentation.intensity``); contrast, gamma and
+  low resolution are the per-patch executor's row functions (low resolution loops over the selected rows, each has
+  its own down-sampled shape); mirroring flips, per axis, the samples that drew that axis. The steps run in the
+  spec's order, rotation / scaling (and the crop) first.
 * Rotation / scaling (``spatial=True``): one ``affine_grid`` + ``grid_sample`` for the samples that drew either,
   trilinear for the image, nearest for the label, zero padding, same convention as the CPU ``RotationScaling``
   (nnU-Net's ``Rz Ry Rx diag(s)`` about the patch centre; a factor > 1 zooms out). With ``crop`` (voxels per
@@ -46,9 +31,12 @@ How it works
   same draws as an uninterrupted one (per device kind: CPU and CUDA noise streams differ).
 * ``last_params`` holds the host-side draws of the last call (masks and values), for tests and logging.
 
-Wiring (``plan_gpu_augmentation`` does the datamodule side)
------------------------------------------------------------
-The datamodule gets ``augmentation_device: "cpu" | "gpu"`` (and ``gpu_spatial: bool = True``). With "gpu" the
+Wiring (``plan_augmentation`` does the datamodule side, for 'cpu' and 'gpu')
+--------------------------------------------------------------------------
+The datamodule gets ``augmentation_device: "cpu" | "gpu"`` (and ``gpu_spatial: bool = True``) and asks
+``plan_augmentation`` for the workers' transform and crop and the batched augmentation (``AugmentationPlan``).
+With "cpu" the workers run ``build_augmentation(name, crop=margin)`` on a crop enlarged by
+``spatial_margin(patch)`` when the spec rotates / scales ('nnunet'), and there is no batched part. With "gpu" the
 loader workers only crop the patch (no TorchIO transform), or, with ``gpu_spatial=False`` and 'nnunet', crop
 the enlarged patch and rotate / scale it on the CPU (``RandomRotationScaling(crop=margin)``, the CPU pipeline's
 first step), and the datamodule keeps ``self.batch_augmentation`` (a ``BatchAugmentation`` or ``None``). With
@@ -69,21 +57,29 @@ patch. ``LightningModule.on_after_batch_transfer(batch, dataloader_idx)`` applie
 datamodule itself, testing ``self.trainer.training`` instead of ``self.training``, works too and does not warn.)
 Seeds: give each DDP rank its own (``plan_gpu_augmentation(..., seed=..., rank=...)`` derives one from both).
 
-Layout: ``batch_augmentation`` (the ``BatchAugmentation`` module), ``parameter_draws`` (the per-sample parameters,
-drawn on the host), ``intensity`` (the batched intensity ops), ``selected_rows`` (applying them to the rows that
-drew them, and the noise), ``spatial`` (the batched rotation / scaling with its centre crop), ``mirroring``,
-``factories`` (``build_batch_augmentation``, ``plan_gpu_augmentation`` and ``GpuAugmentationPlan``); ``_checks``
-holds the argument checks and the seed derivation.
+Layout: ``batch_augmentation`` (the ``BatchAugmentation`` module: the spec walked into batched steps, the seeds),
+``parameter_draws`` (the per-sample parameters, drawn on the host), ``intensity`` (the batched blur, and the shared
+row functions under their batched names), ``selected_rows`` (applying them to the rows that drew them, and the
+noise), ``spatial`` (the batched rotation / scaling with its centre crop), ``mirroring``, ``factories``
+(``build_batch_augmentation``, ``plan_augmentation`` / ``plan_gpu_augmentation`` and ``AugmentationPlan``).
 """
 from __future__ import annotations
 
 from .batch_augmentation import BatchAugmentation
-from .factories import GpuAugmentationPlan, build_batch_augmentation, plan_gpu_augmentation
+from .factories import (
+    AugmentationPlan,
+    GpuAugmentationPlan,
+    build_batch_augmentation,
+    plan_augmentation,
+    plan_gpu_augmentation,
+)
 from .intensity import _blur_rows, _contrast_rows, _gamma_rows, _low_resolution_rows  # noqa: F401 (tests use them)
 
 __all__ = [
+    "AugmentationPlan",
     "BatchAugmentation",
     "GpuAugmentationPlan",
     "build_batch_augmentation",
+    "plan_augmentation",
     "plan_gpu_augmentation",
 ]

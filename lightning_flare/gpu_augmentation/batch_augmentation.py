@@ -1,97 +1,154 @@
-"""``BatchAugmentation``: nnU-Net's default augmentation for a batch on its device (see the package docstring).
-The module holds the settings and the seeded generators; the draws and the batched ops live in the sibling files."""
+"""``BatchAugmentation``: the batched executor, a named augmentation's spec (``lightning_flare.augmentation.spec``)
+applied to a batch on its device (see the package docstring). The module holds the spec and the seeded
+generators and walks the spec in order; the draws and the batched ops live in the sibling files."""
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from ._checks import _crop, _derive_seed, _pair, _probability
-from .intensity import _blur_rows, _contrast_rows, _gamma_rows
+from ..augmentation._checks import _crop_margin
+from ..augmentation.intensity import blur_radius, contrast_rows, gamma_rows
+from ..augmentation.spec import (
+    NNUNET,
+    BlurSpec,
+    BrightnessSpec,
+    ContrastSpec,
+    GammaSpec,
+    LowResolutionSpec,
+    MirrorSpec,
+    NoiseSpec,
+    RotationScalingSpec,
+    TransformSpec,
+    check_spec,
+)
+from .intensity import _blur_rows
 from .mirroring import _mirror
-from .parameter_draws import _draw_parameters
+from .parameter_draws import DISABLED, _draw_parameters
 from .selected_rows import _add_noise_to_rows, _apply_to_rows
 from .spatial import _rotate_scale_and_crop
 
+# keyword arguments of BatchAugmentation -> (the spec entries they change, the field)
+KEYWORDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "p_rotation": (("rotation_scaling",), "p_rotation"),
+    "degrees": (("rotation_scaling",), "degrees"),
+    "p_scaling": (("rotation_scaling",), "p_scaling"),
+    "scaling": (("rotation_scaling",), "scaling"),
+    "p_noise": (("noise",), "p"),
+    "noise_std": (("noise",), "std"),
+    "p_blur": (("blur",), "p"),
+    "p_blur_per_channel": (("blur",), "p_per_channel"),
+    "blur_sigma": (("blur",), "sigma"),
+    "p_brightness": (("brightness",), "p"),
+    "brightness": (("brightness",), "multiplier"),
+    "brightness_split_at_one": (("brightness",), "split_at_one"),
+    "p_contrast": (("contrast",), "p"),
+    "contrast": (("contrast",), "factor"),
+    "p_low_resolution": (("low_resolution",), "p"),
+    "p_low_resolution_per_channel": (("low_resolution",), "p_per_channel"),
+    "zoom": (("low_resolution",), "zoom"),
+    "p_inverted_gamma": (("inverted_gamma",), "p"),
+    "p_gamma": (("gamma",), "p"),
+    "gamma": (("inverted_gamma", "gamma"), "gamma"),
+    "p_mirror": (("mirror",), "p_per_axis"),
+    "mirror_axes": (("mirror",), "axes"),
+}
+
+
+def _with_keywords(spec: tuple[TransformSpec, ...], keywords: dict) -> tuple[TransformSpec, ...]:
+    """``spec`` with the fields named by ``keywords`` (``KEYWORDS``) replaced."""
+    changes: dict[str, dict] = {}
+    for keyword, value in keywords.items():
+        if keyword not in KEYWORDS:
+            raise TypeError(f"BatchAugmentation() got an unexpected keyword argument {keyword!r}")
+        names, field = KEYWORDS[keyword]
+        present = [name for name in names if name in {entry.name for entry in spec}]
+        if not present:
+            raise ValueError(f"{keyword}: the augmentation has no {' or '.join(names)} transform")
+        for name in present:
+            changes.setdefault(name, {})[field] = value
+    return tuple(dataclasses.replace(e, **changes[e.name]) if e.name in changes else e for e in spec)
+
+
+def _derive_seed(*key: int) -> int:
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _blur_step(entry, x, y, rows, params, device_generator):
+    def blur(values, sigma):  # the common kernel radius per axis, from the host-side sigmas of the rows that drew it
+        drawn = params["blur_sigma"][params["blur"]]
+        return _blur_rows(values, sigma, [blur_radius(float(drawn[:, a].max())) for a in range(3)])
+    _apply_to_rows(rows, params["blur"], blur, params["blur_sigma"])
+
+
+def _gamma_step(entry, x, y, rows, params, device_generator):
+    _apply_to_rows(rows, params[entry.name], lambda v, g: gamma_rows(v, g, entry.invert), params[f"{entry.name}_value"])
+
+
+# spec entry -> its batched step on x (B, C, ...), y and rows = x viewed as (B * C, ...), in place
+_BATCHED: dict[type, Callable[..., None]] = {
+    NoiseSpec: lambda e, x, y, rows, params, generator: _add_noise_to_rows(
+        rows, params["noise"][:, None].expand(x.shape[:2]), params["noise_std"][:, None].expand(x.shape[:2]),
+        generator),
+    BlurSpec: _blur_step,
+    BrightnessSpec: lambda e, x, y, rows, params, generator: _apply_to_rows(
+        rows, params["brightness"], lambda v, f: v * f, params["brightness_factor"]),
+    ContrastSpec: lambda e, x, y, rows, params, generator: _apply_to_rows(
+        rows, params["contrast"], contrast_rows, params["contrast_factor"]),
+    LowResolutionSpec: lambda e, x, y, rows, params, generator: _apply_to_rows(
+        rows, params["low_resolution"], None, params["zoom"]),
+    GammaSpec: _gamma_step,
+    MirrorSpec: lambda e, x, y, rows, params, generator: _mirror(x, y, params["mirror"]),
+}
+
 
 class BatchAugmentation(nn.Module):
-    """nnU-Net's default augmentation for a batch on its device; see the package docstring.
+    """A named augmentation for a batch on its device; see the package docstring.
 
     ``forward(image, label) -> (image, label)``: image (B, C, x, y, z) floating, label (B, 1, x, y, z) (any dtype;
-    or ``None``). Output spatial shape: input minus ``2 * crop``. Probabilities (``p_*``) and ranges default to the
-    CPU 'nnunet' pipeline; ``p_blur_per_channel`` / ``p_low_resolution_per_channel`` are the second, per-channel
-    coins. ``brightness_split_at_one``: draw brightness factors as ``BGContrast`` (the 'nnunet' pipeline) or from U(range)
-    (the 'basic' one). ``spatial=False`` leaves out rotation / scaling (the CPU workers did it); ``crop`` still
-    applies. ``seed=None`` draws the seed from torch's global generator (so ``seed_everything`` fixes it).
+    or ``None``). Output spatial shape: input minus ``2 * crop``. ``spec``: the transforms, in order (default
+    nnU-Net's, ``spec.NNUNET``); keyword arguments (``KEYWORDS``: ``p_noise``, ``noise_std``, ``p_blur_per_channel``,
+    ``brightness_split_at_one``, ``mirror_axes``, ...) change single fields of it. ``spatial=False`` leaves out
+    rotation / scaling (the CPU workers did it); ``crop`` still applies. ``seed=None`` draws the seed from torch's
+    global generator (so ``seed_everything`` fixes it).
     """
 
-    def __init__(
-        self,
-        spatial: bool = True,
-        crop: int | Sequence[int] = 0,
-        seed: int | None = None,
-        *,
-        p_rotation: float = 0.2,
-        degrees: float = 30.0,
-        p_scaling: float = 0.2,
-        scaling: tuple[float, float] = (0.7, 1.4),
-        p_noise: float = 0.1,
-        noise_std: tuple[float, float] = (0.0, 0.1),
-        p_blur: float = 0.2,
-        p_blur_per_channel: float = 0.5,
-        blur_sigma: tuple[float, float] = (0.5, 1.0),
-        p_brightness: float = 0.15,
-        brightness: tuple[float, float] = (0.75, 1.25),
-        brightness_split_at_one: bool = True,
-        p_contrast: float = 0.15,
-        contrast: tuple[float, float] = (0.75, 1.25),
-        p_low_resolution: float = 0.25,
-        p_low_resolution_per_channel: float = 0.5,
-        zoom: tuple[float, float] = (0.5, 1.0),
-        p_inverted_gamma: float = 0.1,
-        p_gamma: float = 0.3,
-        gamma: tuple[float, float] = (0.7, 1.5),
-        p_mirror: float = 0.5,
-        mirror_axes: Sequence[int] = (0, 1, 2),
-    ):
+    def __init__(self, spatial: bool = True, crop: int | Sequence[int] = 0, seed: int | None = None, *,
+                 spec: Sequence[TransformSpec] = NNUNET, **keywords):
         super().__init__()
+        self.spec = check_spec(_with_keywords(check_spec(spec), keywords))
+        unsupported = [entry.name for entry in self.spec if type(entry) not in _BATCHED
+                       and not isinstance(entry, RotationScalingSpec)]
+        if unsupported:
+            raise ValueError(f"no batched form of {unsupported}")
         self.spatial = bool(spatial)
-        self.crop = _crop(crop)
-        self.p = {
-            "rotation": _probability(p_rotation, "p_rotation"),
-            "scaling": _probability(p_scaling, "p_scaling"),
-            "noise": _probability(p_noise, "p_noise"),
-            "blur": _probability(p_blur, "p_blur"),
-            "blur_per_channel": _probability(p_blur_per_channel, "p_blur_per_channel"),
-            "brightness": _probability(p_brightness, "p_brightness"),
-            "contrast": _probability(p_contrast, "p_contrast"),
-            "low_resolution": _probability(p_low_resolution, "p_low_resolution"),
-            "low_resolution_per_channel": _probability(p_low_resolution_per_channel, "p_low_resolution_per_channel"),
-            "inverted_gamma": _probability(p_inverted_gamma, "p_inverted_gamma"),
-            "gamma": _probability(p_gamma, "p_gamma"),
-            "mirror": _probability(p_mirror, "p_mirror"),
-        }
-        degrees = float(degrees)
-        if not 0 <= degrees <= 180:
-            raise ValueError(f"degrees must be in [0, 180], got {degrees!r}")
-        self.degrees = degrees
-        self.scaling = _pair(scaling, "scaling", positive=True)
-        self.noise_std = _pair(noise_std, "noise_std")
-        self.blur_sigma = _pair(blur_sigma, "blur_sigma", positive=True)
-        self.brightness = _pair(brightness, "brightness", positive=True)
-        self.brightness_split_at_one = bool(brightness_split_at_one)
-        self.contrast = _pair(contrast, "contrast")
-        self.zoom = _pair(zoom, "zoom", positive=True, max_value=1.0)
-        self.gamma = _pair(gamma, "gamma", positive=True)
-        self.mirror_axes = tuple(sorted({int(a) for a in mirror_axes}))
-        if any(a not in (0, 1, 2) for a in self.mirror_axes):
-            raise ValueError(f"mirror_axes must be among (0, 1, 2), got {mirror_axes!r}")
+        self.crop = _crop_margin(crop)
+        self._kinds = {**DISABLED, **{entry.name: entry for entry in self.spec}}
         self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)))
         self.epoch: int | None = None
         self.last_params: dict[str, torch.Tensor] = {}
         self._reseed(0)
+
+    @property
+    def p(self) -> dict[str, float]:
+        """The probabilities, by draw (0 for a transform the spec lacks)."""
+        kinds = self._kinds
+        return {
+            "rotation": kinds["rotation_scaling"].p_rotation, "scaling": kinds["rotation_scaling"].p_scaling,
+            "noise": kinds["noise"].p, "blur": kinds["blur"].p, "blur_per_channel": kinds["blur"].p_per_channel,
+            "brightness": kinds["brightness"].p, "contrast": kinds["contrast"].p,
+            "low_resolution": kinds["low_resolution"].p,
+            "low_resolution_per_channel": kinds["low_resolution"].p_per_channel,
+            "inverted_gamma": kinds["inverted_gamma"].p, "gamma": kinds["gamma"].p, "mirror": kinds["mirror"].p_per_axis,
+        }
+
+    @property
+    def brightness_split_at_one(self) -> bool:
+        """Brightness factors drawn as ``BGContrast`` ('nnunet') or from U(range) ('basic')."""
+        return self._kinds["brightness"].split_at_one
 
     # ------------------------------------------------------------------ seeding
     def _reseed(self, epoch: int) -> None:
@@ -114,7 +171,7 @@ class BatchAugmentation(nn.Module):
     # ------------------------------------------------------------------ draws (host)
     def draw(self, batch: int, channels: int) -> dict[str, torch.Tensor]:
         """Every random parameter of one batch, on the host (always the same number of draws)."""
-        return _draw_parameters(self, self._generator, batch, channels)
+        return _draw_parameters(self._kinds, self.spatial, self._generator, batch, channels)
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
@@ -135,22 +192,10 @@ class BatchAugmentation(nn.Module):
         with torch.autocast(device_type=image.device.type, enabled=False):
             x, y = self._spatial(image, label, params)  # fresh contiguous float32 copies
             rows = x.view(b * c, *x.shape[2:])
-            _add_noise_to_rows(rows, params["noise"][:, None].expand(b, c), params["noise_std"][:, None].expand(b, c),
-                               self._device_generator)
-            _apply_to_rows(rows, params["blur"], lambda v, s: _blur_rows(v, s, self._blur_radius(params)),
-                           params["blur_sigma"])
-            _apply_to_rows(rows, params["brightness"], lambda v, f: v * f, params["brightness_factor"])
-            _apply_to_rows(rows, params["contrast"], _contrast_rows, params["contrast_factor"])
-            _apply_to_rows(rows, params["low_resolution"], None, params["zoom"])
-            _apply_to_rows(rows, params["inverted_gamma"], lambda v, g: _gamma_rows(v, g, True),
-                           params["inverted_gamma_value"])
-            _apply_to_rows(rows, params["gamma"], lambda v, g: _gamma_rows(v, g, False), params["gamma_value"])
-            _mirror(x, y, params["mirror"])
+            for entry in self.spec:
+                if not isinstance(entry, RotationScalingSpec):  # done by _spatial, first
+                    _BATCHED[type(entry)](entry, x, y, rows, params, self._device_generator)
         return x.to(image.dtype), y
-
-    def _blur_radius(self, params) -> list[int]:
-        sigma = params["blur_sigma"][params["blur"]]
-        return [max(1, math.ceil(3 * float(sigma[:, a].max()))) for a in range(3)]
 
     def _spatial(self, image: torch.Tensor, label: torch.Tensor | None,
                  params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

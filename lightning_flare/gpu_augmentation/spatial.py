@@ -1,23 +1,20 @@
 """The batched spatial op: rotation / scaling of the samples that drew it, as one ``affine_grid`` + ``grid_sample``
-(trilinear image, nearest label, zero padding; the CPU ``RotationScaling`` convention), with the centre crop of
-every sample."""
+(trilinear image, nearest label, zero padding; the per-patch ``RotationScaling`` convention and matrices), with the
+centre crop of every sample."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..augmentation.spatial import rotation_scaling_matrix
+
+
 def _rotation_scaling_matrices(degrees: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Batched ``rotation_scaling_matrix``: ``Rz @ Ry @ Rx @ diag(scale)``; degrees (K, 3), scale (K,) -> (K, 3, 3)."""
-    ax, ay, az = torch.deg2rad(degrees.to(torch.float64)).unbind(1)
-    one, zero = torch.ones_like(ax), torch.zeros_like(ax)
+    """``rotation_scaling_matrix`` of each sample: degrees (K, 3), scale (K,) -> (K, 3, 3) float64."""
+    matrices = [rotation_scaling_matrix(d, (s, s, s)) for d, s in zip(degrees.tolist(), scale.tolist())]
+    return torch.from_numpy(np.stack(matrices)) if matrices else torch.zeros(0, 3, 3, dtype=torch.float64)
 
-    def matrix(*rows):
-        return torch.stack([torch.stack(r, -1) for r in rows], -2)
-
-    rx = matrix((one, zero, zero), (zero, ax.cos(), -ax.sin()), (zero, ax.sin(), ax.cos()))
-    ry = matrix((ay.cos(), zero, ay.sin()), (zero, one, zero), (-ay.sin(), zero, ay.cos()))
-    rz = matrix((az.cos(), -az.sin(), zero), (az.sin(), az.cos(), zero), (zero, zero, one))
-    return rz @ ry @ rx @ torch.diag_embed(scale.to(torch.float64)[:, None].expand(-1, 3))
 
 def _rotate_scale_and_crop(image: torch.Tensor, label: torch.Tensor | None, crop: tuple[int, int, int],
                            params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
