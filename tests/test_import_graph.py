@@ -8,13 +8,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_flare"
 NAME = PACKAGE.name
 MAX_LINES = 320  # "no module over ~300 lines"
 
-# Circles outside the checkpoint / nnU-Net modules, left to their own redesign items; each entry is the sorted
-# module set of one circle. Remove an entry when its circle is gone (the test warns about stale entries).
-ALLOWED_CYCLES: list[tuple[str, ...]] = [
-    # parameter_draws imports BatchAugmentation under `if TYPE_CHECKING:` (for annotations only), and
-    # batch_augmentation imports _draw_parameters from it (the gpu_augmentation redesign item).
-    ("lightning_flare.gpu_augmentation.batch_augmentation", "lightning_flare.gpu_augmentation.parameter_draws"),
-]
+# Each entry: the sorted module set of one tolerated circle (none is). The test warns about stale entries.
+ALLOWED_CYCLES: list[tuple[str, ...]] = []
 
 
 def _module_name(path: Path) -> str:
