@@ -262,3 +262,34 @@ def test_device_nearest_surfel_search_matches_the_kd_tree():
         b = ndimage.gaussian_filter(rng.random((30, 28, 20)), 2) > 0.5
         cpu = normalized_surface_dice(a, b, spacing, tol)
         assert normalized_surface_dice(a, b, spacing, tol, device="cpu") == pytest.approx(cpu, abs=1e-12)
+
+
+def test_device_surfel_search_stays_within_its_memory_budget(monkeypatch):
+    """Each chunk's distance matrix (float64, rows x targets) and cdist's temporaries fit the byte budget, for
+    any surface size; the chunked search equals one unchunked pass and the k-d tree."""
+    from lightning_flare.metrics import functional
+
+    budget = functional.SEARCH_BUDGET_BYTES
+    assert budget <= 256 * 2**20
+    for targets in (10, 4_096, 100_000, 2_000_000):
+        rows = functional.search_chunk_rows(targets)
+        assert rows >= 1 and 2 * 8 * rows * targets <= budget
+    rng = np.random.default_rng(3)
+    source, target = rng.integers(0, 40, (700, 3)), rng.integers(0, 40, (900, 3))
+    spacing = (0.7, 0.8, 3.0)
+    sizes = []
+    cdist = torch.cdist
+
+    def spy(a, b, *args, **kwargs):
+        sizes.append(a.shape[0] * b.shape[0] * 8)
+        return cdist(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cdist", spy)
+    small = 50 * 900 * 16  # a budget of 50 rows
+    chunked = functional._nearest_distances_torch(source, target, spacing, "cpu", budget_bytes=small)
+    assert len(sizes) == 14 and 2 * max(sizes) <= small
+    whole = functional._nearest_distances_torch(source, target, spacing, "cpu", budget_bytes=2**40)
+    assert len(sizes) == 15
+    np.testing.assert_array_equal(chunked, whole)
+    np.testing.assert_array_equal(chunked, functional._nearest_distances(source, target, spacing))
+
