@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inference import autocast_context, sliding_window_logits, use_channels_last, window_batch_size
+from .inference import autocast_context, autocast_dtype, sliding_window_logits, use_channels_last, window_batch_size
 from .loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets
 from .metrics import FlareMetrics
 from .plan import Plan
@@ -37,7 +37,7 @@ class FlareSegmentationModule(L.LightningModule):
         sw_overlap: float = 0.5,
         sw_batch_size: int | str = "auto",
         tta: bool = False,
-        autocast: bool = True,
+        autocast: bool | str = "auto",
         nsd_tolerance_mm: float = 2.0,
         report_dir: str | None = None,
         full_val_every_n_epochs: int = 1,
@@ -64,6 +64,7 @@ class FlareSegmentationModule(L.LightningModule):
         if not (min_component_ml == "auto" or (isinstance(min_component_ml, (int, float)) and min_component_ml >= 0)):
             raise ValueError(f"min_component_ml must be a volume in ml (>= 0) or 'auto', got {min_component_ml!r}")
         use_channels_last(sw_channels_last, "cpu")  # checks the value
+        autocast_dtype("cpu", autocast)  # checks the value
         if val_tta is not None and not isinstance(val_tta, bool):
             raise ValueError(f"val_tta must be true, false or null (= tta), got {val_tta!r}")
         self.postprocessing_scores = ComponentThresholdScores()  # candidates scored on every full validation
@@ -146,8 +147,14 @@ class FlareSegmentationModule(L.LightningModule):
                                            window_batch_size(hp.sw_batch_size, self.device),
                                            hp.autocast, mirror_axes=(0, 1, 2) if tta else (), device=self.device,
                                            weighting=hp.get("sw_weighting", "hann"), steps=hp.get("sw_steps", "torchio"),
-                                           channels_last=hp.get("sw_channels_last", "auto"))
+                                           channels_last=hp.get("sw_channels_last", "auto"),
+                                           precision=self.trainer_precision())
         return logits
+
+    def trainer_precision(self) -> str | None:
+        """The attached trainer's precision ("bf16-mixed", "16-mixed", "32-true", ...): inference autocasts to its
+        16-bit dtype (``inference.autocast_dtype``); None without a trainer."""
+        return str(self.trainer.precision) if self._trainer is not None else None
 
     def predict_original_grid(self, item: dict) -> np.ndarray:
         """uint8 mask on the original image grid for an item of ``RawVolumes`` (adds its stage timings)."""
@@ -209,7 +216,7 @@ class FlareSegmentationModule(L.LightningModule):
                 x = image[(slice(None), *window)]
                 pad = [int(p - s) for p, s in zip(patch, x.shape[1:])]
                 x = torch.nn.functional.pad(x, [v for d in reversed(pad) for v in (0, d)])
-                with autocast_context(self.device, bool(self.hparams.autocast)):
+                with autocast_context(self.device, self.hparams.autocast, self.trainer_precision()):
                     logits = net(x[None].to(self.device))
                 pred = logits[0].argmax(0)[tuple(slice(0, s) for s in label[window].shape)].cpu() > 0
                 ref = label[window] > 0
