@@ -20,7 +20,7 @@ from .plan import IntensityStats, Plan
 from .preprocessing import PreprocessedCache
 from .raw_dataset import Case, RawDataset, load_raw_dataset, select_fold
 from .sampling import PatchSampler, build_patch_loader
-from .volumes import CachedVolumes, RawVolumes, ShardSampler, first_item, list_images
+from .volumes import CachedVolumes, Padded, RawVolumes, ShardSampler, first_item, list_images
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,7 @@ class FlareDataModule(L.LightningDataModule):
     def _volume_loader(self, dataset: Dataset) -> DataLoader:
         rank, world = _rank_and_world()
         sampler = ShardSampler(len(dataset), rank, world) if world > 1 else None
+        dataset = Padded(dataset) if world > 1 else dataset  # a rank without a case gets a padding item
         # workers read and preprocess the *next* volumes while this process computes; with a single volume there
         # is nothing to overlap, and a worker would only add its own memory
         count = len(sampler) if sampler is not None else len(dataset)

@@ -195,6 +195,10 @@ class FlareSegmentationModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict | None:
         """Full-volume sliding window (DSC/NSD) every ``full_val_every_n_epochs``; patch pseudo-Dice otherwise."""
+        if batch.get("padding"):  # this rank has no case of its own (more ranks than cases)
+            if self._full_validation_epoch():
+                self.val_metrics.add_placeholder()
+            return None
         if self._full_validation_epoch():
             logits = self.predict_logits(batch["image"], tta=self.hparams.get("val_tta"))
             # the host/device boundary: prediction and label come to the host once; the scores and the component
@@ -258,6 +262,9 @@ class FlareSegmentationModule(L.LightningModule):
         self.log("val/nsd", self._last_full["val/nsd"], prog_bar=True)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        if batch.get("padding"):  # this rank has no case of its own (more ranks than cases)
+            self.test_metrics.add_placeholder()
+            return
         _raise_item_error(batch)
         mask = self.predict_original_grid(batch)  # on the host
         label = to_host(batch["label"])  # the host/device boundary
@@ -312,6 +319,8 @@ class FlareSegmentationModule(L.LightningModule):
         return rows
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        if batch.get("padding"):  # this rank has no case of its own (more ranks than cases)
+            return {"skipped": True}
         if "error" in batch:
             return {"case_id": batch["case_id"], "source": batch["source"], "error": batch["error"]}
         started = time.perf_counter()

@@ -293,3 +293,26 @@ def test_device_surfel_search_stays_within_its_memory_budget(monkeypatch):
     np.testing.assert_array_equal(chunked, whole)
     np.testing.assert_array_equal(chunked, functional._nearest_distances(source, target, spacing))
 
+
+def test_placeholder_rows_of_a_rank_without_cases_are_dropped():
+    """A rank whose only item was padding adds a placeholder row: the gathered states keep their dtypes and the
+    result counts the real cases only."""
+    cases = _cases()[:2]
+    other: list[torch.Tensor] = []
+
+    def gather(tensor, group=None):
+        return [tensor, other.pop(0)]
+
+    rank0 = FlareMetrics(dist_sync_fn=gather, distributed_available_fn=lambda: True)
+    rank1 = FlareMetrics()
+    for index, (pred, gt, spacing) in enumerate(cases):
+        rank0.update(torch.from_numpy(pred), torch.from_numpy(gt), spacing, index)
+    rank1.add_placeholder()
+    assert [t.dtype for t in (rank1.dsc[0], rank1.nsd[0], rank1.case_index[0])] == \
+        [t.dtype for t in (rank0.dsc[0], rank0.nsd[0], rank0.case_index[0])]
+    other += [torch.cat(rank1.dsc), torch.cat(rank1.nsd), torch.cat(rank1.case_index)]
+    out = rank0.compute()
+    expected = np.array([flare_case_scores(p, g, s) for p, g, s in cases])
+    assert int(out["num_cases"]) == 2 and rank0.per_case()[0].tolist() == [0, 1]
+    assert float(out["dsc"]) == pytest.approx(expected[:, 0].mean())
+    assert int(rank1.compute()["num_cases"]) == 0

@@ -37,14 +37,24 @@ class FlareMetrics(Metric):
 
     def update(self, pred: torch.Tensor, target: torch.Tensor,
                spacing: Sequence[float], case_index: int) -> None:
-        """Score one case. ``pred``/``target``: label maps (X, Y, Z) or (1, X, Y, Z)."""
+        """Score one case. ``pred``/``target``: label maps (X, Y, Z) or (1, X, Y, Z). ``case_index < 0``: a
+        placeholder row that scores no case (see ``add_placeholder``); ``pred``/``target`` are then ignored."""
         self._per_case = None
-        pred_np, target_np = (self._squeeze(to_numpy(x)) for x in (pred, target))
-        device = self.device if self.device_search and self.device.type == "cuda" else None  # GPU surfel search
-        dsc, nsd = flare_case_scores(pred_np, target_np, spacing, self.tolerance_mm, device=device)
+        if int(case_index) < 0:
+            dsc = nsd = float("nan")
+        else:
+            pred_np, target_np = (self._squeeze(to_numpy(x)) for x in (pred, target))
+            device = self.device if self.device_search and self.device.type == "cuda" else None  # GPU surfel search
+            dsc, nsd = flare_case_scores(pred_np, target_np, spacing, self.tolerance_mm, device=device)
         self.dsc.append(torch.tensor([dsc], dtype=torch.float64, device=self.device))
         self.nsd.append(torch.tensor([nsd], dtype=torch.float64, device=self.device))
         self.case_index.append(torch.tensor([int(case_index)], dtype=torch.int64, device=self.device))
+
+    def add_placeholder(self) -> None:
+        """A row for a DDP rank that scored no case (its only item was padding): every rank then gathers states
+        of the same dtypes (torchmetrics fills an empty list state with a float32 tensor, which a float64 or
+        int64 one on another rank does not match). ``compute`` drops it."""
+        self.update(None, None, (1.0, 1.0, 1.0), -1)
 
     @staticmethod
     def _squeeze(x: np.ndarray) -> np.ndarray:
@@ -61,6 +71,7 @@ class FlareMetrics(Metric):
             return torch.zeros(0, dtype=torch.int64), empty, empty.clone()
         index = dim_zero_cat(self.case_index).cpu().long()
         _, first = np.unique(index.numpy(), return_index=True)  # sorted by case index
+        first = first[index.numpy()[first] >= 0]  # placeholder rows score no case
         keep = torch.from_numpy(first)
         return index[keep], dim_zero_cat(self.dsc).cpu()[keep], dim_zero_cat(self.nsd).cpu()[keep]
 
