@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +21,7 @@ from .plan import IntensityStats, Plan
 from .preprocessing import PreprocessedCache
 from .raw_dataset import Case, RawDataset, load_raw_dataset, select_fold
 from .sampling import PatchSampler, build_patch_loader
+from .device import synchronize
 from .volumes import CachedVolumes, Padded, RawVolumes, ShardSampler, first_item, list_images
 
 log = logging.getLogger(__name__)
@@ -207,8 +209,19 @@ class FlareDataModule(L.LightningDataModule):
         return build_patch_loader(entries, sampler, plan.target_spacing, self.iterations_per_epoch, self.num_workers,
                                   self.seed, rank, world, self.queue_length)
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Whole volumes (test / predict): the clock of the case starts before its copy to the device."""
+        if isinstance(batch, dict) and "timings" in batch:
+            batch["started"] = time.perf_counter()
+        return batch
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """GPU augmentation mode: batched transforms on the device, training batches only."""
+        """Whole volumes: the copy to the device is the case's "transfer" stage. GPU augmentation mode: batched
+        transforms on the device, training batches only."""
+        if isinstance(batch, dict) and "timings" in batch and "started" in batch:
+            image = batch.get("image")
+            synchronize(image.device if image is not None else None)  # Lightning copies non-blocking
+            batch["timings"]["transfer"] = time.perf_counter() - batch["started"]
         if self.batch_augmentation is not None and self.trainer is not None and self.trainer.training:
             self.batch_augmentation.set_epoch(self.trainer.current_epoch)
             batch = self.batch_augmentation.augment_batch(batch)

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .device import to_host
+from .device import synchronize, to_host
+from .efficiency import peak_gpu_mb, reset_peak_gpu
 from .inference import autocast_context, autocast_dtype, sliding_window_logits, use_channels_last, window_batch_size
 from .loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets
 from .metrics import FlareMetrics
@@ -162,17 +163,18 @@ class FlareSegmentationModule(L.LightningModule):
         return str(self.trainer.precision) if self._trainer is not None else None
 
     def predict_original_grid(self, item: dict) -> np.ndarray:
-        """uint8 mask on the original image grid for an item of ``RawVolumes`` (adds its stage timings)."""
+        """uint8 mask (host) on the original image grid for an item of ``RawVolumes`` (adds its stage timings:
+        device work is waited for before each timer is read)."""
         timings = item.setdefault("timings", {})
         image = item["image"]
         if item.get("raw_hu"):  # data.preprocess_on: device
             start = time.perf_counter()
             image = preprocess_tensor(image, item["geometry"].spacing, self.plan, self.device)
+            synchronize(image.device)
             timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
         logits = self.predict_logits(image)  # resampled as logits, then argmax: as nnU-Net's export
-        if logits.is_cuda:
-            torch.cuda.synchronize()
+        synchronize(logits.device)
         network = time.perf_counter()
         geometry = item["geometry"]
         nearest = probability_axis(self.plan.target_spacing, geometry.spacing, self.plan.resampling)
@@ -323,10 +325,11 @@ class FlareSegmentationModule(L.LightningModule):
             return {"skipped": True}
         if "error" in batch:
             return {"case_id": batch["case_id"], "source": batch["source"], "error": batch["error"]}
-        started = time.perf_counter()
+        started = batch.get("started", time.perf_counter())  # set before the transfer to the device
+        reset_peak_gpu(self.device)
         mask = self.predict_original_grid(batch)
         return {"case_id": batch["case_id"], "source": batch["source"], "mask": mask, "geometry": batch["geometry"],
-                "timings": batch["timings"], "started": started}
+                "timings": batch["timings"], "started": started, "peak_gpu_mb": peak_gpu_mb(self.device)}
 
 
 def _raise_item_error(item: dict) -> None:

@@ -140,4 +140,6 @@ def test_fit_validate_test_predict_through_lightning(device, tiny_dataset, tmp_p
     import csv
 
     rows = list(csv.DictReader(open(out / "efficiency.csv")))
-    assert len(rows) == len(test.model.test_results["cases"])
+    assert len(rows) == len(test.model.test_results["cases"]) and all(float(r["transfer"]) >= 0 for r in rows)
+    if device == "cuda":
+        assert all(float(r["peak_gpu_mb"]) > 0 for r in rows)
