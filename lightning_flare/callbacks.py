@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from .device import to_host
+
 
 def lesion_slice(label: np.ndarray) -> int:
     """Axial (z) index through the largest lesion: the slice with the most voxels of the largest component."""
@@ -41,16 +43,16 @@ class ValidationImageLogger(Callback):
             return
         if trainer.sanity_checking or (trainer.current_epoch + 1) % max(1, self.every_n_epochs):
             return
-        label = batch["label"].cpu().numpy()
+        label = to_host(batch["label"])
         z = lesion_slice(label)
         stats = pl_module.plan.intensity
-        hu = batch["image"][0, :, :, z].float().cpu().numpy() * stats.std + stats.mean
+        hu = to_host(batch["image"][0, :, :, z].float()) * stats.std + stats.mean
         # (x, y) -> image rows = y, columns = x
         self._panels.append({
             "case_id": batch["case_id"], "z": z,
             "image": ct_window(hu, self.level, self.width).T,
             "ground_truth": label[:, :, z].T.astype(np.uint8),
-            "prediction": outputs["prediction"][:, :, z].cpu().numpy().T.astype(np.uint8),
+            "prediction": to_host(outputs["prediction"][:, :, z]).T.astype(np.uint8),
         })
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,7 +20,8 @@ from .plan import IntensityStats, Plan
 from .preprocessing import PreprocessedCache
 from .raw_dataset import Case, RawDataset, load_raw_dataset, select_fold
 from .sampling import PatchSampler, build_patch_loader
-from .volumes import CachedVolumes, RawVolumes, ShardSampler, first_item, list_images
+from .device import synchronize
+from .volumes import CachedVolumes, Padded, RawVolumes, ShardSampler, first_item, list_images
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +203,19 @@ class FlareDataModule(L.LightningDataModule):
         return build_patch_loader(entries, sampler, plan.target_spacing, self.iterations_per_epoch, self.num_workers,
                                   self.seed, rank, world, self.queue_length)
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Whole volumes (test / predict): the clock of the case starts before its copy to the device."""
+        if isinstance(batch, dict) and "timings" in batch:
+            batch["started"] = time.perf_counter()
+        return batch
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """GPU augmentation mode: batched transforms on the device, training batches only."""
+        """Whole volumes: the copy to the device is the case's "transfer" stage. GPU augmentation mode: batched
+        transforms on the device, training batches only."""
+        if isinstance(batch, dict) and "timings" in batch and "started" in batch:
+            image = batch.get("image")
+            synchronize(image.device if image is not None else None)  # Lightning copies non-blocking
+            batch["timings"]["transfer"] = time.perf_counter() - batch["started"]
         if self.batch_augmentation is not None and self.trainer is not None and self.trainer.training:
             self.batch_augmentation.set_epoch(self.trainer.current_epoch)
             batch = self.batch_augmentation.augment_batch(batch)
@@ -240,6 +253,7 @@ class FlareDataModule(L.LightningDataModule):
     def _volume_loader(self, dataset: Dataset) -> DataLoader:
         rank, world = _rank_and_world()
         sampler = ShardSampler(len(dataset), rank, world) if world > 1 else None
+        dataset = Padded(dataset) if world > 1 else dataset  # a rank without a case gets a padding item
         # workers read and preprocess the *next* volumes while this process computes; with a single volume there
         # is nothing to overlap, and a worker would only add its own memory
         count = len(sampler) if sampler is not None else len(dataset)

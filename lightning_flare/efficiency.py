@@ -1,5 +1,9 @@
 """FLARE-style efficiency figures: per-case wall time by stage, peak RSS, peak GPU memory and the area under
-the GPU-memory-over-time curve sampled every 0.1 s."""
+the GPU-memory-over-time curve sampled every 0.1 s.
+
+GPU memory is this process's: what torch's caching allocator holds on the device (``torch.cuda.memory_reserved``,
+its peak ``max_memory_reserved``), not the whole device (other processes) and without the CUDA context itself
+(a few hundred MB that nvidia-smi adds)."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +18,8 @@ import torch
 
 from .io import write_text
 
-STAGES = ("read", "preprocess", "network", "postprocess", "write")
+# transfer: the host-to-device copy of the batch (Lightning's transfer_batch_to_device), device work waited for
+STAGES = ("read", "preprocess", "transfer", "network", "postprocess", "write")
 COLUMNS = ["case", *STAGES, "total_s", "peak_rss_mb", "peak_gpu_mb", "gpu_memory_area_mb_s"]
 
 
@@ -23,19 +28,42 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class GpuMemorySampler:
-    """Samples the GPU memory in use every ``interval`` seconds in a background thread (no-op without CUDA)."""
+def _is_cuda(device: torch.device | str | None) -> bool:
+    return device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
 
-    def __init__(self, interval: float = 0.1, device: torch.device | None = None):
+
+def reset_peak_gpu(device: torch.device | str | None) -> None:
+    """Start a new peak for ``peak_gpu_mb`` (no-op off CUDA)."""
+    if _is_cuda(device):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gpu_mb(device: torch.device | str | None) -> float:
+    """The most device memory this process's allocator held since ``reset_peak_gpu`` (MB; 0 off CUDA)."""
+    return torch.cuda.max_memory_reserved(device) / 2**20 if _is_cuda(device) else 0.0
+
+
+def process_gpu_mb(device: torch.device | str | None) -> float:
+    """Device memory this process's allocator holds now (MB; 0 off CUDA)."""
+    return torch.cuda.memory_reserved(device) / 2**20 if _is_cuda(device) else 0.0
+
+
+class GpuMemorySampler:
+    """Samples this process's GPU memory (``read``, MB; default ``process_gpu_mb``) every ``interval`` seconds in a
+    background thread; a no-op off CUDA unless ``read`` is given."""
+
+    def __init__(self, interval: float = 0.1, device: torch.device | None = None, read=None):
         self.interval = interval
         self.device = device
+        self.read = read if read is not None else (lambda: process_gpu_mb(self.device if self.device is not None else "cuda"))
+        self._custom = read is not None
         self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
     def active(self) -> bool:
-        return torch.cuda.is_available() and (self.device is None or self.device.type == "cuda")
+        return self._custom or (torch.cuda.is_available() and (self.device is None or self.device.type == "cuda"))
 
     def start(self) -> "GpuMemorySampler":
         if self.active and self._thread is None:
@@ -45,8 +73,7 @@ class GpuMemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            free, total = torch.cuda.mem_get_info(self.device)
-            self.samples.append((time.perf_counter(), (total - free) / 2**20))  # as nvidia-smi sees it
+            self.samples.append((time.perf_counter(), float(self.read())))
             self._stop.wait(self.interval)
 
     def stop(self) -> None:

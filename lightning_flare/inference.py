@@ -1,7 +1,6 @@
 """Sliding-window inference with TorchIO's GridSampler and a GridAggregator that stays on the device (Hann or Gaussian)."""
 from __future__ import annotations
 
-import contextlib
 from copy import deepcopy
 from typing import Sequence
 
@@ -19,11 +18,42 @@ def grid_overlap(patch_size: Sequence[int], overlap: float) -> tuple[int, int, i
     return tuple(int(2 * int(round(p * overlap / 2))) for p in patch_size)
 
 
-def autocast_context(device: torch.device, enabled: bool = True):
-    if not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+AUTOCAST_SETTINGS = (True, False, "auto", "bf16", "fp16")
+
+
+def autocast_dtype(device_type: str, setting: bool | str = True, precision: str | None = None) -> torch.dtype | None:
+    """The dtype inference autocasts to on ``device_type``, or None (full precision): decided here only.
+
+    ``setting`` is the module's ``autocast``: false: none; "bf16" / "fp16": that dtype; true: autocast in the
+    trainer's 16-bit dtype when its ``precision`` names one ("bf16-mixed", "bf16-true" -> bfloat16; "16-mixed",
+    "16-true" -> float16), else the device's (CUDA float16, others bfloat16); "auto": as true, except that on
+    CUDA a trainer in full precision ("32-true", "64-true") means none. On the CPU true and "auto" are bfloat16
+    whatever the trainer says (Lightning turns 16-mixed into bf16-mixed there anyway)."""
+    if not isinstance(setting, (bool, str)) or setting not in AUTOCAST_SETTINGS:
+        raise ValueError(f"autocast must be true, false, 'auto', 'bf16' or 'fp16', got {setting!r}")
+    if setting is False:
+        return None
+    if setting in ("bf16", "fp16"):
+        return torch.bfloat16 if setting == "bf16" else torch.float16
+    if device_type != "cuda":
+        return torch.bfloat16
+    precision = str(precision) if precision is not None else ""
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    full = precision.startswith(("32", "64"))
+    return None if setting == "auto" and full else torch.float16
+
+
+def autocast_context(device: torch.device | str, setting: bool | str = True, precision: str | None = None):
+    """``torch.autocast`` in ``autocast_dtype``'s dtype; full precision turns off an enclosing autocast (Lightning
+    runs every step inside its precision plugin's)."""
+    device_type = torch.device(device).type
+    dtype = autocast_dtype(device_type, setting, precision)
+    if dtype is None:
+        return torch.autocast(device_type=device_type, enabled=False)
+    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def window_batch_size(value: int | str, device: torch.device | str) -> int:
@@ -144,19 +174,20 @@ def sliding_window_logits(
     patch_size: Sequence[int],
     overlap: float = 0.5,
     batch_size: int = 2,
-    autocast: bool = True,
+    autocast: bool | str = True,
     mirror_axes: Sequence[int] = (),
     device: torch.device | str | None = None,
     weighting: str = "hann",
     steps: str = "torchio",
     channels_last: bool | str = "auto",
+    precision: str | None = None,
 ) -> torch.Tensor:
     """Class logits (C, x, y, z), float32 on the network's device, for a normalised (1, x, y, z) image.
 
     Volumes smaller than the window are padded (and cropped back). ``mirror_axes`` enables nnU-Net's
     test-time mirroring over the given spatial axes (all 2^n flips averaged). ``weighting``: 'hann' (TorchIO)
     or 'gaussian' (nnU-Net); ``steps``: TorchIO's window grid or nnU-Net's ('nnunet', as ``nnUNetPredictor``);
-    ``channels_last``: see ``use_channels_last``.
+    ``channels_last``: see ``use_channels_last``; ``autocast`` and the trainer's ``precision``: see ``autocast_dtype``.
     """
     device = torch.device(device) if device is not None else next(net.parameters()).device
     patch_size = tuple(int(p) for p in patch_size)
@@ -177,7 +208,7 @@ def sliding_window_logits(
         windows = torch.stack([w for w, _ in items]).to(device)
         locations = torch.stack([loc for _, loc in items])
         logits = None
-        with autocast_context(device, autocast):
+        with autocast_context(device, autocast, precision):
             for dims in flips:
                 x = torch.flip(windows, dims) if dims else windows
                 out = forward(x)

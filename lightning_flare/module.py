@@ -11,7 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inference import autocast_context, sliding_window_logits, use_channels_last, window_batch_size
+from .device import synchronize, to_host
+from .efficiency import peak_gpu_mb, reset_peak_gpu
+from .inference import autocast_context, autocast_dtype, sliding_window_logits, use_channels_last, window_batch_size
 from .loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets
 from .metrics import FlareMetrics
 from .plan import Plan
@@ -37,7 +39,7 @@ class FlareSegmentationModule(L.LightningModule):
         sw_overlap: float = 0.5,
         sw_batch_size: int | str = "auto",
         tta: bool = False,
-        autocast: bool = True,
+        autocast: bool | str = "auto",
         nsd_tolerance_mm: float = 2.0,
         report_dir: str | None = None,
         full_val_every_n_epochs: int = 1,
@@ -54,16 +56,21 @@ class FlareSegmentationModule(L.LightningModule):
         scales = net.output_scales() if getattr(net, "deep_supervision", False) else [(1.0, 1.0, 1.0)]
         self.output_scales = [tuple(s) for s in scales]
         self.loss = DeepSupervisionLoss(DiceCELoss(), deep_supervision_weights(len(self.output_scales)))
+        # NSD surfel search: on the module's GPU for validation (resampled grid); on the CPU (k-d tree) for test, whose
+        # original grid has many more surfels (a brute-force search grows with their square, a k-d tree does not)
         self.val_metrics = FlareMetrics(nsd_tolerance_mm)
-        self.test_metrics = FlareMetrics(nsd_tolerance_mm)
+        self.test_metrics = FlareMetrics(nsd_tolerance_mm, device_search=False)
         self.plan: Plan | None = None
         self.fingerprint: dict | None = None
         self.test_rows: list[dict] = []
-        self._pseudo_counts = torch.zeros(3, dtype=torch.float64)  # TP, FP, FN of the patch-level pseudo Dice
+        # TP, FP, FN voxels of the patch-level pseudo Dice: a buffer, so it sits on the module's device (all_gather
+        # over NCCL needs that); integers, so that 16-bit module conversions leave it exact; not in checkpoints
+        self.register_buffer("_pseudo_counts", torch.zeros(3, dtype=torch.int64), persistent=False)
         self._last_full = {"val/dsc": 0.0, "val/nsd": 0.0}
         if not (min_component_ml == "auto" or (isinstance(min_component_ml, (int, float)) and min_component_ml >= 0)):
             raise ValueError(f"min_component_ml must be a volume in ml (>= 0) or 'auto', got {min_component_ml!r}")
         use_channels_last(sw_channels_last, "cpu")  # checks the value
+        autocast_dtype("cpu", autocast)  # checks the value
         if val_tta is not None and not isinstance(val_tta, bool):
             raise ValueError(f"val_tta must be true, false or null (= tta), got {val_tta!r}")
         self.postprocessing_scores = ComponentThresholdScores()  # candidates scored on every full validation
@@ -146,21 +153,28 @@ class FlareSegmentationModule(L.LightningModule):
                                            window_batch_size(hp.sw_batch_size, self.device),
                                            hp.autocast, mirror_axes=(0, 1, 2) if tta else (), device=self.device,
                                            weighting=hp.get("sw_weighting", "hann"), steps=hp.get("sw_steps", "torchio"),
-                                           channels_last=hp.get("sw_channels_last", "auto"))
+                                           channels_last=hp.get("sw_channels_last", "auto"),
+                                           precision=self.trainer_precision())
         return logits
 
+    def trainer_precision(self) -> str | None:
+        """The attached trainer's precision ("bf16-mixed", "16-mixed", "32-true", ...): inference autocasts to its
+        16-bit dtype (``inference.autocast_dtype``); None without a trainer."""
+        return str(self.trainer.precision) if self._trainer is not None else None
+
     def predict_original_grid(self, item: dict) -> np.ndarray:
-        """uint8 mask on the original image grid for an item of ``RawVolumes`` (adds its stage timings)."""
+        """uint8 mask (host) on the original image grid for an item of ``RawVolumes`` (adds its stage timings:
+        device work is waited for before each timer is read)."""
         timings = item.setdefault("timings", {})
         image = item["image"]
         if item.get("raw_hu"):  # data.preprocess_on: device
             start = time.perf_counter()
             image = preprocess_tensor(image, item["geometry"].spacing, self.plan, self.device)
+            synchronize(image.device)
             timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
         logits = self.predict_logits(image)  # resampled as logits, then argmax: as nnU-Net's export
-        if logits.is_cuda:
-            torch.cuda.synchronize()
+        synchronize(logits.device)
         network = time.perf_counter()
         geometry = item["geometry"]
         nearest = probability_axis(self.plan.target_spacing, geometry.spacing, self.plan.resampling)
@@ -183,37 +197,48 @@ class FlareSegmentationModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict | None:
         """Full-volume sliding window (DSC/NSD) every ``full_val_every_n_epochs``; patch pseudo-Dice otherwise."""
+        if batch.get("padding"):  # this rank has no case of its own (more ranks than cases)
+            if self._full_validation_epoch():
+                self.val_metrics.add_placeholder()
+            return None
         if self._full_validation_epoch():
-            prediction = self.predict_logits(batch["image"], tta=self.hparams.get("val_tta")).argmax(0)
-            self.postprocessing_scores.update(prediction, batch["label"], batch["spacing"])
+            logits = self.predict_logits(batch["image"], tta=self.hparams.get("val_tta"))
+            # the host/device boundary: prediction and label come to the host once; the scores and the component
+            # postprocessing are NumPy / SciPy (the metric's surfel search runs on its own device, the module's)
+            prediction, label = to_host(logits.argmax(0).to(torch.uint8)), to_host(batch["label"])
+            self.postprocessing_scores.update(prediction, label, batch["spacing"])
             if self.hparams.get("min_component_ml", 0.0) not in (0, 0.0, "auto"):
-                kept = remove_small_components(prediction.cpu().numpy(), batch["spacing"], self.min_component_ml())
-                prediction = torch.from_numpy(kept)
-            self.val_metrics.update(prediction, batch["label"], batch["spacing"], batch["index"])
-            return {"prediction": prediction.to(torch.uint8)}  # for ValidationImageLogger
+                prediction = remove_small_components(prediction, batch["spacing"], self.min_component_ml())
+            self.val_metrics.update(prediction, label, batch["spacing"], batch["index"])
+            return {"prediction": torch.from_numpy(prediction)}  # for ValidationImageLogger
         self._pseudo_dice_update(batch)
         return None
 
     def _pseudo_dice_update(self, batch: dict) -> None:
-        """nnU-Net-style pseudo Dice: a few patch-size windows (centred on tumour voxels when there are some)."""
+        """nnU-Net-style pseudo Dice: a few patch-size windows (centred on tumour voxels when there are some),
+        counted on the batch's device; only the chosen window centres come to the host."""
         image, label = batch["image"], batch["label"]
         patch = np.asarray(self.plan.patch_size)
         rng = np.random.default_rng([self.current_epoch, int(batch["index"])])
-        foreground = torch.nonzero(label > 0).numpy()
+        foreground = torch.nonzero(label > 0)
         shape = np.asarray(label.shape)
         with self._inference_net() as net:
             for _ in range(int(self.hparams.pseudo_val_patches)):
-                centre = foreground[rng.integers(len(foreground))] if len(foreground) else rng.integers(0, shape)
+                if len(foreground):
+                    centre = to_host(foreground[int(rng.integers(len(foreground)))])
+                else:
+                    centre = rng.integers(0, shape)
                 start = np.clip(centre - patch // 2, 0, np.maximum(shape - patch, 0))
                 window = tuple(slice(int(a), int(a + p)) for a, p in zip(start, patch))
                 x = image[(slice(None), *window)]
                 pad = [int(p - s) for p, s in zip(patch, x.shape[1:])]
                 x = torch.nn.functional.pad(x, [v for d in reversed(pad) for v in (0, d)])
-                with autocast_context(self.device, bool(self.hparams.autocast)):
+                with autocast_context(self.device, self.hparams.autocast, self.trainer_precision()):
                     logits = net(x[None].to(self.device))
-                pred = logits[0].argmax(0)[tuple(slice(0, s) for s in label[window].shape)].cpu() > 0
                 ref = label[window] > 0
-                self._pseudo_counts += torch.tensor([(pred & ref).sum(), (pred & ~ref).sum(), (~pred & ref).sum()], dtype=torch.float64)
+                pred = logits[0].argmax(0)[tuple(slice(0, s) for s in ref.shape)] > 0
+                counts = torch.stack([(pred & ref).sum(), (pred & ~ref).sum(), (~pred & ref).sum()])
+                self._pseudo_counts += counts.to(self._pseudo_counts.device)
 
     def on_validation_epoch_end(self) -> None:
         if self._full_validation_epoch():
@@ -228,7 +253,9 @@ class FlareSegmentationModule(L.LightningModule):
             self.log("val/pp_min_component_ml", chosen)
             self.log("val/dsc_postprocessed", scores[chosen])
         else:
-            counts = self.all_gather(self._pseudo_counts).reshape(-1, 3).sum(0) if self.trainer.world_size > 1 else self._pseudo_counts
+            counts = self._pseudo_counts
+            if self.trainer.world_size > 1:
+                counts = self.all_gather(counts).reshape(-1, 3).sum(0)
             tp, fp, fn = counts.tolist()
             self.log("val/pseudo_dsc", 2 * tp / max(2 * tp + fp + fn, 1e-8), prog_bar=True)
             self._pseudo_counts.zero_()
@@ -237,11 +264,14 @@ class FlareSegmentationModule(L.LightningModule):
         self.log("val/nsd", self._last_full["val/nsd"], prog_bar=True)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        if batch.get("padding"):  # this rank has no case of its own (more ranks than cases)
+            self.test_metrics.add_placeholder()
+            return
         _raise_item_error(batch)
-        mask = self.predict_original_grid(batch)
-        label = batch["label"].numpy()
+        mask = self.predict_original_grid(batch)  # on the host
+        label = to_host(batch["label"])  # the host/device boundary
         spacing = batch["geometry"].spacing
-        self.test_metrics.update(torch.from_numpy(mask), torch.from_numpy(label), spacing, batch["index"])
+        self.test_metrics.update(mask, label, spacing, batch["index"])
         voxel_ml = float(np.prod(spacing)) / 1000.0
         self.test_rows.append({"case": batch["case_id"], "index": batch["index"],
                                "reference_ml": float((label > 0).sum()) * voxel_ml,
@@ -291,12 +321,15 @@ class FlareSegmentationModule(L.LightningModule):
         return rows
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        if batch.get("padding"):  # this rank has no case of its own (more ranks than cases)
+            return {"skipped": True}
         if "error" in batch:
             return {"case_id": batch["case_id"], "source": batch["source"], "error": batch["error"]}
-        started = time.perf_counter()
+        started = batch.get("started", time.perf_counter())  # set before the transfer to the device
+        reset_peak_gpu(self.device)
         mask = self.predict_original_grid(batch)
         return {"case_id": batch["case_id"], "source": batch["source"], "mask": mask, "geometry": batch["geometry"],
-                "timings": batch["timings"], "started": started}
+                "timings": batch["timings"], "started": started, "peak_gpu_mb": peak_gpu_mb(self.device)}
 
 
 def _raise_item_error(item: dict) -> None:

@@ -14,6 +14,7 @@ import torch
 from scipy import ndimage
 from torchmetrics import Metric
 
+from .device import to_host
 from .metrics.functional import dice
 
 CANDIDATES_ML = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -96,8 +97,7 @@ class ComponentThresholdScores(Metric):
         self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, prediction, reference, spacing_mm: Sequence[float]) -> None:
-        prediction = np.asarray(prediction.cpu() if isinstance(prediction, torch.Tensor) else prediction)
-        reference = np.asarray(reference.cpu() if isinstance(reference, torch.Tensor) else reference)
+        prediction, reference = to_host(prediction), to_host(reference)
         scores = case_scores(prediction, reference, spacing_mm, self.candidates)
         self.sums += torch.tensor(scores, dtype=torch.float64, device=self.sums.device)
         self.count += 1

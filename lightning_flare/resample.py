@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .device import to_host
+
 
 def new_shape_for_spacing(shape: Sequence[int], spacing: Sequence[float], new_spacing: Sequence[float]) -> tuple[int, ...]:
     ratio = np.asarray(spacing, float) / np.asarray(new_spacing, float)
@@ -215,7 +217,7 @@ def resample_to_mask(probabilities: torch.Tensor, new_shape: Sequence[int], slab
         z = probabilities[..., i0[start:stop]] * (1 - weight) + probabilities[..., i1[start:stop]] * weight
         planes = F.interpolate(z.permute(3, 0, 1, 2), size=new_shape[:2], mode="bilinear", align_corners=False)
         labels = (planes[:, 0] > 0) if channels == 2 else planes.argmax(1)  # (slab, x, y)
-        mask[:, :, start:stop] = labels.permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+        mask[:, :, start:stop] = to_host(labels.permute(1, 2, 0).to(torch.uint8))
     return mask
 
 

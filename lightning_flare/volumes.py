@@ -17,16 +17,36 @@ from .raw_dataset import IMAGE_SUFFIXES, Case
 
 class ShardSampler(Sampler[int]):
     """Rank ``r`` of ``world`` takes items r, r + world, ...: every case on exactly one rank, none repeated
-    (DistributedSampler pads with repeats, which would predict and write some cases twice)."""
+    (DistributedSampler pads with repeats, which would predict and write some cases twice). A rank left without
+    a case (more ranks than cases) takes one padding item instead, index ``length`` (``Padded``): Lightning needs
+    a batch on every rank, and the steps skip it."""
 
     def __init__(self, length: int, rank: int, world_size: int):
-        self.indices = list(range(rank, length, world_size))
+        self.indices = list(range(rank, length, world_size)) or [length]
 
     def __iter__(self):
         return iter(self.indices)
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def padding_item() -> dict:
+    """The item of a rank without a case: no volume; the steps score, predict and write nothing for it."""
+    return {"index": -1, "case_id": "", "padding": True}
+
+
+class Padded(Dataset):
+    """``dataset`` with one more index, ``len(dataset)``, that gives ``padding_item()`` (see ``ShardSampler``)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return padding_item() if index == len(self.dataset) else self.dataset[index]
 
 
 def first_item(batch: list) -> dict:

@@ -57,7 +57,9 @@ class NiftiPredictionWriter(BasePredictionWriter):
         now = time.perf_counter()
         self.written.append(path)
         timings = {**prediction.get("timings", {}), "write": now - start}
-        self.efficiency.add(prediction["case_id"], timings, self.gpu.window(prediction.get("started", start), now))
+        peak, area = self.gpu.window(prediction.get("started", start), now)
+        peak = max(peak, float(prediction.get("peak_gpu_mb", 0.0)))  # the allocator's own peak sees between samples
+        self.efficiency.add(prediction["case_id"], timings, (peak, area))
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for job in self._pending:

@@ -149,7 +149,7 @@ def test_predict_skips_existing_reports_bad_cases_and_efficiency(trained, tiny_d
     masks = sorted(out_dir.glob("*.nii.gz"))
     assert [m.name for m in masks] == [g.name.replace("_0000", "") for g in good]
     lines = (out_dir / "efficiency.csv").read_text().splitlines()
-    assert lines[0] == "case,read,preprocess,network,postprocess,write,total_s,peak_rss_mb,peak_gpu_mb,gpu_memory_area_mb_s"
+    assert lines[0] == "case,read,preprocess,transfer,network,postprocess,write,total_s,peak_rss_mb,peak_gpu_mb,gpu_memory_area_mb_s"
     assert len(lines) == 1 + len(good)
     row = dict(zip(lines[0].split(","), lines[1].split(",")))
     assert float(row["network"]) > 0 and float(row["peak_rss_mb"]) > 0

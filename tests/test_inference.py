@@ -125,3 +125,66 @@ def test_validation_mirrors_per_val_tta_and_prediction_per_tta(monkeypatch):
         module_file.FlareSegmentationModule(net, val_tta="yes")
     with pytest.raises(ValueError, match="channels_last"):
         module_file.FlareSegmentationModule(net, sw_channels_last="fast")
+
+
+BF16, FP16 = torch.bfloat16, torch.float16
+
+
+@pytest.mark.parametrize("device, setting, precision, expected", [
+    # the CPU: bf16 when autocast is on, whatever the trainer says (as before; CPU precision is chosen elsewhere)
+    ("cpu", True, None, BF16), ("cpu", True, "32-true", BF16), ("cpu", "auto", "32-true", BF16),
+    ("cpu", "auto", "bf16-mixed", BF16), ("cpu", False, "bf16-mixed", None), ("cpu", "fp16", None, FP16),
+    # CUDA: the trainer's 16-bit dtype (a bf16-trained model predicts in bf16)
+    ("cuda", True, "bf16-mixed", BF16), ("cuda", "auto", "bf16-mixed", BF16), ("cuda", "auto", "bf16-true", BF16),
+    ("cuda", True, "16-mixed", FP16), ("cuda", "auto", "16-mixed", FP16),
+    # CUDA, full-precision or no trainer: auto follows it, true forces fp16
+    ("cuda", "auto", "32-true", None), ("cuda", "auto", "64-true", None), ("cuda", True, "32-true", FP16),
+    ("cuda", True, None, FP16), ("cuda", "auto", None, FP16),
+    # explicit settings win
+    ("cuda", "bf16", "16-mixed", BF16), ("cuda", "fp16", "bf16-mixed", FP16), ("cuda", False, "16-mixed", None),
+])
+def test_autocast_dtype_rule(device, setting, precision, expected):
+    from lightning_flare.inference import autocast_dtype
+
+    assert autocast_dtype(device, setting, precision) == expected
+
+
+def test_autocast_bad_values_and_full_precision_inside_lightnings_autocast():
+    from lightning_flare.inference import autocast_context, autocast_dtype
+    from lightning_flare.module import FlareSegmentationModule
+    from lightning_flare.network import PlainConvUNet
+
+    for bad in (1, 0, "yes", None, "bf16-mixed"):
+        with pytest.raises(ValueError, match="autocast must be"):
+            autocast_dtype("cpu", bad)
+    with pytest.raises(ValueError, match="autocast must be"):
+        FlareSegmentationModule(PlainConvUNet(features_per_stage=[4, 8, 16, 32]), autocast="half")
+    a = torch.randn(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as Lightning's precision plugin wraps every step
+        assert (a @ a).dtype == torch.bfloat16
+        with autocast_context("cpu", False):
+            assert (a @ a).dtype == torch.float32  # autocast: false means full precision, not "leave it on"
+        with autocast_context("cpu", "fp16"):
+            assert (a @ a).dtype == torch.float16
+
+
+def test_module_hands_the_trainers_precision_to_inference(monkeypatch):
+    import lightning as L
+
+    import lightning_flare.module as module_file
+    from lightning_flare.network import PlainConvUNet
+    from lightning_flare.plan import IntensityStats, Plan
+
+    seen = []
+
+    def fake(net, image, *args, **kwargs):
+        seen.append((args[3], kwargs["precision"]))  # (autocast setting, trainer precision)
+        return torch.zeros(2, *image.shape[1:])
+
+    monkeypatch.setattr(module_file, "sliding_window_logits", fake)
+    module = module_file.FlareSegmentationModule(PlainConvUNet(features_per_stage=[4, 8, 16, 32]))
+    module.plan = Plan((1, 1, 1), (8, 8, 8), IntensityStats(-100.0, 100.0, 0.0, 50.0))
+    module.predict_logits(torch.zeros(1, 8, 8, 8))
+    module.trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False)
+    module.predict_logits(torch.zeros(1, 8, 8, 8))
+    assert seen == [("auto", None), ("auto", "bf16-mixed")]

@@ -262,3 +262,57 @@ def test_device_nearest_surfel_search_matches_the_kd_tree():
         b = ndimage.gaussian_filter(rng.random((30, 28, 20)), 2) > 0.5
         cpu = normalized_surface_dice(a, b, spacing, tol)
         assert normalized_surface_dice(a, b, spacing, tol, device="cpu") == pytest.approx(cpu, abs=1e-12)
+
+
+def test_device_surfel_search_stays_within_its_memory_budget(monkeypatch):
+    """Each chunk's distance matrix (float64, rows x targets) and cdist's temporaries fit the byte budget, for
+    any surface size; the chunked search equals one unchunked pass and the k-d tree."""
+    from lightning_flare.metrics import functional
+
+    budget = functional.SEARCH_BUDGET_BYTES
+    assert budget <= 256 * 2**20
+    for targets in (10, 4_096, 100_000, 2_000_000):
+        rows = functional.search_chunk_rows(targets)
+        assert rows >= 1 and 2 * 8 * rows * targets <= budget
+    rng = np.random.default_rng(3)
+    source, target = rng.integers(0, 40, (700, 3)), rng.integers(0, 40, (900, 3))
+    spacing = (0.7, 0.8, 3.0)
+    sizes = []
+    cdist = torch.cdist
+
+    def spy(a, b, *args, **kwargs):
+        sizes.append(a.shape[0] * b.shape[0] * 8)
+        return cdist(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cdist", spy)
+    small = 50 * 900 * 16  # a budget of 50 rows
+    chunked = functional._nearest_distances_torch(source, target, spacing, "cpu", budget_bytes=small)
+    assert len(sizes) == 14 and 2 * max(sizes) <= small
+    whole = functional._nearest_distances_torch(source, target, spacing, "cpu", budget_bytes=2**40)
+    assert len(sizes) == 15
+    np.testing.assert_array_equal(chunked, whole)
+    np.testing.assert_array_equal(chunked, functional._nearest_distances(source, target, spacing))
+
+
+def test_placeholder_rows_of_a_rank_without_cases_are_dropped():
+    """A rank whose only item was padding adds a placeholder row: the gathered states keep their dtypes and the
+    result counts the real cases only."""
+    cases = _cases()[:2]
+    other: list[torch.Tensor] = []
+
+    def gather(tensor, group=None):
+        return [tensor, other.pop(0)]
+
+    rank0 = FlareMetrics(dist_sync_fn=gather, distributed_available_fn=lambda: True)
+    rank1 = FlareMetrics()
+    for index, (pred, gt, spacing) in enumerate(cases):
+        rank0.update(torch.from_numpy(pred), torch.from_numpy(gt), spacing, index)
+    rank1.add_placeholder()
+    assert [t.dtype for t in (rank1.dsc[0], rank1.nsd[0], rank1.case_index[0])] == \
+        [t.dtype for t in (rank0.dsc[0], rank0.nsd[0], rank0.case_index[0])]
+    other += [torch.cat(rank1.dsc), torch.cat(rank1.nsd), torch.cat(rank1.case_index)]
+    out = rank0.compute()
+    expected = np.array([flare_case_scores(p, g, s) for p, g, s in cases])
+    assert int(out["num_cases"]) == 2 and rank0.per_case()[0].tolist() == [0, 1]
+    assert float(out["dsc"]) == pytest.approx(expected[:, 0].mean())
+    assert int(rank1.compute()["num_cases"]) == 0

@@ -17,15 +17,19 @@ class FlareMetrics(Metric):
     States are per-case lists concatenated across processes (``dist_reduce_fx="cat"``),
     so the means are over cases, not over per-process means. Cases repeated by a
     padding ``DistributedSampler`` are counted once (first occurrence of a ``case_index``).
+    Inputs may be arrays or tensors on any device; the scores are computed on the host, the
+    nearest-surfel search on the metric's own device when that is a GPU (it moves with the module)
+    and ``device_search`` is true, else with a k-d tree on the CPU.
     """
 
     full_state_update = False
     is_differentiable = False
     higher_is_better = True
 
-    def __init__(self, tolerance_mm: float = 2.0, **kwargs: Any) -> None:
+    def __init__(self, tolerance_mm: float = 2.0, device_search: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.tolerance_mm = float(tolerance_mm)
+        self.device_search = device_search
         self.add_state("dsc", default=[], dist_reduce_fx="cat")
         self.add_state("nsd", default=[], dist_reduce_fx="cat")
         self.add_state("case_index", default=[], dist_reduce_fx="cat")
@@ -33,14 +37,24 @@ class FlareMetrics(Metric):
 
     def update(self, pred: torch.Tensor, target: torch.Tensor,
                spacing: Sequence[float], case_index: int) -> None:
-        """Score one case. ``pred``/``target``: label maps (X, Y, Z) or (1, X, Y, Z)."""
+        """Score one case. ``pred``/``target``: label maps (X, Y, Z) or (1, X, Y, Z). ``case_index < 0``: a
+        placeholder row that scores no case (see ``add_placeholder``); ``pred``/``target`` are then ignored."""
         self._per_case = None
-        pred_np, target_np = (self._squeeze(to_numpy(x)) for x in (pred, target))
-        device = pred.device if getattr(pred, "is_cuda", False) else None  # GPU nearest-surfel search
-        dsc, nsd = flare_case_scores(pred_np, target_np, spacing, self.tolerance_mm, device=device)
+        if int(case_index) < 0:
+            dsc = nsd = float("nan")
+        else:
+            pred_np, target_np = (self._squeeze(to_numpy(x)) for x in (pred, target))
+            device = self.device if self.device_search and self.device.type == "cuda" else None  # GPU surfel search
+            dsc, nsd = flare_case_scores(pred_np, target_np, spacing, self.tolerance_mm, device=device)
         self.dsc.append(torch.tensor([dsc], dtype=torch.float64, device=self.device))
         self.nsd.append(torch.tensor([nsd], dtype=torch.float64, device=self.device))
         self.case_index.append(torch.tensor([int(case_index)], dtype=torch.int64, device=self.device))
+
+    def add_placeholder(self) -> None:
+        """A row for a DDP rank that scored no case (its only item was padding): every rank then gathers states
+        of the same dtypes (torchmetrics fills an empty list state with a float32 tensor, which a float64 or
+        int64 one on another rank does not match). ``compute`` drops it."""
+        self.update(None, None, (1.0, 1.0, 1.0), -1)
 
     @staticmethod
     def _squeeze(x: np.ndarray) -> np.ndarray:
@@ -57,6 +71,7 @@ class FlareMetrics(Metric):
             return torch.zeros(0, dtype=torch.int64), empty, empty.clone()
         index = dim_zero_cat(self.case_index).cpu().long()
         _, first = np.unique(index.numpy(), return_index=True)  # sorted by case index
+        first = first[index.numpy()[first] >= 0]  # placeholder rows score no case
         keep = torch.from_numpy(first)
         return index[keep], dim_zero_cat(self.dsc).cpu()[keep], dim_zero_cat(self.nsd).cpu()[keep]
 

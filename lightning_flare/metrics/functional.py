@@ -13,6 +13,10 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 from scipy.spatial import cKDTree
 
+from lightning_flare.device import to_host
+
+SEARCH_BUDGET_BYTES = 256 * 2**20  # working memory of one chunk of the brute-force surfel search on a device
+
 Corner = tuple[int, ...]  # a corner (0/1, 0/1, 0/1) of the 2x2x2 neighbourhood
 _CORNERS: list[Corner] = list(itertools.product((0, 1), repeat=3))
 _SHIFT = {c: 7 - (4 * c[0] + 2 * c[1] + c[2]) for c in _CORNERS}  # bit in the code; (0,0,0): 128
@@ -88,9 +92,7 @@ def surfel_area_table(spacing_mm: tuple[float, float, float]) -> np.ndarray:
     return np.bincount(codes, weights=np.linalg.norm(scaled, axis=1), minlength=256)
 
 
-def to_numpy(x: Any) -> np.ndarray:
-    """NumPy view of an array or a (possibly CUDA) torch tensor."""
-    return np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
+to_numpy = to_host  # NumPy view of an array or a (possibly CUDA) torch tensor
 
 
 def bounding_box(*masks: np.ndarray) -> tuple[slice, ...] | None:
@@ -161,10 +163,17 @@ def _nearest_distances(source: np.ndarray, target: np.ndarray,
     return np.sqrt((offset[:, 0] + offset[:, 1]) + offset[:, 2])
 
 
+def search_chunk_rows(num_target: int, budget_bytes: int = SEARCH_BUDGET_BYTES) -> int:
+    """Source surfels per chunk of the brute-force search: the chunk's (rows x targets) float64 distance matrix
+    and as much again for ``cdist``'s temporaries stay within ``budget_bytes`` (at least one row)."""
+    return max(1, int(budget_bytes) // (2 * 8 * max(int(num_target), 1)))
+
+
 def _nearest_distances_torch(source: np.ndarray, target: np.ndarray, spacing: tuple[float, float, float],
-                             device: Any, chunk: int = 4096) -> np.ndarray:
+                             device: Any, budget_bytes: int = SEARCH_BUDGET_BYTES) -> np.ndarray:
     """Same as ``_nearest_distances``, the nearest-neighbour search done by chunked brute force on ``device``
-    (a GPU) in float64; the distance is then evaluated exactly as on the CPU path."""
+    (a GPU) in float64, each chunk within ``budget_bytes`` (``search_chunk_rows``); the distance is then evaluated
+    exactly as on the CPU path."""
     import torch
 
     if len(target) == 0:
@@ -174,7 +183,8 @@ def _nearest_distances_torch(source: np.ndarray, target: np.ndarray, spacing: tu
     scale = torch.tensor(spacing, dtype=torch.float64, device=device)
     tgt = torch.from_numpy(target).to(device=device, dtype=torch.float64) * scale
     src = torch.from_numpy(source).to(device=device, dtype=torch.float64) * scale
-    nearest = torch.cat([torch.cdist(src[i : i + chunk], tgt).argmin(1) for i in range(0, len(src), chunk)]).cpu().numpy()
+    rows = search_chunk_rows(len(target), budget_bytes)
+    nearest = to_host(torch.cat([torch.cdist(src[i : i + rows], tgt).argmin(1) for i in range(0, len(src), rows)]))
     offset = (target[nearest] - source).astype(np.float64) * np.asarray(spacing, np.float64)
     offset *= offset
     return np.sqrt((offset[:, 0] + offset[:, 1]) + offset[:, 2])
