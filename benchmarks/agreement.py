@@ -101,7 +101,7 @@ def run_ours(case_id: str, image: Path, ckpt: Path, config: Path, work: Path, ov
            "--data.predict_dir", str(folder), "--writer.output_dir", str(out), "--writer.overwrite", "true",
            "--trainer.accelerator", "cpu", "--trainer.logger", "false",
            "--trainer.default_root_dir", str(work / "lightning_root"),
-           "--model.tta", "false",  # nnU-Net's side runs without mirroring (the demo config mirrors)
+           "--model.inference.tta", "false",  # nnU-Net's side runs without mirroring (the demo config mirrors)
            *override]
     result = run_measured(cmd, env=child_env(), cwd=REPO, log=work / "out" / f"{case_id}_ours.log")
     if result["returncode"] != 0:

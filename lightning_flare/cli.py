@@ -29,7 +29,7 @@ class FlareCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """The checkpoint decides the network (its weights fit no other); the YAML and the command line decide
         everything else (tta, overlap, ...). Lightning's default would let the checkpoint's saved
-        hyper-parameters silently override command-line options such as ``--model.tta true``. The network's
+        hyper-parameters silently override command-line options such as ``--model.inference.tta true``. The network's
         class and args are looked up as ``lightning_flare.checkpoint.network_spec`` says."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None

@@ -1,7 +1,6 @@
 """LightningModule: the injected U-Net, Dice+CE deep supervision, SGD + poly LR, sliding-window evaluation."""
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from typing import Any
@@ -11,15 +10,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .device import synchronize, to_host
+from .device import to_host
 from .efficiency import peak_gpu_mb, reset_peak_gpu
-from .inference import autocast_context, autocast_dtype, sliding_window_logits, use_channels_last, window_batch_size
+from .inference import autocast_context
 from .loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets
 from .metrics import FlareMetrics
 from .plan import Plan
 from .postprocessing import ComponentThresholdScores, choose_threshold, remove_small_components
-from .preprocessing import preprocess_tensor
-from .resample import probability_axis, resample_to_mask
+from .predictor import InferenceSettings, Predictor, chosen_min_component_ml
 
 
 def poly_lr_factor(epoch: int, max_epochs: int, exponent: float = 0.9) -> float:
@@ -28,30 +26,29 @@ def poly_lr_factor(epoch: int, max_epochs: int, exponent: float = 0.9) -> float:
 
 
 class FlareSegmentationModule(L.LightningModule):
+    """Training (Dice + CE with deep supervision, SGD + poly LR) and the Lightning hooks around the injected
+    ``net`` and the whole-volume ``Predictor`` (its ``inference`` settings: sliding window, mirroring, precision,
+    postprocessing). ``val_tta``: mirroring in validation (None: as ``inference.tta``)."""
+
     def __init__(
         self,
         net: nn.Module,
+        inference: InferenceSettings = InferenceSettings(),
         lr: float = 1e-3,
         momentum: float = 0.99,
         weight_decay: float = 3e-5,
         nesterov: bool = True,
         poly_exponent: float = 0.9,
-        sw_overlap: float = 0.5,
-        sw_batch_size: int | str = "auto",
-        tta: bool = False,
-        autocast: bool | str = "auto",
+        val_tta: bool | None = None,
         nsd_tolerance_mm: float = 2.0,
         report_dir: str | None = None,
         full_val_every_n_epochs: int = 1,
         pseudo_val_patches: int = 4,
-        min_component_ml: float | str = 0.0,
-        sw_weighting: str = "hann",
-        sw_steps: str = "torchio",
-        sw_channels_last: bool | str = "auto",
-        val_tta: bool | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        self.inference = inference if isinstance(inference, InferenceSettings) else InferenceSettings.from_dict(inference)
+        self.save_hyperparameters(ignore=["net", "inference"])
+        self.hparams["inference"] = self.inference.to_dict()  # plain values: checkpoints stay loadable without pickle
         self.net = net
         scales = net.output_scales() if getattr(net, "deep_supervision", False) else [(1.0, 1.0, 1.0)]
         self.output_scales = [tuple(s) for s in scales]
@@ -67,10 +64,6 @@ class FlareSegmentationModule(L.LightningModule):
         # over NCCL needs that); integers, so that 16-bit module conversions leave it exact; not in checkpoints
         self.register_buffer("_pseudo_counts", torch.zeros(3, dtype=torch.int64), persistent=False)
         self._last_full = {"val/dsc": 0.0, "val/nsd": 0.0}
-        if not (min_component_ml == "auto" or (isinstance(min_component_ml, (int, float)) and min_component_ml >= 0)):
-            raise ValueError(f"min_component_ml must be a volume in ml (>= 0) or 'auto', got {min_component_ml!r}")
-        use_channels_last(sw_channels_last, "cpu")  # checks the value
-        autocast_dtype("cpu", autocast)  # checks the value
         if val_tta is not None and not isinstance(val_tta, bool):
             raise ValueError(f"val_tta must be true, false or null (= tta), got {val_tta!r}")
         self.postprocessing_scores = ComponentThresholdScores()  # candidates scored on every full validation
@@ -125,70 +118,31 @@ class FlareSegmentationModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)
 
-    # ----------------------------------------------------------------- inference
-    @contextlib.contextmanager
-    def _inference_net(self):
-        previous = getattr(self.net, "deep_supervision", None)
-        if previous is not None:
-            self.net.deep_supervision = False
-        try:
-            yield self.net
-        finally:
-            if previous is not None:
-                self.net.deep_supervision = previous
-
-    def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities (C, x, y, z) on the preprocessed grid, for a (1, x, y, z) image."""
-        return torch.softmax(self.predict_logits(image), 0)
-
-    def predict_logits(self, image: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
-        """Aggregated float32 logits (C, x, y, z) on the preprocessed grid, for a (1, x, y, z) image;
-        ``tta`` (mirroring) defaults to the ``tta`` hyper-parameter."""
-        if self.plan is None:
-            raise RuntimeError("the model has no plan: train it first or load a checkpoint made by lightning_flare")
-        hp = self.hparams
-        tta = hp.tta if tta is None else tta
-        with self._inference_net() as net:
-            logits = sliding_window_logits(net, image, self.plan.patch_size, hp.sw_overlap,
-                                           window_batch_size(hp.sw_batch_size, self.device),
-                                           hp.autocast, mirror_axes=(0, 1, 2) if tta else (), device=self.device,
-                                           weighting=hp.get("sw_weighting", "hann"), steps=hp.get("sw_steps", "torchio"),
-                                           channels_last=hp.get("sw_channels_last", "auto"),
-                                           precision=self.trainer_precision())
-        return logits
+    # ----------------------------------------------------------------- inference (the Predictor)
+    def predictor(self) -> Predictor:
+        """The whole-volume predictor of this module's network, plan, settings and validation choice."""
+        return Predictor(self.net, self.plan, self.inference, self.postprocessing, self.device, self.trainer_precision())
 
     def trainer_precision(self) -> str | None:
         """The attached trainer's precision ("bf16-mixed", "16-mixed", "32-true", ...): inference autocasts to its
         16-bit dtype (``inference.autocast_dtype``); None without a trainer."""
         return str(self.trainer.precision) if self._trainer is not None else None
 
+    def predict_logits(self, image: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
+        return self.predictor().logits(image, tta)
+
+    def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        return self.predictor().probabilities(image)
+
     def predict_original_grid(self, item: dict) -> np.ndarray:
-        """uint8 mask (host) on the original image grid for an item of ``RawVolumes`` (adds its stage timings:
-        device work is waited for before each timer is read)."""
-        timings = item.setdefault("timings", {})
-        image = item["image"]
-        if item.get("raw_hu"):  # data.preprocess_on: device
-            start = time.perf_counter()
-            image = preprocess_tensor(image, item["geometry"].spacing, self.plan, self.device)
-            synchronize(image.device)
-            timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - start
-        start = time.perf_counter()
-        logits = self.predict_logits(image)  # resampled as logits, then argmax: as nnU-Net's export
-        synchronize(logits.device)
-        network = time.perf_counter()
+        """uint8 mask (host) on the original grid for an item of ``RawVolumes`` (adds its stage timings)."""
         geometry = item["geometry"]
-        nearest = probability_axis(self.plan.target_spacing, geometry.spacing, self.plan.resampling)
-        mask = remove_small_components(resample_to_mask(logits, geometry.size, nearest_axis=nearest),
-                                       geometry.spacing, self.min_component_ml())
-        timings.update(network=network - start, postprocess=time.perf_counter() - network)
-        return mask
+        return self.predictor().mask(item["image"], geometry.spacing, geometry.size, raw_hu=bool(item.get("raw_hu")),
+                                     timings=item.setdefault("timings", {}))
 
     def min_component_ml(self) -> float:
-        """Components below this volume are removed; 'auto': the value chosen on the checkpoint's validation fold."""
-        value = self.hparams.get("min_component_ml", 0.0)
-        if value != "auto":
-            return float(value)
-        return float((self.postprocessing or {}).get("min_component_ml", 0.0))
+        """Components below this volume are removed (``inference.min_component_ml``; "auto": the validation choice)."""
+        return chosen_min_component_ml(self.inference, self.postprocessing)
 
     def _full_validation_epoch(self) -> bool:
         n = max(1, int(self.hparams.full_val_every_n_epochs))
@@ -207,7 +161,7 @@ class FlareSegmentationModule(L.LightningModule):
             # postprocessing are NumPy / SciPy (the metric's surfel search runs on its own device, the module's)
             prediction, label = to_host(logits.argmax(0).to(torch.uint8)), to_host(batch["label"])
             self.postprocessing_scores.update(prediction, label, batch["spacing"])
-            if self.hparams.get("min_component_ml", 0.0) not in (0, 0.0, "auto"):
+            if self.inference.min_component_ml not in (0, 0.0, "auto"):
                 prediction = remove_small_components(prediction, batch["spacing"], self.min_component_ml())
             self.val_metrics.update(prediction, label, batch["spacing"], batch["index"])
             return {"prediction": torch.from_numpy(prediction)}  # for ValidationImageLogger
@@ -222,7 +176,7 @@ class FlareSegmentationModule(L.LightningModule):
         rng = np.random.default_rng([self.current_epoch, int(batch["index"])])
         foreground = torch.nonzero(label > 0)
         shape = np.asarray(label.shape)
-        with self._inference_net() as net:
+        with self.predictor().full_resolution_net() as net:
             for _ in range(int(self.hparams.pseudo_val_patches)):
                 if len(foreground):
                     centre = to_host(foreground[int(rng.integers(len(foreground)))])
@@ -233,7 +187,7 @@ class FlareSegmentationModule(L.LightningModule):
                 x = image[(slice(None), *window)]
                 pad = [int(p - s) for p, s in zip(patch, x.shape[1:])]
                 x = torch.nn.functional.pad(x, [v for d in reversed(pad) for v in (0, d)])
-                with autocast_context(self.device, self.hparams.autocast, self.trainer_precision()):
+                with autocast_context(self.device, self.inference.autocast, self.trainer_precision()):
                     logits = net(x[None].to(self.device))
                 ref = label[window] > 0
                 pred = logits[0].argmax(0)[tuple(slice(0, s) for s in ref.shape)] > 0
@@ -295,7 +249,7 @@ class FlareSegmentationModule(L.LightningModule):
             self.test_results["report_dir"] = out_dir
             print_test_table(self.test_results)
             print(f"Postprocessing: components below {self.min_component_ml():g} ml removed"
-                  + (" (min_component_ml auto: chosen on the validation fold)" if self.hparams.get("min_component_ml") == "auto" else ""))
+                  + (" (min_component_ml auto: chosen on the validation fold)" if self.inference.min_component_ml == "auto" else ""))
             for logger in self.loggers:
                 if hasattr(logger, "log_table"):  # W&B
                     logger.log_table(key="test/per_case", columns=COLUMNS[:6], data=[[r[c] for c in COLUMNS[:6]] for r in rows])

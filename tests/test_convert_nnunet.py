@@ -180,7 +180,7 @@ def test_cli_predict_with_converted_checkpoint(tmp_path):
     cli.main(["predict", "--config", str(ROOT / "configs" / "flare24.yaml"), "--ckpt_path", str(ckpt),
               "--data.predict_dir", str(images), "--data.num_workers", "0", "--writer.output_dir", str(out),
               "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.precision", "32",
-              "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--model.autocast", "false",
+              "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--model.inference.autocast", "false",
               "--trainer.default_root_dir", str(tmp_path), *plan_args])
     mask = sitk.ReadImage(str(out / "CASE.nii.gz"))
     assert mask.GetSize() == image.GetSize()

@@ -84,7 +84,7 @@ def test_two_processes_with_fewer_cases_than_ranks(five_cases, tmp_path):
 
     record = tmp_path / "records"
     args = tiny_cli_args(five_cases, tmp_path / "cache", tmp_path / "out")
-    args += ["--trainer.precision", "32-true", "--model.autocast", "false", "--trainer.accelerator", "cpu"]
+    args += ["--trainer.precision", "32-true", "--model.inference.autocast", "false", "--trainer.accelerator", "cpu"]
     callbacks = json.loads(args[args.index("--trainer.callbacks") + 1])
     callbacks.append({"class_path": "ddp_helpers.RecordDraws", "init_args": {"out_dir": str(record)}})
     args[args.index("--trainer.callbacks") + 1] = json.dumps(callbacks)

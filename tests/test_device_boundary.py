@@ -12,6 +12,7 @@ from standin_device import StandInDevice, on_device
 
 from lightning_flare.datamodule import FlareDataModule
 from lightning_flare.module import FlareSegmentationModule
+from lightning_flare.predictor import InferenceSettings
 from lightning_flare.network import PlainConvUNet
 
 HOST = torch.device("cpu")
@@ -37,7 +38,8 @@ def make_module(plan, **kwargs) -> FlareSegmentationModule:
     net = PlainConvUNet(in_channels=1, num_classes=2, features_per_stage=[4, 8, 16, 32], strides=[1, 2, 2, 2],
                         deep_supervision=True)
     # sw_channels_last false: what 'auto' means on an accelerator
-    module = FlareSegmentationModule(net, sw_channels_last=False, autocast=False, **kwargs)
+    inference = InferenceSettings(sw_channels_last=False, autocast=False, **kwargs.pop("inference", {}))
+    module = FlareSegmentationModule(net, inference=inference, **kwargs)
     module.plan = plan
     return module
 
@@ -67,7 +69,7 @@ def test_test_step_on_the_device_equals_the_host(items):
 
 def test_validation_with_postprocessing_scores_prediction_and_label_on_one_side(items, monkeypatch):
     plan, val, _, _ = items
-    module = make_module(plan, min_component_ml=0.5)
+    module = make_module(plan, inference={"min_component_ml": 0.5})
     seen = []
     update = module.val_metrics.update
 
@@ -80,7 +82,7 @@ def test_validation_with_postprocessing_scores_prediction_and_label_on_one_side(
         out = module.validation_step(on_standin(module, copy(val)), 0)
     assert len(seen) == 1 and seen[0][0] == seen[0][1] and seen[0][2] is seen[0][3], seen
     assert out["prediction"].shape == val["label"].shape
-    host = make_module(plan, min_component_ml=0.5)
+    host = make_module(plan, inference={"min_component_ml": 0.5})
     host.validation_step(copy(val), 0)
     assert float(module.val_metrics.compute()["dsc"]) == float(host.val_metrics.compute()["dsc"])
 
@@ -121,7 +123,7 @@ def test_fit_validate_test_predict_through_lightning(device, tiny_dataset, tmp_p
     from conftest import tiny_cli_args
 
     args = tiny_cli_args(tiny_dataset, tmp_path / "cache", tmp_path / "out")
-    args += ["--data.resampling", "fast", "--data.anti_aliasing", "false", "--model.sw_channels_last", "false"]
+    args += ["--data.resampling", "fast", "--data.anti_aliasing", "false", "--model.inference.sw_channels_last", "false"]
     if device == "cuda":
         args += ["--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.precision", "bf16-mixed"]
     else:
@@ -129,7 +131,7 @@ def test_fit_validate_test_predict_through_lightning(device, tiny_dataset, tmp_p
     ckpt = tmp_path / "out" / "ckpt" / "last.ckpt"
     with StandInDevice() if device == "standin" else contextlib.nullcontext():
         fit = cli.main(["fit", *args, "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1",
-                        "--model.full_val_every_n_epochs", "2", "--model.min_component_ml", "0.05"])
+                        "--model.full_val_every_n_epochs", "2", "--model.inference.min_component_ml", "0.05"])
         test = cli.main(["test", *args, "--ckpt_path", str(ckpt), "--data.preprocess_on", "device"])
         out = tmp_path / "masks"
         cli.main(["predict", *args, "--ckpt_path", str(ckpt), "--data.predict_dir", str(tiny_dataset / "imagesTs"),

@@ -61,7 +61,9 @@ def test_preprocess_and_network_stages_wait_for_the_device(monkeypatch):
     """preprocess_on: device: the stage's timer is read after the queued device work is done (CUDA runs
     asynchronously; without the wait its time would fall into the next stage)."""
     import lightning_flare.module as module_file
+    import lightning_flare.predictor as predictor_file
     from lightning_flare.io import Geometry
+    from lightning_flare.predictor import InferenceSettings
     from lightning_flare.network import PlainConvUNet
     from lightning_flare.plan import IntensityStats, Plan
 
@@ -71,8 +73,9 @@ def test_preprocess_and_network_stages_wait_for_the_device(monkeypatch):
         waits.append(device)
         time.sleep(0.05)
 
-    monkeypatch.setattr(module_file, "synchronize", wait, raising=False)
-    module = module_file.FlareSegmentationModule(PlainConvUNet(features_per_stage=[4, 8, 16, 32]), autocast=False)
+    monkeypatch.setattr(predictor_file, "synchronize", wait, raising=False)
+    module = module_file.FlareSegmentationModule(PlainConvUNet(features_per_stage=[4, 8, 16, 32]),
+                                                 inference=InferenceSettings(autocast=False))
     module.plan = Plan((2.0, 2.0, 2.0), (16, 16, 16), IntensityStats(-100.0, 100.0, 0.0, 50.0), resampling="fast")
     geometry = Geometry(size=(16, 16, 16), spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0),
                         direction=tuple(np.eye(3).ravel()))

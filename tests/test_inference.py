@@ -101,6 +101,7 @@ def test_channels_last_windows_equal_contiguous_windows():
 
 def test_validation_mirrors_per_val_tta_and_prediction_per_tta(monkeypatch):
     import lightning_flare.module as module_file
+    import lightning_flare.predictor as predictor_file
     from lightning_flare.network import PlainConvUNet
     from lightning_flare.plan import IntensityStats, Plan
 
@@ -110,12 +111,12 @@ def test_validation_mirrors_per_val_tta_and_prediction_per_tta(monkeypatch):
         calls.append((tuple(mirror_axes), kwargs["channels_last"]))
         return torch.zeros(2, *image.shape[1:])
 
-    monkeypatch.setattr(module_file, "sliding_window_logits", fake)
+    monkeypatch.setattr(predictor_file, "sliding_window_logits", fake)
     net = PlainConvUNet(features_per_stage=[4, 8, 16, 32])
     batch = {"image": torch.zeros(1, 8, 8, 8), "label": torch.zeros(8, 8, 8, dtype=torch.uint8),
              "spacing": (1.0, 1.0, 1.0), "index": 0}
     for tta, val_tta, expected in [(True, False, ()), (True, None, (0, 1, 2)), (False, True, (0, 1, 2)), (False, None, ())]:
-        module = module_file.FlareSegmentationModule(net, tta=tta, val_tta=val_tta, sw_channels_last=False)
+        module = module_file.FlareSegmentationModule(net, inference={"tta": tta, "sw_channels_last": False}, val_tta=val_tta)
         module.plan = Plan((1, 1, 1), (8, 8, 8), IntensityStats(-100.0, 100.0, 0.0, 50.0))
         calls.clear()
         module.validation_step(batch, 0)
@@ -124,7 +125,7 @@ def test_validation_mirrors_per_val_tta_and_prediction_per_tta(monkeypatch):
     with pytest.raises(ValueError, match="val_tta"):
         module_file.FlareSegmentationModule(net, val_tta="yes")
     with pytest.raises(ValueError, match="channels_last"):
-        module_file.FlareSegmentationModule(net, sw_channels_last="fast")
+        module_file.FlareSegmentationModule(net, inference={"sw_channels_last": "fast"})
 
 
 BF16, FP16 = torch.bfloat16, torch.float16
@@ -158,7 +159,7 @@ def test_autocast_bad_values_and_full_precision_inside_lightnings_autocast():
         with pytest.raises(ValueError, match="autocast must be"):
             autocast_dtype("cpu", bad)
     with pytest.raises(ValueError, match="autocast must be"):
-        FlareSegmentationModule(PlainConvUNet(features_per_stage=[4, 8, 16, 32]), autocast="half")
+        FlareSegmentationModule(PlainConvUNet(features_per_stage=[4, 8, 16, 32]), inference={"autocast": "half"})
     a = torch.randn(4, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as Lightning's precision plugin wraps every step
         assert (a @ a).dtype == torch.bfloat16
@@ -172,6 +173,7 @@ def test_module_hands_the_trainers_precision_to_inference(monkeypatch):
     import lightning as L
 
     import lightning_flare.module as module_file
+    import lightning_flare.predictor as predictor_file
     from lightning_flare.network import PlainConvUNet
     from lightning_flare.plan import IntensityStats, Plan
 
@@ -181,7 +183,7 @@ def test_module_hands_the_trainers_precision_to_inference(monkeypatch):
         seen.append((args[3], kwargs["precision"]))  # (autocast setting, trainer precision)
         return torch.zeros(2, *image.shape[1:])
 
-    monkeypatch.setattr(module_file, "sliding_window_logits", fake)
+    monkeypatch.setattr(predictor_file, "sliding_window_logits", fake)
     module = module_file.FlareSegmentationModule(PlainConvUNet(features_per_stage=[4, 8, 16, 32]))
     module.plan = Plan((1, 1, 1), (8, 8, 8), IntensityStats(-100.0, 100.0, 0.0, 50.0))
     module.predict_logits(torch.zeros(1, 8, 8, 8))

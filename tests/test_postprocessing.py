@@ -65,12 +65,13 @@ def test_metric_matches_the_pure_function_on_random_masks():
 def test_module_min_component_ml_auto_uses_the_validation_choice():
     from lightning_flare.module import FlareSegmentationModule
     from lightning_flare.network import PlainConvUNet
+    from lightning_flare.predictor import InferenceSettings
 
     net = PlainConvUNet(features_per_stage=[4, 8, 16, 32])
-    module = FlareSegmentationModule(net, min_component_ml="auto")
+    module = FlareSegmentationModule(net, inference=InferenceSettings(min_component_ml="auto"))
     assert module.min_component_ml() == 0.0  # nothing chosen yet
     module.on_load_checkpoint({"postprocessing": {"min_component_ml": 1.0}})
     assert module.min_component_ml() == 1.0
-    assert FlareSegmentationModule(net, min_component_ml=0.5).min_component_ml() == 0.5
+    assert FlareSegmentationModule(net, inference=InferenceSettings(min_component_ml=0.5)).min_component_ml() == 0.5
     with pytest.raises(ValueError, match="min_component_ml must be"):
-        FlareSegmentationModule(net, min_component_ml="big")
+        FlareSegmentationModule(net, inference={"min_component_ml": "big"})

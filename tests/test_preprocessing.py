@@ -282,6 +282,7 @@ def test_preprocess_on_device_equals_the_loader_path(tiny_dataset):
 
     from lightning_flare.module import FlareSegmentationModule
     from lightning_flare.network import PlainConvUNet
+    from lightning_flare.predictor import InferenceSettings
     from lightning_flare.preprocessing import preprocess_image, preprocess_tensor
     from lightning_flare.volumes import RawVolumes
 
@@ -295,7 +296,8 @@ def test_preprocess_on_device_equals_the_loader_path(tiny_dataset):
 
     cases = load_raw_dataset(tiny_dataset).cases("Ts")[:1]
     torch.manual_seed(0)
-    module = FlareSegmentationModule(PlainConvUNet(features_per_stage=[4, 8, 16, 32]), sw_batch_size=2).eval()
+    module = FlareSegmentationModule(PlainConvUNet(features_per_stage=[4, 8, 16, 32]),
+                                     inference=InferenceSettings(sw_batch_size=2)).eval()
     module.plan = plan
     loader_item, device_item = RawVolumes(cases, plan, False)[0], RawVolumes(cases, plan, False, on_device=True)[0]
     assert device_item["raw_hu"] and device_item["image"].shape[1:] == device_item["geometry"].size

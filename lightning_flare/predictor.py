@@ -1,0 +1,146 @@
+"""From an image to a mask: sliding window (with mirroring) on the plan's grid, logits back to the original grid,
+small-component removal. No Lightning here: the module's steps, ``python -m lightning_flare.predict`` and the
+benchmarks all run this."""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from .device import synchronize
+from .inference import autocast_dtype, sliding_window_logits, use_channels_last, window_batch_size
+from .plan import Plan
+from .postprocessing import remove_small_components
+from .preprocessing import preprocess_tensor
+from .resample import probability_axis, resample_to_mask
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How a whole volume is predicted; in the YAML under ``model.inference``.
+
+    - ``sw_overlap``: fraction of the window shared by neighbours (0.5: nnU-Net's step 0.5);
+    - ``sw_batch_size``: windows per forward pass, or "auto" (``inference.window_batch_size``);
+    - ``sw_weighting``: "hann" (TorchIO) or "gaussian" (nnU-Net); ``sw_steps``: "torchio" or "nnunet" windows;
+    - ``sw_channels_last``: true, false or "auto" (``inference.use_channels_last``);
+    - ``tta``: average the 8 mirrored passes (nnU-Net's default);
+    - ``autocast``: true, false, "auto", "bf16" or "fp16" (``inference.autocast_dtype``);
+    - ``min_component_ml``: remove predicted components below this volume; "auto": the volume chosen on the
+      validation fold (kept in the checkpoint).
+    """
+
+    sw_overlap: float = 0.5
+    sw_batch_size: int | str = "auto"
+    sw_weighting: str = "hann"
+    sw_steps: str = "torchio"
+    sw_channels_last: bool | str = "auto"
+    tta: bool = False
+    autocast: bool | str = "auto"
+    min_component_ml: float | str = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sw_overlap < 1:
+            raise ValueError(f"inference.sw_overlap must be in [0, 1), got {self.sw_overlap!r}")
+        window_batch_size(self.sw_batch_size, "cpu")
+        if self.sw_weighting not in ("hann", "gaussian"):
+            raise ValueError(f"inference.sw_weighting must be 'hann' or 'gaussian', got {self.sw_weighting!r}")
+        if self.sw_steps not in ("torchio", "nnunet"):
+            raise ValueError(f"inference.sw_steps must be 'torchio' or 'nnunet', got {self.sw_steps!r}")
+        use_channels_last(self.sw_channels_last, "cpu")
+        if not isinstance(self.tta, bool):
+            raise ValueError(f"inference.tta must be true or false, got {self.tta!r}")
+        autocast_dtype("cpu", self.autocast)
+        value = self.min_component_ml
+        if not (value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0)):
+            raise ValueError(f"min_component_ml must be a volume in ml (>= 0) or 'auto', got {value!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "InferenceSettings":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown inference settings {unknown}; known: {sorted(names)}")
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def chosen_min_component_ml(settings: InferenceSettings, postprocessing: Mapping[str, Any] | None) -> float:
+    """``settings.min_component_ml``, or for "auto" the volume chosen on the validation fold (0 before any)."""
+    value = settings.min_component_ml
+    return float((postprocessing or {}).get("min_component_ml", 0.0)) if value == "auto" else float(value)
+
+
+class Predictor:
+    """``net`` + ``plan`` + ``settings`` -> logits on the plan's grid, masks on the original grid.
+
+    ``postprocessing`` is the checkpoint's validation choice (read when ``min_component_ml`` is "auto");
+    ``precision`` the trainer's ("bf16-mixed", ...), which ``autocast`` true / "auto" follow on CUDA."""
+
+    def __init__(self, net: nn.Module, plan: Plan, settings: InferenceSettings = InferenceSettings(),
+                 postprocessing: Mapping[str, Any] | None = None, device: torch.device | str | None = None,
+                 precision: str | None = None) -> None:
+        if plan is None:
+            raise RuntimeError("the model has no plan: train it first or load a checkpoint made by lightning_flare")
+        self.net, self.plan, self.settings = net, plan, settings
+        self.postprocessing = dict(postprocessing or {})
+        self.device = torch.device(device) if device is not None else next(net.parameters()).device
+        self.precision = precision
+
+    def min_component_ml(self) -> float:
+        return chosen_min_component_ml(self.settings, self.postprocessing)
+
+    @contextlib.contextmanager
+    def full_resolution_net(self):
+        """The network with deep supervision off (only the full-resolution head), restored afterwards."""
+        previous = getattr(self.net, "deep_supervision", None)
+        if previous is not None:
+            self.net.deep_supervision = False
+        try:
+            yield self.net
+        finally:
+            if previous is not None:
+                self.net.deep_supervision = previous
+
+    def logits(self, image: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
+        """Aggregated float32 logits (C, x, y, z) on the plan's grid, on the device, for a preprocessed (1, x, y, z)
+        image; ``tta`` overrides the settings' mirroring."""
+        s = self.settings
+        tta = s.tta if tta is None else tta
+        with self.full_resolution_net() as net:
+            return sliding_window_logits(net, image, self.plan.patch_size, s.sw_overlap,
+                                         window_batch_size(s.sw_batch_size, self.device), s.autocast,
+                                         mirror_axes=(0, 1, 2) if tta else (), device=self.device,
+                                         weighting=s.sw_weighting, steps=s.sw_steps,
+                                         channels_last=s.sw_channels_last, precision=self.precision)
+
+    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities (C, x, y, z) on the plan's grid."""
+        return torch.softmax(self.logits(image), 0)
+
+    def mask(self, image: torch.Tensor, spacing, size, raw_hu: bool = False,
+             timings: dict[str, float] | None = None) -> np.ndarray:
+        """uint8 mask (host) of ``size`` on the original grid of ``spacing``; ``image`` is preprocessed (1, x, y, z),
+        or the raw HU volume when ``raw_hu`` (preprocessed here, on the device). Stage seconds go to ``timings``
+        (device work is waited for before each clock is read)."""
+        timings = {} if timings is None else timings
+        if raw_hu:
+            start = time.perf_counter()
+            image = preprocess_tensor(image, spacing, self.plan, self.device)
+            synchronize(image.device)
+            timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - start
+        start = time.perf_counter()
+        logits = self.logits(image)  # resampled as logits, then argmax: as nnU-Net's export
+        synchronize(logits.device)
+        network = time.perf_counter()
+        nearest = probability_axis(self.plan.target_spacing, spacing, self.plan.resampling)
+        mask = remove_small_components(resample_to_mask(logits, size, nearest_axis=nearest), spacing,
+                                       self.min_component_ml())
+        timings.update(network=network - start, postprocess=time.perf_counter() - network)
+        return mask
