@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .gpu_augmentation import plan_augmentation
 from .fingerprint import load_or_compute_fingerprint
-from .plan import IntensityStats, Plan
+from .plan import IntensityStats, Plan, reconcile_plan
 from .preprocessing import PreprocessedCache
 from .raw_dataset import Case, RawDataset, load_raw_dataset, select_fold
 from .sampling import PatchSampler, build_patch_loader
@@ -131,32 +131,31 @@ class FlareDataModule(L.LightningDataModule):
                     anti_aliasing=self.anti_aliasing)
 
     def resolve_plan(self) -> Plan:
-        """The model's plan (restored from a checkpoint) wins; else the one made from the data."""
+        """The run's one plan, made once per stage and handed to the model (which keeps it in checkpoints): the
+        model's own (restored from a checkpoint) checked against this configuration, else one made from the data."""
         model = self.trainer.lightning_module if self.trainer is not None else None
-        plan = getattr(model, "plan", None)
-        if plan is None:
-            plan = self.plan or self.plan_from_data()
-        else:
-            self.check_plan(plan)
-        self.plan = plan
-        return plan
+        restored = getattr(model, "plan", None)
+        if restored is not None and restored == self.plan:
+            return self.plan  # already reconciled
+        net = getattr(model, "net", None)
+        self.plan = reconcile_plan(restored, self.configured_plan(), lambda: self.plan or self.plan_from_data(),
+                                   num_classes=getattr(net, "num_classes", None))
+        if model is not None:
+            model.plan = self.plan
+            if self.fingerprint is not None:
+                model.fingerprint = self.fingerprint
+        return self.plan
 
-    def check_plan(self, plan: Plan) -> None:
-        """A checkpoint's plan must agree with the configuration: say which value differs."""
-        differences = []
-        configured = {"target_spacing": self.target_spacing, "patch_size": self.patch_size, "resampling": self.resampling,
-                      "anti_aliasing": self.anti_aliasing}
-        for key, value in configured.items():
-            value = tuple(value) if isinstance(value, (list, tuple)) else value
-            if value != getattr(plan, key):
-                differences.append(f"data.{key}: checkpoint {getattr(plan, key)} != config {value}")
-        if self.intensity_stats is not None and self.intensity_stats != plan.intensity:
-            differences.append(f"data.intensity_stats: checkpoint {plan.intensity} != config {self.intensity_stats}")
-        if self.data_dir is not None and (self.data_dir / "dataset.json").is_file() and self.dataset.labels != plan.labels:
-            differences.append(f"labels: checkpoint {plan.labels} != {self.data_dir / 'dataset.json'} {self.dataset.labels}")
-        if differences:
-            raise ValueError("the checkpoint's plan disagrees with the configuration (fix the config or pass the "
-                             "checkpoint's values):\n  " + "\n  ".join(differences))
+    def configured_plan(self) -> dict[str, Any]:
+        """The plan's fields this configuration fixes (the intensity statistics only when given; the labels only
+        with a dataset)."""
+        configured: dict[str, Any] = {"target_spacing": self.target_spacing, "patch_size": self.patch_size,
+                                      "resampling": self.resampling, "anti_aliasing": self.anti_aliasing}
+        if self.intensity_stats is not None:
+            configured["intensity"] = self.intensity_stats
+        if self.data_dir is not None and (self.data_dir / "dataset.json").is_file():
+            configured["labels"] = self.dataset.labels
+        return configured
 
     def setup(self, stage: str) -> None:
         if stage == "fit":

@@ -69,16 +69,11 @@ class FlareSegmentationModule(L.LightningModule):
         self.postprocessing_scores = ComponentThresholdScores()  # candidates scored on every full validation
         self.postprocessing: dict | None = None  # the latest validation choice, kept in the checkpoint
 
-    # ----------------------------------------------------------------- plan in the checkpoint
+    # ----------------------------------------------------------------- set-up; the plan (handed over by the data module) in the checkpoint
     def setup(self, stage: str) -> None:
         if self._trainer is not None and self.trainer.world_size > 1 and len(self.output_scales) > 1:
             # as nnU-Net: a tiny weight on the lowest head, or DDP finds parameters without gradient
             self.loss = DeepSupervisionLoss(DiceCELoss(), deep_supervision_weights(len(self.output_scales), lowest=1e-6))
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if self.plan is None and getattr(datamodule, "plan", None) is not None:
-            self.plan = datamodule.plan
-        if getattr(datamodule, "fingerprint", None) is not None:
-            self.fingerprint = datamodule.fingerprint
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.plan is not None:

@@ -263,6 +263,11 @@ class PlainConvUNet(nn.Module):
     def deep_supervision(self, value: bool) -> None:
         self.decoder.deep_supervision = bool(value)
 
+    @property
+    def num_classes(self) -> int:
+        """Output channels (one per label, background included)."""
+        return self.decoder.num_classes
+
     def output_scales(self) -> list[tuple[float, float, float]]:
         """Per-axis scale of each deep-supervision output relative to the input, full-res first.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 PREPROCESSING_VERSION = 2  # bump when the cached arrays would change for the same plan (2: spline output clipped)
 
@@ -81,7 +81,51 @@ class Plan:
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
 
-    def differences(self, other: "Plan") -> list[str]:
-        """Human-readable list of fields that differ, e.g. for checkpoint/config mismatch errors."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        return [f"{k}: {mine[k]} != {theirs[k]}" for k in mine if mine[k] != theirs.get(k)]
+    def differences(self, other: "Plan | Mapping[str, Any]") -> list[str]:
+        """``"field: mine != theirs"`` for every field where ``other`` disagrees: another plan, or only the fields a
+        configuration fixes (a mapping; ``intensity`` may be an ``IntensityStats``)."""
+        mine = self.to_dict()
+        theirs = other.to_dict() if isinstance(other, Plan) else _plain(other)
+        return [f"{k}: {_shown(mine[k])} != {_shown(theirs[k])}" for k in theirs if k in mine and mine[k] != theirs[k]]
+
+
+# configuration names of the plan's fields, for messages
+CONFIG_NAMES = {"target_spacing": "data.target_spacing", "patch_size": "data.patch_size",
+                "resampling": "data.resampling", "anti_aliasing": "data.anti_aliasing",
+                "intensity": "data.intensity_stats", "labels": "labels (dataset.json)"}
+
+
+class PlanMismatch(ValueError):
+    """A checkpoint's plan that the configuration or the network contradicts; the message lists every field."""
+
+
+def reconcile_plan(restored: Plan | None, configured: Mapping[str, Any], build: Callable[[], Plan],
+                   num_classes: int | None = None) -> Plan:
+    """The one plan of a run: a checkpoint's (``restored``) when there is one, checked against every field the
+    configuration fixes (``configured``), else ``build()`` (from the configuration and the data). ``num_classes``
+    (the network's output channels) must match the plan's labels either way."""
+    plan = build() if restored is None else restored
+    problems = []
+    if restored is not None:
+        for line in restored.differences(configured):
+            key, _, values = line.partition(": ")
+            mine, _, theirs = values.partition(" != ")
+            problems.append(f"{CONFIG_NAMES.get(key, key)}: checkpoint {mine} != config {theirs}")
+    if num_classes is not None and num_classes != plan.num_classes:
+        problems.append(f"model.net num_classes {num_classes} != {plan.num_classes} classes of the labels {plan.labels}")
+    if problems:
+        raise PlanMismatch("the checkpoint's plan disagrees with the configuration (fix the config or pass the "
+                           "checkpoint's values):\n  " + "\n  ".join(problems) if restored is not None else
+                           "the plan disagrees with the network:\n  " + "\n  ".join(problems))
+    return plan
+
+
+def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON-like values (tuples as lists, statistics as dicts), comparable with ``Plan.to_dict()``."""
+    values = {k: asdict(v) if isinstance(v, IntensityStats) else v for k, v in values.items()}
+    return json.loads(json.dumps(values))
+
+
+def _shown(value: Any) -> str:
+    """Spacings and patches as tuples, as the configuration shows them."""
+    return str(tuple(value)) if isinstance(value, list) else str(value)
