@@ -39,6 +39,16 @@ class FlareCLI(LightningCLI):
         if net is not None:
             self.config = self.parser.parse_object({subcommand: {"model": {"net": net}}}, self.config)
 
+    def before_instantiate_classes(self) -> None:
+        """An explicit ``--trainer.precision`` wins over the configs' ``MeasuredCpuPrecision`` plugin (Lightning
+        would refuse both)."""
+        subcommand = self.config.get("subcommand")
+        trainer = (self.config[subcommand] if subcommand else self.config).get("trainer")
+        plugins = trainer.get("plugins") if trainer is not None else None
+        if trainer is None or trainer.get("precision") is None or not isinstance(plugins, list):
+            return
+        trainer["plugins"] = [p for p in plugins if not str(getattr(p, "class_path", p)).endswith(".MeasuredCpuPrecision")]
+
     def before_predict(self) -> None:
         writers = [c for c in self.trainer.callbacks if isinstance(c, NiftiPredictionWriter)]
         if writers and not writers[0].overwrite:

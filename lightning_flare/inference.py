@@ -21,20 +21,29 @@ def grid_overlap(patch_size: Sequence[int], overlap: float) -> tuple[int, int, i
 AUTOCAST_SETTINGS = (True, False, "auto", "bf16", "fp16")
 
 
+def check_autocast_setting(setting) -> None:
+    if not isinstance(setting, (bool, str)) or setting not in AUTOCAST_SETTINGS:
+        raise ValueError(f"autocast must be true, false, 'auto', 'bf16' or 'fp16', got {setting!r}")
+
+
 def autocast_dtype(device_type: str, setting: bool | str = True, precision: str | None = None) -> torch.dtype | None:
     """The dtype inference autocasts to on ``device_type``, or None (full precision): decided here only.
 
     ``setting`` is the module's ``autocast``: false: none; "bf16" / "fp16": that dtype; true: autocast in the
     trainer's 16-bit dtype when its ``precision`` names one ("bf16-mixed", "bf16-true" -> bfloat16; "16-mixed",
     "16-true" -> float16), else the device's (CUDA float16, others bfloat16); "auto": as true, except that on
-    CUDA a trainer in full precision ("32-true", "64-true") means none. On the CPU true and "auto" are bfloat16
-    whatever the trainer says (Lightning turns 16-mixed into bf16-mixed there anyway)."""
-    if not isinstance(setting, (bool, str)) or setting not in AUTOCAST_SETTINGS:
-        raise ValueError(f"autocast must be true, false, 'auto', 'bf16' or 'fp16', got {setting!r}")
+    CUDA a trainer in full precision ("32-true", "64-true") means none. On the CPU true is bfloat16 and "auto" is
+    bfloat16 only where it is faster than float32 on this processor (``cpu_precision``), else none, whatever the
+    trainer says (Lightning turns 16-mixed into bf16-mixed there anyway)."""
+    check_autocast_setting(setting)
     if setting is False:
         return None
     if setting in ("bf16", "fp16"):
         return torch.bfloat16 if setting == "bf16" else torch.float16
+    if device_type == "cpu" and setting == "auto":
+        from .cpu_precision import cpu_bf16_is_faster  # measured once per CPU model
+
+        return torch.bfloat16 if cpu_bf16_is_faster() else None
     if device_type != "cuda":
         return torch.bfloat16
     precision = str(precision) if precision is not None else ""

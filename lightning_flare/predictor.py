@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .device import synchronize
-from .inference import autocast_dtype, sliding_window_logits, use_channels_last, window_batch_size
+from .inference import check_autocast_setting, sliding_window_logits, use_channels_last, window_batch_size
 from .plan import Plan
 from .postprocessing import remove_small_components
 from .preprocessing import preprocess_tensor
@@ -54,7 +54,7 @@ class InferenceSettings:
         use_channels_last(self.sw_channels_last, "cpu")
         if not isinstance(self.tta, bool):
             raise ValueError(f"inference.tta must be true or false, got {self.tta!r}")
-        autocast_dtype("cpu", self.autocast)
+        check_autocast_setting(self.autocast)
         value = self.min_component_ml
         if not (value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0)):
             raise ValueError(f"min_component_ml must be a volume in ml (>= 0) or 'auto', got {value!r}")

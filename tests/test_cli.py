@@ -201,3 +201,15 @@ def test_flare_console_script_is_the_cli():
 
     (script,) = entry_points(group="console_scripts", name="flare")
     assert script.load() is lightning_flare.cli.main is cli.main
+
+
+@pytest.mark.parametrize("faster, expected", [(True, "bf16-mixed"), (False, "32-true")])
+def test_cpu_configs_train_in_the_measured_precision_unless_told(monkeypatch, tmp_path, faster, expected):
+    import lightning_flare.precision as precision
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(precision, "cpu_bf16_is_faster", lambda: faster)
+    config = ["--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.logger", "false", "--trainer.accelerator", "cpu"]
+    assert cli.main(config, run=False).trainer.precision == expected
+    told = cli.main([*config, "--trainer.precision", "bf16-mixed"], run=False).trainer  # an explicit value wins
+    assert told.precision == "bf16-mixed" and type(told.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"

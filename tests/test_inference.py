@@ -132,9 +132,9 @@ BF16, FP16 = torch.bfloat16, torch.float16
 
 
 @pytest.mark.parametrize("device, setting, precision, expected", [
-    # the CPU: bf16 when autocast is on, whatever the trainer says (as before; CPU precision is chosen elsewhere)
-    ("cpu", True, None, BF16), ("cpu", True, "32-true", BF16), ("cpu", "auto", "32-true", BF16),
-    ("cpu", "auto", "bf16-mixed", BF16), ("cpu", False, "bf16-mixed", None), ("cpu", "fp16", None, FP16),
+    # the CPU: true is bf16 whatever the trainer says ("auto" is measured: test_cpu_auto_follows_the_measurement)
+    ("cpu", True, None, BF16), ("cpu", True, "32-true", BF16),
+    ("cpu", False, "bf16-mixed", None), ("cpu", "fp16", None, FP16),
     # CUDA: the trainer's 16-bit dtype (a bf16-trained model predicts in bf16)
     ("cuda", True, "bf16-mixed", BF16), ("cuda", "auto", "bf16-mixed", BF16), ("cuda", "auto", "bf16-true", BF16),
     ("cuda", True, "16-mixed", FP16), ("cuda", "auto", "16-mixed", FP16),
@@ -148,6 +148,17 @@ def test_autocast_dtype_rule(device, setting, precision, expected):
     from lightning_flare.inference import autocast_dtype
 
     assert autocast_dtype(device, setting, precision) == expected
+
+
+@pytest.mark.parametrize("faster", [True, False])
+@pytest.mark.parametrize("precision", [None, "32-true", "bf16-mixed"])
+def test_cpu_auto_follows_the_measurement(monkeypatch, faster, precision):
+    import lightning_flare.cpu_precision as cpu_precision
+    from lightning_flare.inference import autocast_dtype
+
+    monkeypatch.setattr(cpu_precision, "cpu_bf16_is_faster", lambda: faster)
+    assert autocast_dtype("cpu", "auto", precision) == (BF16 if faster else None)
+    assert autocast_dtype("cpu", True, precision) == BF16  # an explicit setting is not second-guessed
 
 
 def test_autocast_bad_values_and_full_precision_inside_lightnings_autocast():

@@ -25,7 +25,8 @@ def _args(dataset, tmp_path, name):
                                 "every_n_epochs": 1, "save_on_train_epoch_end": True}},
                  {"class_path": "lightning_flare.preemption.PreemptionCheckpoint"}]
     args[args.index("--trainer.callbacks") + 1] = json.dumps(callbacks)
-    return args
+    # bf16 whatever precision this CPU would be measured to prefer: resume must be exact with oneDNN's bf16 kernels
+    return args + ["--trainer.precision", "bf16-mixed"]
 
 
 def _state(result):
