@@ -43,13 +43,13 @@ class ValidationImageLogger(Callback):
             return
         if trainer.sanity_checking or (trainer.current_epoch + 1) % max(1, self.every_n_epochs):
             return
-        label = to_host(batch["label"])
+        label = to_host(batch.label)  # batch: a cached case (volumes.VolumeItem)
         z = lesion_slice(label)
         stats = pl_module.plan.intensity
-        hu = to_host(batch["image"][0, :, :, z].float()) * stats.std + stats.mean
+        hu = to_host(batch.image[0, :, :, z].float()) * stats.std + stats.mean
         # (x, y) -> image rows = y, columns = x
         self._panels.append({
-            "case_id": batch["case_id"], "z": z,
+            "case_id": batch.case_id, "z": z,
             "image": ct_window(hu, self.level, self.width).T,
             "ground_truth": label[:, :, z].T.astype(np.uint8),
             "prediction": to_host(outputs["prediction"][:, :, z]).T.astype(np.uint8),

@@ -21,7 +21,7 @@ from .preprocessing import PreprocessedCache
 from .raw_dataset import Case, RawDataset, load_raw_dataset, select_fold
 from .sampling import PatchSampler, build_patch_loader
 from .device import synchronize
-from .volumes import CachedVolumes, Padded, RawVolumes, ShardSampler, first_item, list_images
+from .volumes import CachedVolumes, Padded, RawVolumes, ShardSampler, VolumeItem, first_item, list_images
 
 log = logging.getLogger(__name__)
 
@@ -204,17 +204,16 @@ class FlareDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Whole volumes (test / predict): the clock of the case starts before its copy to the device."""
-        if isinstance(batch, dict) and "timings" in batch:
-            batch["started"] = time.perf_counter()
+        if isinstance(batch, VolumeItem) and batch.timings is not None:
+            batch.started = time.perf_counter()
         return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Whole volumes: the copy to the device is the case's "transfer" stage. GPU augmentation mode: batched
         transforms on the device, training batches only."""
-        if isinstance(batch, dict) and "timings" in batch and "started" in batch:
-            image = batch.get("image")
-            synchronize(image.device if image is not None else None)  # Lightning copies non-blocking
-            batch["timings"]["transfer"] = time.perf_counter() - batch["started"]
+        if isinstance(batch, VolumeItem) and batch.timings is not None and batch.started is not None:
+            synchronize(batch.image.device if batch.image is not None else None)  # Lightning copies non-blocking
+            batch.timings["transfer"] = time.perf_counter() - batch.started
         if self.batch_augmentation is not None and self.trainer is not None and self.trainer.training:
             self.batch_augmentation.set_epoch(self.trainer.current_epoch)
             batch = self.batch_augmentation.augment_batch(batch)

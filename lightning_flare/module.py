@@ -17,7 +17,8 @@ from .loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, dow
 from .metrics import FlareMetrics
 from .plan import Plan
 from .postprocessing import ComponentThresholdScores, choose_threshold, remove_small_components
-from .predictor import InferenceSettings, Predictor, chosen_min_component_ml
+from .predictor import InferenceSettings, Prediction, Predictor, chosen_min_component_ml
+from .volumes import VolumeItem
 
 
 def poly_lr_factor(epoch: int, max_epochs: int, exponent: float = 0.9) -> float:
@@ -129,11 +130,13 @@ class FlareSegmentationModule(L.LightningModule):
     def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
         return self.predictor().probabilities(image)
 
-    def predict_original_grid(self, item: dict) -> np.ndarray:
+    def predict_original_grid(self, item: VolumeItem) -> np.ndarray:
         """uint8 mask (host) on the original grid for an item of ``RawVolumes`` (adds its stage timings)."""
-        geometry = item["geometry"]
-        return self.predictor().mask(item["image"], geometry.spacing, geometry.size, raw_hu=bool(item.get("raw_hu")),
-                                     timings=item.setdefault("timings", {}))
+        if item.timings is None:
+            item.timings = {}
+        geometry = item.geometry
+        return self.predictor().mask(item.image, geometry.spacing, geometry.size, preprocessed=item.preprocessed,
+                                     timings=item.timings)
 
     def min_component_ml(self) -> float:
         """Components below this volume are removed (``inference.min_component_ml``; "auto": the validation choice)."""
@@ -144,31 +147,31 @@ class FlareSegmentationModule(L.LightningModule):
         return self._trainer is None or self.trainer.sanity_checking or (self.current_epoch + 1) % n == 0 or \
             self.current_epoch + 1 == self.trainer.max_epochs
 
-    def validation_step(self, batch: dict, batch_idx: int) -> dict | None:
+    def validation_step(self, batch: VolumeItem, batch_idx: int) -> dict | None:
         """Full-volume sliding window (DSC/NSD) every ``full_val_every_n_epochs``; patch pseudo-Dice otherwise."""
-        if batch.get("padding"):  # this rank has no case of its own (more ranks than cases)
+        if batch.padding:  # this rank has no case of its own (more ranks than cases)
             if self._full_validation_epoch():
                 self.val_metrics.add_placeholder()
             return None
         if self._full_validation_epoch():
-            logits = self.predict_logits(batch["image"], tta=self.hparams.get("val_tta"))
+            logits = self.predict_logits(batch.image, tta=self.hparams.get("val_tta"))
             # the host/device boundary: prediction and label come to the host once; the scores and the component
             # postprocessing are NumPy / SciPy (the metric's surfel search runs on its own device, the module's)
-            prediction, label = to_host(logits.argmax(0).to(torch.uint8)), to_host(batch["label"])
-            self.postprocessing_scores.update(prediction, label, batch["spacing"])
+            prediction, label = to_host(logits.argmax(0).to(torch.uint8)), to_host(batch.label)
+            self.postprocessing_scores.update(prediction, label, batch.spacing)
             if self.inference.min_component_ml not in (0, 0.0, "auto"):
-                prediction = remove_small_components(prediction, batch["spacing"], self.min_component_ml())
-            self.val_metrics.update(prediction, label, batch["spacing"], batch["index"])
+                prediction = remove_small_components(prediction, batch.spacing, self.min_component_ml())
+            self.val_metrics.update(prediction, label, batch.spacing, batch.index)
             return {"prediction": torch.from_numpy(prediction)}  # for ValidationImageLogger
         self._pseudo_dice_update(batch)
         return None
 
-    def _pseudo_dice_update(self, batch: dict) -> None:
+    def _pseudo_dice_update(self, batch: VolumeItem) -> None:
         """nnU-Net-style pseudo Dice: a few patch-size windows (centred on tumour voxels when there are some),
         counted on the batch's device; only the chosen window centres come to the host."""
-        image, label = batch["image"], batch["label"]
+        image, label = batch.image, batch.label
         patch = np.asarray(self.plan.patch_size)
-        rng = np.random.default_rng([self.current_epoch, int(batch["index"])])
+        rng = np.random.default_rng([self.current_epoch, int(batch.index)])
         foreground = torch.nonzero(label > 0)
         shape = np.asarray(label.shape)
         with self.predictor().full_resolution_net() as net:
@@ -212,17 +215,18 @@ class FlareSegmentationModule(L.LightningModule):
         self.log("val/dsc", self._last_full["val/dsc"], prog_bar=True)
         self.log("val/nsd", self._last_full["val/nsd"], prog_bar=True)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        if batch.get("padding"):  # this rank has no case of its own (more ranks than cases)
+    def test_step(self, batch: VolumeItem, batch_idx: int) -> None:
+        if batch.padding:  # this rank has no case of its own (more ranks than cases)
             self.test_metrics.add_placeholder()
             return
-        _raise_item_error(batch)
+        if batch.error is not None:
+            raise ValueError(batch.error)
         mask = self.predict_original_grid(batch)  # on the host
-        label = to_host(batch["label"])  # the host/device boundary
-        spacing = batch["geometry"].spacing
-        self.test_metrics.update(mask, label, spacing, batch["index"])
+        label = to_host(batch.label)  # the host/device boundary
+        spacing = batch.geometry.spacing
+        self.test_metrics.update(mask, label, spacing, batch.index)
         voxel_ml = float(np.prod(spacing)) / 1000.0
-        self.test_rows.append({"case": batch["case_id"], "index": batch["index"],
+        self.test_rows.append({"case": batch.case_id, "index": batch.index,
                                "reference_ml": float((label > 0).sum()) * voxel_ml,
                                "predicted_ml": float((mask > 0).sum()) * voxel_ml})
 
@@ -269,18 +273,13 @@ class FlareSegmentationModule(L.LightningModule):
                          "predicted_ml": row["predicted_ml"], "healthy_false_positive": healthy_fp})
         return rows
 
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        if batch.get("padding"):  # this rank has no case of its own (more ranks than cases)
-            return {"skipped": True}
-        if "error" in batch:
-            return {"case_id": batch["case_id"], "source": batch["source"], "error": batch["error"]}
-        started = batch.get("started", time.perf_counter())  # set before the transfer to the device
+    def predict_step(self, batch: VolumeItem, batch_idx: int, dataloader_idx: int = 0) -> Prediction:
+        if batch.padding:  # this rank has no case of its own (more ranks than cases): the writer skips it
+            return Prediction(batch.case_id, padding=True)
+        if batch.error is not None:
+            return Prediction(batch.case_id, batch.source, error=batch.error)
+        started = batch.started if batch.started is not None else time.perf_counter()  # set before the transfer
         reset_peak_gpu(self.device)
         mask = self.predict_original_grid(batch)
-        return {"case_id": batch["case_id"], "source": batch["source"], "mask": mask, "geometry": batch["geometry"],
-                "timings": batch["timings"], "started": started, "peak_gpu_mb": peak_gpu_mb(self.device)}
-
-
-def _raise_item_error(item: dict) -> None:
-    if "error" in item:
-        raise ValueError(item["error"])
+        return Prediction(batch.case_id, batch.source, mask=mask, geometry=batch.geometry, timings=batch.timings,
+                          started=started, peak_gpu_mb=peak_gpu_mb(self.device))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 import numpy as np
@@ -14,6 +14,7 @@ from torch import nn
 
 from .device import synchronize
 from .inference import check_autocast_setting, sliding_window_logits, use_channels_last, window_batch_size
+from .io import Geometry
 from .plan import Plan
 from .postprocessing import remove_small_components
 from .preprocessing import preprocess_tensor
@@ -77,6 +78,24 @@ def chosen_min_component_ml(settings: InferenceSettings, postprocessing: Mapping
     return float((postprocessing or {}).get("min_component_ml", 0.0)) if value == "auto" else float(value)
 
 
+@dataclass
+class Prediction:
+    """One case's outcome, handed to the prediction writer (``predict_step``'s return value): a ``mask`` to write
+    on ``geometry``, an ``error`` to report, or nothing at all (``padding``: a rank without a case of its own).
+    ``timings`` (stage seconds), ``started`` (perf_counter() before the copy to the device) and ``peak_gpu_mb``
+    go to the efficiency report."""
+
+    case_id: str
+    source: str = ""
+    mask: np.ndarray | None = None  # uint8 (host), the input's size
+    geometry: Geometry | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float | None = None
+    peak_gpu_mb: float = 0.0
+    error: str | None = None
+    padding: bool = False
+
+
 class Predictor:
     """``net`` + ``plan`` + ``settings`` -> logits on the plan's grid, masks on the original grid.
 
@@ -124,13 +143,13 @@ class Predictor:
         """Softmax probabilities (C, x, y, z) on the plan's grid."""
         return torch.softmax(self.logits(image), 0)
 
-    def mask(self, image: torch.Tensor, spacing, size, raw_hu: bool = False,
+    def mask(self, image: torch.Tensor, spacing, size, preprocessed: bool = True,
              timings: dict[str, float] | None = None) -> np.ndarray:
         """uint8 mask (host) of ``size`` on the original grid of ``spacing``; ``image`` is preprocessed (1, x, y, z),
-        or the raw HU volume when ``raw_hu`` (preprocessed here, on the device). Stage seconds go to ``timings``
-        (device work is waited for before each clock is read)."""
+        or, not ``preprocessed``, the raw HU volume (preprocessed here, on the device). Stage seconds go to
+        ``timings`` (device work is waited for before each clock is read)."""
         timings = {} if timings is None else timings
-        if raw_hu:
+        if not preprocessed:
             start = time.perf_counter()
             image = preprocess_tensor(image, spacing, self.plan, self.device)
             synchronize(image.device)

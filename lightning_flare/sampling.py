@@ -3,15 +3,20 @@
 Each patch is a pure function of (seed, epoch, draw number): its case, whether it is foreground-centred,
 its centre and its augmentation draw. Patches are cut and augmented inside the queue's loader workers,
 so the work is spread over processes and the cost of a patch does not depend on the size of the scan.
+
+One patch type all the way: ``PatchSampler`` makes a ``Patch``, ``PatchDataset`` hands it to the queue, the
+queue holds it as it is (``WholePatchSampler``) and ``collate_patches`` stacks a batch of them into the training
+batch ``{"image", "label", "location", "foreground_forced", "case_id"}`` that ``training_step`` reads.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torchio as tio
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from .preprocessing import CachedCase
 
@@ -28,6 +33,17 @@ def crop_with_padding(array: np.ndarray, start: Sequence[int], size: Sequence[in
         src = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
         out[dst] = array[src]
     return out
+
+
+@dataclass
+class Patch:
+    """One training patch, on the cached (plan's) grid."""
+
+    image: torch.Tensor  # (1, x, y, z) float32, augmented
+    label: torch.Tensor  # (1, x, y, z) uint8
+    location: torch.Tensor  # (6,) int64: first voxel and stop (exclusive) of the patch in the cached case
+    foreground_forced: bool  # centred on a foreground voxel by the oversampling rule
+    case_id: str
 
 
 class PatchSampler:
@@ -57,7 +73,7 @@ class PatchSampler:
         """Whether the patch at position ``draw`` of the (per-rank) stream is foreground-centred."""
         return draw % self.batch_size >= self.batch_size - self.num_forced
 
-    def __call__(self, entry: CachedCase, draw: int, rng: np.random.Generator, spacing: Sequence[float]) -> tio.Subject:
+    def __call__(self, entry: CachedCase, draw: int, rng: np.random.Generator, spacing: Sequence[float]) -> Patch:
         image = np.load(entry.image, mmap_mode="r")
         label = np.load(entry.label, mmap_mode="r")
         foreground = np.load(entry.foreground, mmap_mode="r")
@@ -69,32 +85,29 @@ class PatchSampler:
         size = self.patch_size + 2 * self.margin
         start = centre - size // 2
         affine = np.diag([*spacing, 1.0])
-        patch = tio.Subject(
+        crop = tio.Subject(  # the transform's input: TorchIO transforms read the spacing from the affine
             image=tio.ScalarImage(tensor=torch.from_numpy(crop_with_padding(image, start, size, 0.0))[None], affine=affine),
             label=tio.LabelMap(tensor=torch.from_numpy(crop_with_padding(label, start, size, 0))[None], affine=affine),
         )
         if self.transform is not None:
-            patch = self.transform(patch)
+            crop = self.transform(crop)
         # centre crop back to the patch (a transform may already have cut it, e.g. rotating only the patch voxels)
         p = self.patch_size
-        m = (np.asarray(patch["image"].shape[1:]) - p) // 2
+        m = (np.asarray(crop["image"].shape[1:]) - p) // 2
         window = (slice(None), *(slice(int(a), int(a + b)) for a, b in zip(m, p)))
-        return {
-            "image": patch["image"].data[window].float().contiguous(),
-            "label": patch["label"].data[window].to(torch.uint8).contiguous(),
-            "location": torch.as_tensor(np.concatenate([start + self.margin, start + self.margin + p])),
-            "foreground_forced": forced,
-            "case_id": entry.case_id,
-        }
+        return Patch(
+            image=crop["image"].data[window].float().contiguous(),
+            label=crop["label"].data[window].to(torch.uint8).contiguous(),
+            location=torch.as_tensor(np.concatenate([start + self.margin, start + self.margin + p])),
+            foreground_forced=bool(forced),
+            case_id=entry.case_id,
+        )
 
 
-class PatchDataset(tio.SubjectsDataset):
-    """Subjects dataset whose items are augmented patches: index = draw * num_cases + case (see EpochSubjectSampler)."""
+class PatchDataset(Dataset):
+    """The queue's subjects: item ``draw * num_cases + case`` (see EpochSubjectSampler) is that draw's ``Patch``."""
 
     def __init__(self, entries: Sequence[CachedCase], sampler: PatchSampler, spacing: Sequence[float], seed: int = 0):
-        affine = np.diag([*spacing, 1.0])
-        subjects = [tio.Subject(image=tio.ScalarImage(e.image, affine=affine), case_id=e.case_id) for e in entries]
-        super().__init__(subjects, load_getitem=False)
         self.entries = list(entries)
         self.sampler = sampler
         self.spacing = tuple(spacing)
@@ -102,26 +115,24 @@ class PatchDataset(tio.SubjectsDataset):
         self.epoch = 0
         self.rank = 0
 
-    def __getitem__(self, code: int) -> tio.Subject:
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, code: int) -> Patch:
         draw, case = divmod(int(code), len(self.entries))
         key = [self.seed, self.rank, self.epoch, draw]
         torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))  # TorchIO transforms use torch's RNG
-        patch = self.sampler(self.entries[case], draw, np.random.default_rng(key), self.spacing)
-        return tio.Subject(
-            image=tio.ScalarImage(tensor=patch["image"], affine=np.diag([*self.spacing, 1.0])),
-            label=tio.LabelMap(tensor=patch["label"], affine=np.diag([*self.spacing, 1.0])),
-            location=patch["location"], foreground_forced=patch["foreground_forced"], case_id=patch["case_id"],
-        )
+        return self.sampler(self.entries[case], draw, np.random.default_rng(key), self.spacing)
 
 
-class WholeSubjectSampler(tio.data.PatchSampler):
-    """The queue's sampler when items already are patches: yields the subject itself."""
+class WholePatchSampler(tio.data.PatchSampler):
+    """The queue's sampler when its items already are patches: yields the ``Patch`` itself."""
 
     def __init__(self, patch_size: Sequence[int]):
         super().__init__(tuple(int(p) for p in patch_size))
 
-    def __call__(self, subject: tio.Subject, num_patches: int | None = None) -> Iterator[tio.Subject]:
-        yield subject
+    def __call__(self, patch: Patch, num_patches: int | None = None) -> Iterator[Patch]:
+        yield patch
 
 
 class PatchQueue(tio.Queue):
@@ -132,14 +143,15 @@ class PatchQueue(tio.Queue):
         return len(self.subject_sampler) * self.samples_per_volume
 
 
-def collate_patches(patches: list[tio.Subject]) -> dict:
-    """Batch of patches as plain tensors: image (B, 1, x, y, z) float, label (B, 1, x, y, z) uint8."""
+def collate_patches(patches: list[Patch]) -> dict:
+    """The training batch: image (B, 1, x, y, z) float, label (B, 1, x, y, z) uint8, location (B, 6),
+    foreground_forced (B,) bool, case_id (list of B)."""
     return {
-        "image": torch.stack([p["image"].data for p in patches]).float(),
-        "label": torch.stack([p["label"].data for p in patches]).to(torch.uint8),
-        "location": torch.stack([torch.as_tensor(p["location"]) for p in patches]),
-        "foreground_forced": torch.tensor([bool(p["foreground_forced"]) for p in patches]),
-        "case_id": [p["case_id"] for p in patches],
+        "image": torch.stack([p.image for p in patches]).float(),
+        "label": torch.stack([p.label for p in patches]).to(torch.uint8),
+        "location": torch.stack([torch.as_tensor(p.location) for p in patches]),
+        "foreground_forced": torch.tensor([bool(p.foreground_forced) for p in patches]),
+        "case_id": [p.case_id for p in patches],
     }
 
 
@@ -209,7 +221,7 @@ def build_patch_loader(entries: Sequence[CachedCase], sampler: PatchSampler, spa
         dataset,
         max_length=max(queue_length, sampler.batch_size),
         samples_per_volume=1,
-        sampler=WholeSubjectSampler(sampler.patch_size),
+        sampler=WholePatchSampler(sampler.patch_size),
         subject_sampler=subject_sampler,
         shuffle_subjects=False,
         shuffle_patches=False,  # keeps the batch positions of the foreground rule

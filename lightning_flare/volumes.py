@@ -1,7 +1,9 @@
-"""Whole-volume datasets for validation (cached cases), test (raw cases with labels) and prediction."""
+"""Whole-volume datasets for validation (cached cases), test (raw cases with labels) and prediction; their item,
+``VolumeItem``, is the batch the module's validation / test / predict steps get."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +15,33 @@ from .io import Geometry, ImageReadError, read_image, to_array
 from .plan import Plan
 from .preprocessing import CachedCase, preprocess_image
 from .raw_dataset import IMAGE_SUFFIXES, Case
+
+
+@dataclass
+class VolumeItem:
+    """One whole case, passed through the loader unchanged (``first_item``). Lightning moves its tensors to the
+    device and keeps the other fields (``move_data_to_device`` rebuilds the dataclass field by field, so it is
+    not frozen); the data module's transfer hooks set ``started`` and the "transfer" timing.
+
+    Kinds: a cached case (validation: ``image`` and ``label`` on the plan's grid, ``spacing`` set); a raw case
+    (test / predict: ``geometry``, ``source`` and ``timings`` set, ``label`` on the original grid for test), its
+    ``image`` preprocessed in the loader or, with ``preprocessed`` False, the raw HU volume on the original grid
+    that the predictor preprocesses on the device; an unreadable raw case (``error``); a padding item
+    (``padding``: a rank without a case of its own, see ``ShardSampler``; the steps score, predict and write
+    nothing for it)."""
+
+    index: int  # position in the dataset (-1: padding)
+    case_id: str
+    image: torch.Tensor | None = None  # (1, x, y, z)
+    preprocessed: bool = True  # image on the plan's grid, normalised; False: raw HU on the original grid
+    label: torch.Tensor | None = None  # (x, y, z) uint8, on the grid the case is scored on
+    spacing: tuple[float, float, float] | None = None  # a cached case's voxel spacing (the plan's)
+    geometry: Geometry | None = None  # a raw case's original grid
+    source: str = ""  # a raw case's input file or folder
+    timings: dict[str, float] | None = None  # a raw case's stage seconds (read, preprocess, transfer, ...)
+    started: float | None = None  # perf_counter() before the copy to the device (set by the data module)
+    error: str | None = None  # why a raw case could not be read: test raises it, predict reports it
+    padding: bool = False
 
 
 class ShardSampler(Sampler[int]):
@@ -31,9 +60,9 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def padding_item() -> dict:
+def padding_item() -> VolumeItem:
     """The item of a rank without a case: no volume; the steps score, predict and write nothing for it."""
-    return {"index": -1, "case_id": "", "padding": True}
+    return VolumeItem(index=-1, case_id="", padding=True)
 
 
 class Padded(Dataset):
@@ -45,11 +74,11 @@ class Padded(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> VolumeItem:
         return padding_item() if index == len(self.dataset) else self.dataset[index]
 
 
-def first_item(batch: list) -> dict:
+def first_item(batch: list[VolumeItem]) -> VolumeItem:
     """Collate for volume loaders: one case per batch, passed through unchanged."""
     return batch[0]
 
@@ -64,15 +93,10 @@ class CachedVolumes(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> VolumeItem:
         e = self.entries[index]
-        return {
-            "index": index,
-            "case_id": e.case_id,
-            "image": torch.from_numpy(np.load(e.image))[None],
-            "label": torch.from_numpy(np.load(e.label)),
-            "spacing": self.spacing,
-        }
+        return VolumeItem(index, e.case_id, image=torch.from_numpy(np.load(e.image))[None],
+                          label=torch.from_numpy(np.load(e.label)), spacing=self.spacing)
 
 
 class RawVolumes(Dataset):
@@ -82,31 +106,31 @@ class RawVolumes(Dataset):
         self.cases = list(cases)
         self.plan = plan
         self.with_labels = with_labels
-        self.on_device = on_device  # hand over the raw HU array: the module preprocesses it on its device
+        self.on_device = on_device  # hand over the raw HU array (preprocessed False): preprocessed on the device
 
     def __len__(self) -> int:
         return len(self.cases)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> VolumeItem:
         case = self.cases[index]
-        item = {"index": index, "case_id": case.case_id, "source": str(case.image)}
+        item = VolumeItem(index, case.case_id, source=str(case.image))
         try:
             start = time.perf_counter()
             image = read_image(case.image)
-            item["geometry"] = Geometry.of(image)
+            item.geometry = Geometry.of(image)
             read = time.perf_counter()
             if self.on_device:
-                item["image"], item["raw_hu"] = torch.from_numpy(to_array(image))[None], True
+                item.image, item.preprocessed = torch.from_numpy(to_array(image))[None], False
             else:
-                item["image"] = torch.from_numpy(preprocess_image(image, self.plan))[None]
-            item["timings"] = {"read": read - start, "preprocess": time.perf_counter() - read}
+                item.image = torch.from_numpy(preprocess_image(image, self.plan))[None]
+            item.timings = {"read": read - start, "preprocess": time.perf_counter() - read}
             if self.with_labels and case.label is not None:
                 label = read_image(case.label)
                 if label.GetSize() != image.GetSize():
                     raise ImageReadError(f"{case.label}: label size {label.GetSize()} differs from image size {image.GetSize()}")
-                item["label"] = torch.from_numpy(to_array(label, np.uint8))
+                item.label = torch.from_numpy(to_array(label, np.uint8))
         except (ImageReadError, ValueError) as err:
-            item["error"] = str(err)
+            item.error = str(err)
         return item
 
 

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from .efficiency import COLUMNS, EfficiencyReport, GpuMemorySampler
 from .io import from_array, remove_stale_temporaries, write_image
+from .predictor import Prediction
 
 
 class NiftiPredictionWriter(BasePredictionWriter):
@@ -40,26 +41,26 @@ class NiftiPredictionWriter(BasePredictionWriter):
         self._pool = ThreadPoolExecutor(max_workers=1)  # writing case k overlaps computing case k + 1
         self._pending: list[Future] = []
 
-    def write_on_batch_end(self, trainer, pl_module, prediction: dict, batch_indices: Sequence[int] | None,
+    def write_on_batch_end(self, trainer, pl_module, prediction: Prediction, batch_indices: Sequence[int] | None,
                            batch: Any, batch_idx: int, dataloader_idx: int) -> None:
-        if prediction.get("skipped"):
+        if prediction.padding:  # a rank without a case of its own
             return
-        if "error" in prediction:
-            self.failures.append(prediction["error"])
+        if prediction.error is not None:
+            self.failures.append(prediction.error)
             return
         self._pending.append(self._pool.submit(self._write, prediction))
 
-    def _write(self, prediction: dict) -> None:
-        path = self.output_dir / f"{prediction['case_id']}.nii.gz"
+    def _write(self, prediction: Prediction) -> None:
+        path = self.output_dir / f"{prediction.case_id}.nii.gz"
         start = time.perf_counter()
-        mask = np.asarray(prediction["mask"], np.uint8)
-        write_image(from_array(mask, prediction["geometry"]), path)
+        mask = np.asarray(prediction.mask, np.uint8)
+        write_image(from_array(mask, prediction.geometry), path)
         now = time.perf_counter()
         self.written.append(path)
-        timings = {**prediction.get("timings", {}), "write": now - start}
-        peak, area = self.gpu.window(prediction.get("started", start), now)
-        peak = max(peak, float(prediction.get("peak_gpu_mb", 0.0)))  # the allocator's own peak sees between samples
-        self.efficiency.add(prediction["case_id"], timings, (peak, area))
+        timings = {**(prediction.timings or {}), "write": now - start}
+        peak, area = self.gpu.window(prediction.started if prediction.started is not None else start, now)
+        peak = max(peak, float(prediction.peak_gpu_mb))  # the allocator's own peak sees between samples
+        self.efficiency.add(prediction.case_id, timings, (peak, area))
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for job in self._pending:

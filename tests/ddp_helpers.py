@@ -14,12 +14,12 @@ class RecordDraws(L.Callback):
         self.records: dict = {"train": {}, "val": {}, "test": [], "predict": [], "padding": []}
 
     def _volume(self, trainer, batch, key):
-        if batch.get("padding"):
+        if batch.padding:
             self.records["padding"].append(trainer.state.stage.value)
         elif key == "val":
-            self.records["val"].setdefault(str(trainer.current_epoch), []).append(batch["case_id"])
+            self.records["val"].setdefault(str(trainer.current_epoch), []).append(batch.case_id)
         else:
-            self.records[key].append(batch["case_id"])
+            self.records[key].append(batch.case_id)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.records["train"].setdefault(str(trainer.current_epoch), []).extend(batch["case_id"])

@@ -128,5 +128,5 @@ def test_a_rank_without_cases_gets_one_padding_item(five_cases, tmp_path, monkey
         for loader in (dm.val_dataloader(), dm.test_dataloader(), dm.predict_dataloader()):
             items = list(loader)
             assert len(loader) == len(items) == 1
-            assert bool(items[0].get("padding")) == (rank == 1)
-            assert (items[0]["index"] == 0) if rank == 0 else (items[0]["index"] == -1 and "image" not in items[0])
+            assert bool(items[0].padding) == (rank == 1)
+            assert (items[0].index == 0) if rank == 0 else (items[0].index == -1 and items[0].image is None)

@@ -3,6 +3,8 @@ onto a stand-in accelerator (tests/standin_device.py), which refuses host conver
 does. ``test_cuda_*`` run the same on a real GPU (skipped without one; benchmarks/gpu_check.py runs them)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from lightning_flare.datamodule import FlareDataModule
 from lightning_flare.module import FlareSegmentationModule
 from lightning_flare.predictor import InferenceSettings
 from lightning_flare.network import PlainConvUNet
+from lightning_flare.volumes import VolumeItem
 
 HOST = torch.device("cpu")
 
@@ -29,7 +32,7 @@ def items(tiny_dataset, tmp_path_factory):
     test = next(iter(dm.test_dataloader()))
     dm.preprocess_on = "device"
     raw = next(iter(dm.test_dataloader()))
-    assert raw.get("raw_hu") and int(test["label"].sum()) > 0
+    assert not raw.preprocessed and int(test.label.sum()) > 0
     return dm.plan, val, test, raw
 
 
@@ -50,8 +53,14 @@ def on_standin(module, batch):
     return move_data_to_device(batch, HOST)
 
 
-def copy(item: dict) -> dict:
-    return {k: (v.clone() if isinstance(v, torch.Tensor) else dict(v) if isinstance(v, dict) else v) for k, v in item.items()}
+def copy(item: VolumeItem) -> VolumeItem:
+    """The item with its own tensors and timings (the steps write into them)."""
+    fresh = {}
+    for field in dataclasses.fields(item):
+        value = getattr(item, field.name)
+        if isinstance(value, (torch.Tensor, dict)):
+            fresh[field.name] = value.clone() if isinstance(value, torch.Tensor) else dict(value)
+    return dataclasses.replace(item, **fresh)
 
 
 def test_test_step_on_the_device_equals_the_host(items):
@@ -81,7 +90,7 @@ def test_validation_with_postprocessing_scores_prediction_and_label_on_one_side(
     with StandInDevice():
         out = module.validation_step(on_standin(module, copy(val)), 0)
     assert len(seen) == 1 and seen[0][0] == seen[0][1] and seen[0][2] is seen[0][3], seen
-    assert out["prediction"].shape == val["label"].shape
+    assert out["prediction"].shape == val.label.shape
     host = make_module(plan, inference={"min_component_ml": 0.5})
     host.validation_step(copy(val), 0)
     assert float(module.val_metrics.compute()["dsc"]) == float(host.val_metrics.compute()["dsc"])
@@ -105,8 +114,8 @@ def test_predict_step_on_the_device_equals_the_host(items, which):
     device = make_module(plan)
     with StandInDevice():
         out = device.predict_step(on_standin(device, copy(item)), 0)
-    assert isinstance(out["mask"], np.ndarray)
-    np.testing.assert_array_equal(out["mask"], host["mask"])
+    assert isinstance(out.mask, np.ndarray)
+    np.testing.assert_array_equal(out.mask, host.mask)
 
 
 DEVICES = ["standin", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]

@@ -7,6 +7,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from lightning_flare.efficiency import COLUMNS, EfficiencyReport, GpuMemorySampler
+from lightning_flare.volumes import VolumeItem
 
 
 def _sample(sampler: GpuMemorySampler, count: int = 3) -> list[tuple[float, float]]:
@@ -49,11 +50,11 @@ def test_transfer_is_a_stage_and_waits_for_the_copy(monkeypatch, tmp_path):
 
     monkeypatch.setattr(datamodule_file, "synchronize", wait, raising=False)
     dm = datamodule_file.FlareDataModule(cache_dir=str(tmp_path))
-    item = {"index": 0, "image": torch.zeros(1, 4, 4, 4), "timings": {"read": 0.1, "preprocess": 0.2}}
+    item = VolumeItem(0, "A", image=torch.zeros(1, 4, 4, 4), timings={"read": 0.1, "preprocess": 0.2})
     item = dm.on_before_batch_transfer(item, 0)
     item = dm.on_after_batch_transfer(move_data_to_device(item, torch.device("cpu")), 0)
-    assert waits and item["timings"]["transfer"] >= 0.05
-    row = EfficiencyReport().add("A", item["timings"])
+    assert waits and item.timings["transfer"] >= 0.05
+    row = EfficiencyReport().add("A", item.timings)
     assert "transfer" in COLUMNS and row["transfer"] >= 0.05 and row["total_s"] == pytest.approx(0.3 + row["transfer"])
 
 
@@ -79,6 +80,7 @@ def test_preprocess_and_network_stages_wait_for_the_device(monkeypatch):
     module.plan = Plan((2.0, 2.0, 2.0), (16, 16, 16), IntensityStats(-100.0, 100.0, 0.0, 50.0), resampling="fast")
     geometry = Geometry(size=(16, 16, 16), spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0),
                         direction=tuple(np.eye(3).ravel()))
-    item = {"image": torch.zeros(1, 16, 16, 16, dtype=torch.int16), "raw_hu": True, "geometry": geometry, "timings": {}}
+    item = VolumeItem(0, "A", image=torch.zeros(1, 16, 16, 16, dtype=torch.int16), preprocessed=False, geometry=geometry,
+                      timings={})
     module.eval().predict_original_grid(item)
-    assert len(waits) == 2 and item["timings"]["preprocess"] >= 0.05 and item["timings"]["network"] >= 0.05
+    assert len(waits) == 2 and item.timings["preprocess"] >= 0.05 and item.timings["network"] >= 0.05

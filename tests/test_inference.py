@@ -113,14 +113,16 @@ def test_validation_mirrors_per_val_tta_and_prediction_per_tta(monkeypatch):
 
     monkeypatch.setattr(predictor_file, "sliding_window_logits", fake)
     net = PlainConvUNet(features_per_stage=[4, 8, 16, 32])
-    batch = {"image": torch.zeros(1, 8, 8, 8), "label": torch.zeros(8, 8, 8, dtype=torch.uint8),
-             "spacing": (1.0, 1.0, 1.0), "index": 0}
+    from lightning_flare.volumes import VolumeItem
+
+    batch = VolumeItem(0, "A", image=torch.zeros(1, 8, 8, 8), label=torch.zeros(8, 8, 8, dtype=torch.uint8),
+                       spacing=(1.0, 1.0, 1.0))
     for tta, val_tta, expected in [(True, False, ()), (True, None, (0, 1, 2)), (False, True, (0, 1, 2)), (False, None, ())]:
         module = module_file.FlareSegmentationModule(net, inference={"tta": tta, "sw_channels_last": False}, val_tta=val_tta)
         module.plan = Plan((1, 1, 1), (8, 8, 8), IntensityStats(-100.0, 100.0, 0.0, 50.0))
         calls.clear()
         module.validation_step(batch, 0)
-        module.predict_logits(batch["image"])
+        module.predict_logits(batch.image)
         assert calls == [(expected, False), ((0, 1, 2) if tta else (), False)], (tta, val_tta)
     with pytest.raises(ValueError, match="val_tta"):
         module_file.FlareSegmentationModule(net, val_tta="yes")

@@ -300,9 +300,9 @@ def test_preprocess_on_device_equals_the_loader_path(tiny_dataset):
                                      inference=InferenceSettings(sw_batch_size=2)).eval()
     module.plan = plan
     loader_item, device_item = RawVolumes(cases, plan, False)[0], RawVolumes(cases, plan, False, on_device=True)[0]
-    assert device_item["raw_hu"] and device_item["image"].shape[1:] == device_item["geometry"].size
+    assert not device_item.preprocessed and device_item.image.shape[1:] == device_item.geometry.size
     np.testing.assert_array_equal(module.predict_original_grid(device_item), module.predict_original_grid(loader_item))
-    assert device_item["timings"]["preprocess"] > 0
+    assert device_item.timings["preprocess"] > 0
 
 
 def test_preprocess_on_device_rejects_nnunet_resampling():
