@@ -16,7 +16,8 @@ from .inference import autocast_context
 from .loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets
 from .metrics import FlareMetrics
 from .plan import Plan
-from .postprocessing import ComponentThresholdScores, choose_threshold, remove_small_components
+from .metrics.postprocessing_scores import ComponentThresholdScores
+from .postprocessing import choose_threshold, remove_small_components
 from .predictor import InferenceSettings, Prediction, Predictor, chosen_min_component_ml
 from .volumes import VolumeItem
 

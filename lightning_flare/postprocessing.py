@@ -10,11 +10,8 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import numpy as np
-import torch
 from scipy import ndimage
-from torchmetrics import Metric
 
-from .device import to_host
 from .metrics.functional import dice
 
 CANDIDATES_ML = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -84,24 +81,3 @@ def choose_threshold(scores: dict[float, float], min_gain: float = 1e-6) -> floa
     chosen = min(t for t, s in scores.items() if s >= best - 1e-12)
     return chosen if best > scores.get(0.0, -np.inf) + min_gain else 0.0
 
-
-class ComponentThresholdScores(Metric):
-    """Sum of per-case FLARE DSC for each candidate ``min_component_ml`` (validation cases), DDP-synced."""
-
-    full_state_update = False
-
-    def __init__(self, candidates_ml: Sequence[float] = CANDIDATES_ML, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.candidates = tuple(float(c) for c in candidates_ml)
-        self.add_state("sums", default=torch.zeros(len(self.candidates), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, prediction, reference, spacing_mm: Sequence[float]) -> None:
-        prediction, reference = to_host(prediction), to_host(reference)
-        scores = case_scores(prediction, reference, spacing_mm, self.candidates)
-        self.sums += torch.tensor(scores, dtype=torch.float64, device=self.sums.device)
-        self.count += 1
-
-    def compute(self) -> dict[float, float]:
-        n = max(float(self.count), 1.0)
-        return {t: float(s) / n for t, s in zip(self.candidates, self.sums.tolist())}

@@ -150,8 +150,8 @@ def test_predict_skips_existing_reports_bad_cases_and_efficiency(trained, tiny_d
     assert [m.name for m in masks] == [g.name.replace("_0000", "") for g in good]
     lines = (out_dir / "efficiency.csv").read_text().splitlines()
     assert lines[0] == "case,read,preprocess,transfer,network,postprocess,write,total_s,peak_rss_mb,peak_gpu_mb,gpu_memory_area_mb_s"
-    assert len(lines) == 1 + len(good)
-    row = dict(zip(lines[0].split(","), lines[1].split(",")))
+    assert len(lines) == 2 + len(good) and lines[1].startswith("(start-up),")  # then one row per case
+    row = dict(zip(lines[0].split(","), lines[2].split(",")))
     assert float(row["network"]) > 0 and float(row["peak_rss_mb"]) > 0
     # a second run keeps existing masks and does no work for them; overwrite redoes them
     (images / "BROKEN_0000.nii.gz").unlink()

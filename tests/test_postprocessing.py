@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 
-from lightning_flare.postprocessing import (
-    ComponentThresholdScores, choose_threshold, flare_dsc, remove_small_components, score_thresholds,
-)
+from lightning_flare.metrics.postprocessing_scores import ComponentThresholdScores
+from lightning_flare.postprocessing import choose_threshold, flare_dsc, remove_small_components, score_thresholds
 
 SPACING = (10.0, 10.0, 10.0)  # one voxel = 1 ml
 

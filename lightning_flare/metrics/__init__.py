@@ -1,5 +1,5 @@
-"""FLARE24 evaluation metrics: pure functions and a torchmetrics wrapper."""
-from lightning_flare.metrics.flare import FlareMetrics
+"""FLARE24 evaluation metrics: pure functions and a torchmetrics wrapper (imported when first used: the pure
+functions need no torchmetrics)."""
 from lightning_flare.metrics.functional import (
     SurfaceDistances,
     dice,
@@ -22,3 +22,11 @@ __all__ = [
     "surface_distances",
     "surfel_area_table",
 ]
+
+
+def __getattr__(name: str):
+    if name == "FlareMetrics":
+        from lightning_flare.metrics.flare import FlareMetrics
+
+        return FlareMetrics
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
