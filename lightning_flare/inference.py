@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import torchio as tio
 from torch import nn
 
+from .body_box import windows_touching
+
 
 def grid_overlap(patch_size: Sequence[int], overlap: float) -> tuple[int, int, int]:
     """Overlap in voxels for a fractional ``overlap`` (0.5 = nnU-Net's step 0.5); TorchIO needs even numbers."""
@@ -136,6 +138,9 @@ class _SlicingGridSampler(tio.GridSampler):
         return data, torch.as_tensor(self.locations[index])
 
 
+AIR_LOGIT = 20.0  # background's lead where no window ran (softmax: tumour probability ~2e-9)
+
+
 class DeviceGridAggregator(tio.inference.GridAggregator):
     """TorchIO's weighted ('hann' overlap mode) GridAggregator, accumulated on the windows' own device.
 
@@ -169,6 +174,13 @@ class DeviceGridAggregator(tio.inference.GridAggregator):
             self._output_tensor[:, i:i1, j:j1, k:k1].addcmul_(window.float(), self._hann_window)
             self._avgmask_tensor[:, i:i1, j:j1, k:k1].add_(self._hann_window)
 
+    def fill_uncovered(self, output: torch.Tensor, margin: float = AIR_LOGIT) -> None:
+        """Voxels no window covered (outside the body's box): background (class 0) by ``margin`` logits."""
+        uncovered = self._avgmask_tensor[0] == 0
+        if bool(uncovered.any()):
+            output[0][uncovered] = 0.0
+            output[1:, uncovered] = -margin
+
     def get_output_tensor(self) -> torch.Tensor:
         """The weighted average, (C, x, y, z) float32 on the windows' device (computed in place: call once)."""
         if self._output_tensor is None:
@@ -190,6 +202,8 @@ def sliding_window_logits(
     steps: str = "torchio",
     channels_last: bool | str = "auto",
     precision: str | None = None,
+    body: tuple[slice, slice, slice] | None = None,
+    counts: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Class logits (C, x, y, z), float32 on the network's device, for a normalised (1, x, y, z) image.
 
@@ -197,6 +211,8 @@ def sliding_window_logits(
     test-time mirroring over the given spatial axes (all 2^n flips averaged). ``weighting``: 'hann' (TorchIO)
     or 'gaussian' (nnU-Net); ``steps``: TorchIO's window grid or nnU-Net's ('nnunet', as ``nnUNetPredictor``);
     ``channels_last``: see ``use_channels_last``; ``autocast`` and the trainer's ``precision``: see ``autocast_dtype``.
+    ``body`` (x, y, z slices of ``image``): only windows that touch it run, voxels no window covers are background
+    (``body_box``). ``counts`` receives the windows run and those of the whole grid.
     """
     device = torch.device(device) if device is not None else next(net.parameters()).device
     patch_size = tuple(int(p) for p in patch_size)
@@ -209,6 +225,13 @@ def sliding_window_logits(
         image = F.pad(image, padding)
     subject = tio.Subject(image=tio.ScalarImage(tensor=image.float()))
     sampler = _SlicingGridSampler(subject, patch_size, grid_overlap(patch_size, overlap), steps, 1 - overlap)
+    total = len(sampler.locations)
+    if body is not None:  # only windows that touch the body: inside it every voxel keeps all its windows
+        shifted = tuple(slice(b.start + p // 2, b.stop + p // 2) for b, p in zip(body, pad))
+        keep = windows_touching(sampler.locations, shifted)
+        sampler.locations = sampler.locations[keep] if keep.any() else sampler.locations
+    if counts is not None:
+        counts.update(windows=len(sampler.locations), windows_total=total)
     aggregator = DeviceGridAggregator(sampler, weighting)
     flips = _flip_sets(mirror_axes)
     forward = channels_last_forward(net) if use_channels_last(channels_last, device) else net
@@ -226,6 +249,8 @@ def sliding_window_logits(
                 logits = out if logits is None else logits + out
         aggregator.add_batch(logits / len(flips), locations)
     output = aggregator.get_output_tensor()
+    if body is not None:
+        aggregator.fill_uncovered(output)
     if any(pad):
         output = output[:, pad[0] // 2 : pad[0] // 2 + shape[0], pad[1] // 2 : pad[1] // 2 + shape[1], pad[2] // 2 : pad[2] // 2 + shape[2]]
     return output.contiguous()

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .body_box import body_box, body_threshold
 from .device import synchronize
 from .inference import check_autocast_setting, sliding_window_logits, use_channels_last, window_batch_size
 from .io import Geometry
@@ -32,7 +33,9 @@ class InferenceSettings:
     - ``tta``: average the 8 mirrored passes (nnU-Net's default);
     - ``autocast``: true, false, "auto", "bf16" or "fp16" (``inference.autocast_dtype``);
     - ``min_component_ml``: remove predicted components below this volume; "auto": the volume chosen on the
-      validation fold (kept in the checkpoint).
+      validation fold (kept in the checkpoint);
+    - ``skip_air``: run only the windows that touch the body (``body_box``: parts above -500 HU, grown by
+      ``body_margin_mm``); inside that box the logits are those of the whole grid, outside it background.
     """
 
     sw_overlap: float = 0.5
@@ -43,6 +46,8 @@ class InferenceSettings:
     tta: bool = False
     autocast: bool | str = "auto"
     min_component_ml: float | str = 0.0
+    skip_air: bool = False
+    body_margin_mm: float = 20.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.sw_overlap < 1:
@@ -53,6 +58,10 @@ class InferenceSettings:
         if self.sw_steps not in ("torchio", "nnunet"):
             raise ValueError(f"inference.sw_steps must be 'torchio' or 'nnunet', got {self.sw_steps!r}")
         use_channels_last(self.sw_channels_last, "cpu")
+        if not isinstance(self.skip_air, bool):
+            raise ValueError(f"inference.skip_air must be true or false, got {self.skip_air!r}")
+        if isinstance(self.body_margin_mm, bool) or not isinstance(self.body_margin_mm, (int, float)) or self.body_margin_mm < 0:
+            raise ValueError(f"inference.body_margin_mm must be a distance in mm (>= 0), got {self.body_margin_mm!r}")
         if not isinstance(self.tta, bool):
             raise ValueError(f"inference.tta must be true or false, got {self.tta!r}")
         check_autocast_setting(self.autocast)
@@ -111,6 +120,7 @@ class Predictor:
         self.postprocessing = dict(postprocessing or {})
         self.device = torch.device(device) if device is not None else next(net.parameters()).device
         self.precision = precision
+        self.counts: dict[str, int] = {}  # windows run / of the whole grid, of the latest volume
 
     def min_component_ml(self) -> float:
         return chosen_min_component_ml(self.settings, self.postprocessing)
@@ -132,12 +142,16 @@ class Predictor:
         image; ``tta`` overrides the settings' mirroring."""
         s = self.settings
         tta = s.tta if tta is None else tta
+        body = None
+        if s.skip_air:
+            body = body_box(image, body_threshold(self.plan.intensity), self.plan.target_spacing, s.body_margin_mm)
         with self.full_resolution_net() as net:
             return sliding_window_logits(net, image, self.plan.patch_size, s.sw_overlap,
                                          window_batch_size(s.sw_batch_size, self.device), s.autocast,
                                          mirror_axes=(0, 1, 2) if tta else (), device=self.device,
                                          weighting=s.sw_weighting, steps=s.sw_steps,
-                                         channels_last=s.sw_channels_last, precision=self.precision)
+                                         channels_last=s.sw_channels_last, precision=self.precision,
+                                         body=body, counts=self.counts)
 
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities (C, x, y, z) on the plan's grid."""

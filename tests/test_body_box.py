@@ -48,3 +48,36 @@ def test_windows_touching_the_box():
 def test_rejects_wrong_shape():
     with pytest.raises(ValueError, match="shape"):
         body_box(np.zeros((2, 3)), 0.0, (1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("steps", ["torchio", "nnunet"])
+def test_windows_of_air_skipped_inside_the_box_logits_are_the_whole_grids(steps):
+    from lightning_flare.inference import AIR_LOGIT, sliding_window_logits
+    from lightning_flare.network import PlainConvUNet
+
+    torch.manual_seed(0)
+    net = PlainConvUNet(features_per_stage=[4, 8, 16, 32], deep_supervision=False).eval()
+    hu = np.full((96, 80, 24), -1000.0)
+    hu[40:56, 30:46, 4:20] = 40.0  # the body, in the middle of a field of view mostly of air
+    image = _normalised(hu)
+    box = body_box(image, body_threshold(STATS), spacing_mm=(2.0, 2.0, 2.0), margin_mm=4.0)
+    kwargs = dict(patch_size=(16, 16, 16), overlap=0.5, batch_size=2, autocast=False, channels_last=False, steps=steps)
+    full_counts, body_counts = {}, {}
+    full = sliding_window_logits(net, image, counts=full_counts, **kwargs)
+    skipped = sliding_window_logits(net, image, body=box, counts=body_counts, **kwargs)
+    assert body_counts["windows_total"] == full_counts["windows"] == full_counts["windows_total"]
+    assert 0 < body_counts["windows"] < full_counts["windows"] / 2  # most of this field of view is air
+    torch.testing.assert_close(skipped[(slice(None), *box)], full[(slice(None), *box)], rtol=0, atol=0)
+    assert torch.isfinite(skipped).all()
+    covered_nowhere = (skipped[0] == 0) & (skipped[1] == -AIR_LOGIT)
+    assert covered_nowhere.any() and not covered_nowhere[box].any()  # background only outside the box
+
+
+def test_predictor_skip_air_setting_checks_its_values():
+    from lightning_flare.predictor import InferenceSettings
+
+    assert InferenceSettings(skip_air=True).body_margin_mm == 20.0
+    with pytest.raises(ValueError, match="skip_air"):
+        InferenceSettings(skip_air="yes")
+    with pytest.raises(ValueError, match="body_margin_mm"):
+        InferenceSettings(body_margin_mm=-1)
