@@ -10,7 +10,8 @@ from scipy import ndimage
 from .plan import IntensityStats
 
 BODY_HU = -500.0  # well below soft tissue and fat, above air (-1000 HU); lungs fall inside the box
-MIN_PART_ML = 10.0  # parts of the body (torso, arms, legs) are kept; specks of noise in the air are not
+MIN_PART_ML = 5.0  # eroded cores of body parts (torso, arms, legs) are larger; specks of noise are not
+MIN_THICKNESS_MM = 20.0  # thinner structures (table, blankets, cables) are not body
 
 
 def body_threshold(stats: IntensityStats, hu: float = BODY_HU) -> float:
@@ -20,27 +21,42 @@ def body_threshold(stats: IntensityStats, hu: float = BODY_HU) -> float:
 
 
 def body_box(image: torch.Tensor | np.ndarray, threshold: float, spacing_mm: Sequence[float],
-             margin_mm: float = 20.0, min_part_ml: float = MIN_PART_ML) -> tuple[slice, slice, slice] | None:
-    """Bounding box (x, y, z slices) of every part of the body of at least ``min_part_ml``, grown by
-    ``margin_mm`` and clipped to the volume, for a (1, x, y, z) or (x, y, z) normalised image; None when no
-    voxel is above ``threshold`` in a part that large (no body found: the caller runs the whole grid)."""
+             margin_mm: float = 20.0, min_part_ml: float = MIN_PART_ML,
+             min_thickness_mm: float = MIN_THICKNESS_MM) -> tuple[slice, slice, slice] | None:
+    """Bounding box (x, y, z slices) of every part of the body, grown by ``margin_mm`` and clipped to the volume,
+    for a (1, x, y, z) or (x, y, z) normalised image; None when there is none (the caller runs the whole grid).
+
+    The body is what lies above ``threshold``, opened by a ball of diameter ``min_thickness_mm``: the patient
+    table, blankets and cables are thinner and drop out, also where the patient lies on them; torso, arms and
+    legs stay. A part counts when its eroded core holds at least ``min_part_ml``. Found on every second voxel
+    (a box needs no finer grid)."""
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     array = array[0] if array.ndim == 4 else array
     if array.ndim != 3:
         raise ValueError(f"body_box needs a (1, x, y, z) or (x, y, z) image, got shape {array.shape}")
-    labels, count = ndimage.label(array > threshold)
+    step = [2 if n >= 8 else 1 for n in array.shape]
+    core = array[::step[0], ::step[1], ::step[2]] > threshold
+    spacing = [float(s) * k for s, k in zip(spacing_mm, step)]
+    radius = [int(np.floor(min_thickness_mm / 2 / s)) for s in spacing]
+    if any(radius):
+        grids = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
+        ball = sum((g / max(r, 0.5)) ** 2 for g, r in zip(grids, radius)) <= 1.0
+        core = ndimage.binary_erosion(core, structure=ball)
+    labels, count = ndimage.label(core)
     if count == 0:
         return None
-    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:] * voxel_ml
-    kept = np.flatnonzero(sizes >= min_part_ml) + 1
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:] * (float(np.prod(spacing)) / 1000.0)
+    kept = np.flatnonzero(sizes >= min_part_ml)
     if kept.size == 0:
         return None
-    boxes = [box for box in ndimage.find_objects(labels) if box is not None]
-    boxes = [boxes[i - 1] for i in kept]
-    margin = [int(np.ceil(margin_mm / s)) for s in spacing_mm]
-    return tuple(slice(max(min(b[a].start for b in boxes) - margin[a], 0),
-                       min(max(b[a].stop for b in boxes) + margin[a], array.shape[a])) for a in range(3))
+    boxes = ndimage.find_objects(labels)
+    boxes = [boxes[i] for i in kept]
+    box = []
+    for a in range(3):  # the core's box, grown back by the erosion and then by the margin
+        grow = (radius[a] + 1) * step[a] + int(np.ceil(margin_mm / float(spacing_mm[a])))
+        start, stop = min(b[a].start for b in boxes) * step[a], max(b[a].stop for b in boxes) * step[a]
+        box.append(slice(max(start - grow, 0), min(stop + grow, array.shape[a])))
+    return tuple(box)
 
 
 def windows_touching(locations: np.ndarray, box: tuple[slice, slice, slice] | None) -> np.ndarray:

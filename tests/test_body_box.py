@@ -19,14 +19,27 @@ def test_threshold_in_normalised_units():
     assert body_threshold(high_clip) == pytest.approx(-2.0)  # air and fat below -200 are clipped alike
 
 
-def test_box_covers_torso_and_arm_grown_by_the_margin_and_ignores_specks():
-    hu = np.full((40, 30, 20), -1000.0)
-    hu[10:25, 8:20, 2:18] = 40.0  # torso (15 x 12 x 16 voxels of 2 mm = 23 ml)
-    hu[12:18, 11:16, 5:15] = -850.0  # lung inside the torso: still inside the box
-    hu[30:34, 10:14, 4:16] = 60.0  # an arm apart from the torso (4 x 4 x 12 = 1.5 ml at 2 mm)
-    hu[2, 2, 2] = 300.0  # a speck of noise in the air
-    box = body_box(_normalised(hu), body_threshold(STATS), spacing_mm=(2.0, 2.0, 2.0), margin_mm=4.0, min_part_ml=1.0)
-    assert box == (slice(8, 36), slice(6, 22), slice(0, 20))  # margin 2 voxels, clipped at z = 0 and 20
+def test_box_covers_torso_and_arm_grown_by_the_margin_and_ignores_table_and_specks():
+    hu = np.full((60, 50, 24), -1000.0)
+    hu[10:34, 8:32, 2:22] = 40.0  # torso (48 x 48 x 40 mm)
+    hu[14:24, 14:24, 6:16] = -850.0  # lung inside the torso: still inside the box
+    hu[40:54, 12:36, 4:20] = 60.0  # an arm apart from the torso (28 x 48 x 32 mm), lying on the pad below
+    hu[0:60, 40:42, 0:24] = 150.0  # the table: 4 mm thick, as wide as the field of view
+    hu[2, 46, 2] = 300.0  # a speck of noise in the air
+    hu[40:54, 36:40, 4:20] = -100.0  # a pad on the table (table and pad: 12 mm): touching, yet not body
+    box = body_box(_normalised(hu), body_threshold(STATS), spacing_mm=(2.0, 2.0, 2.0), margin_mm=0.0,
+                   min_part_ml=0.1, min_thickness_mm=16.0)
+    # the cores' box grown back by the erosion (2 + 1 coarse voxels of 2): torso and arm; of the table (x 0-60,
+    # y 40-41) only what lies under the arm within that growth, not its width
+    assert 5 <= box[0].start <= 10 and 54 <= box[0].stop <= 57 and box[1].start <= 8 and 36 <= box[1].stop <= 44, box
+
+
+def test_erosion_scales_with_spacing_and_keeps_thick_parts():
+    hu = np.full((40, 40, 12), -1000.0)
+    hu[10:30, 10:30, 2:10] = 40.0  # 20 x 20 x 8 voxels at 1 x 1 x 5 mm: 20 x 20 x 40 mm
+    box = body_box(_normalised(hu), body_threshold(STATS), spacing_mm=(1.0, 1.0, 5.0), margin_mm=0.0,
+                   min_part_ml=0.1, min_thickness_mm=10.0)
+    assert box is not None and box[0].start <= 10 and box[0].stop >= 30  # the core grown back covers the part
 
 
 def test_no_body_gives_none_and_windows_touching_none_keeps_all():
@@ -60,7 +73,8 @@ def test_windows_of_air_skipped_inside_the_box_logits_are_the_whole_grids(steps)
     hu = np.full((96, 80, 24), -1000.0)
     hu[40:56, 30:46, 4:20] = 40.0  # the body, in the middle of a field of view mostly of air
     image = _normalised(hu)
-    box = body_box(image, body_threshold(STATS), spacing_mm=(2.0, 2.0, 2.0), margin_mm=4.0)
+    box = body_box(image, body_threshold(STATS), spacing_mm=(2.0, 2.0, 2.0), margin_mm=4.0, min_thickness_mm=8.0,
+                   min_part_ml=0.5)
     kwargs = dict(patch_size=(16, 16, 16), overlap=0.5, batch_size=2, autocast=False, channels_last=False, steps=steps)
     full_counts, body_counts = {}, {}
     full = sliding_window_logits(net, image, counts=full_counts, **kwargs)
