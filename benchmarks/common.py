@@ -92,9 +92,11 @@ def write_json(path: str | Path, data: dict) -> Path:
 
 # ----------------------------------------------------------------------------------------------- synthetic CT
 def synthetic_ct(shape_xyz: Sequence[int], spacing_xyz: Sequence[float], seed: int = 0,
-                 num_lesions: int = 2) -> tuple[np.ndarray, np.ndarray]:
+                 num_lesions: int = 2, arms: bool = False, table: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A CT-like (x, y, z) int16 HU volume (air, fat rim, soft tissue, liver, spine, lungs, noise) and a uint8
-    label with ``num_lesions`` ellipsoidal tumours. Cheap enough for 512 x 512 x 200 (a few seconds)."""
+    label with ``num_lesions`` ellipsoidal tumours. Cheap enough for 512 x 512 x 200 (a few seconds).
+    ``arms``: a narrower torso with both arms down beside it; ``table``: the patient table under the body (a
+    1 cm board and a 1 cm pad across the field of view, touching the body)."""
     rng = np.random.default_rng(seed)
     nx, ny, nz = (int(s) for s in shape_xyz)
     sx, sy, sz = (float(s) for s in spacing_xyz)
@@ -102,11 +104,20 @@ def synthetic_ct(shape_xyz: Sequence[int], spacing_xyz: Sequence[float], seed: i
     y = (np.arange(ny, dtype=np.float32) - (ny - 1) / 2) * sy
     z = (np.arange(nz, dtype=np.float32) - (nz - 1) / 2) * sz
     fov_x, fov_y, fov_z = nx * sx, ny * sy, nz * sz
-    ax, ay = 0.44 * fov_x, 0.34 * fov_y
+    ax, ay = (0.30 if arms else 0.44) * fov_x, 0.34 * fov_y
     body = (x[:, None] / ax) ** 2 + (y[None, :] / ay) ** 2  # (x, y), constant along z
     hu = np.full((nx, ny, nz), -1000.0, np.float32)
     hu[body <= 1.0] = -100.0  # fat
     hu[body <= 0.85] = 45.0  # soft tissue
+    if arms:
+        for side in (-1, 1):
+            arm = ((x[:, None] - side * 1.3 * ax) / (0.17 * ax)) ** 2 + ((y[None, :] - 0.2 * ay) / (0.3 * ay)) ** 2
+            hu[arm <= 1.0] = 45.0
+            hu[arm <= 0.15] = 600.0  # humerus
+    if table:
+        pad = (y >= ay) & (y < ay + 10.0)
+        hu[:, pad] = np.maximum(hu[:, pad], -100.0)  # the mattress, touching the back
+        hu[:, (y >= ay + 10.0) & (y < ay + 20.0)] = 150.0  # the board
     spine = ((x[:, None]) / (0.12 * ax)) ** 2 + ((y[None, :] - 0.6 * ay) / (0.12 * ax)) ** 2
     hu[spine <= 1.0] = 400.0
 
