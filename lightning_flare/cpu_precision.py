@@ -49,17 +49,21 @@ def cache_file() -> Path:
     return Path(root) / "cpu_precision.json"
 
 
-def choose_bf16(time_fp32: Callable[[], float], time_bf16: Callable[[], float], repeats: int = 2) -> tuple[bool, dict]:
+def choose_bf16(time_fp32: Callable[[], float], time_bf16: Callable[[], float], repeats: int = 5) -> tuple[bool, dict]:
     """Decide from timers (each call returns the seconds of one run; the first of each is a warm-up): bf16 when
-    its best time is under ``MARGIN`` x fp32's. A first bf16 run over ``GIVE_UP`` x fp32's best decides fp32
-    at once. Returns the choice and the timings."""
-    time_fp32()
-    fp32 = min(time_fp32() for _ in range(repeats))
+    its best time is under ``MARGIN`` x fp32's. The two alternate, and the best of ``repeats`` runs counts, so
+    that other work on the machine slows both alike and spikes drop out. A first bf16 run over ``GIVE_UP`` x
+    fp32's decides fp32 at once. Returns the choice and the timings."""
+    fp32 = [time_fp32(), time_fp32()]
     first = time_bf16()
-    if first > GIVE_UP * fp32:
-        return False, {"fp32_s": fp32, "bf16_first_s": first}
-    bf16 = min(time_bf16() for _ in range(repeats))
-    return bf16 < MARGIN * fp32, {"fp32_s": fp32, "bf16_s": bf16}
+    if first > GIVE_UP * min(fp32):
+        return False, {"fp32_s": min(fp32), "bf16_first_s": first}
+    bf16 = []
+    for _ in range(repeats):
+        bf16.append(time_bf16())
+        fp32.append(time_fp32())
+    best32, best16 = min(fp32[1:]), min(bf16)
+    return best16 < MARGIN * best32, {"fp32_s": best32, "bf16_s": best16}
 
 
 def native_bf16() -> bool:
