@@ -9,6 +9,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from .checkpoint import load_checkpoint, network_spec
 from .datamodule import FlareDataModule
+from .efficiency import command_ended
 from .module import FlareSegmentationModule
 from .writer import NiftiPredictionWriter
 
@@ -65,15 +66,18 @@ def main(args=None, run: bool = True) -> FlareCLI:
     if not run:  # no subcommand: one parser
         return FlareCLI(FlareSegmentationModule, FlareDataModule, subclass_mode_model=False, run=False,
                         parser_kwargs=base, args=args)
-    return FlareCLI(
-        FlareSegmentationModule,
-        FlareDataModule,
-        subclass_mode_model=False,
-        save_config_callback=LoggerSaveConfigCallback,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={subcommand: base for subcommand in ("fit", "validate", "test", "predict")},
-        args=args,
-    )
+    try:
+        return FlareCLI(
+            FlareSegmentationModule,
+            FlareDataModule,
+            subclass_mode_model=False,
+            save_config_callback=LoggerSaveConfigCallback,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={subcommand: base for subcommand in ("fit", "validate", "test", "predict")},
+            args=args,
+        )
+    finally:
+        command_ended()  # the next command in this process (make demo) times its start-up from here
 
 
 if __name__ == "__main__":

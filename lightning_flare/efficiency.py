@@ -95,17 +95,27 @@ STARTUP = "(start-up)"
 
 
 def process_uptime() -> float:
-    """Seconds since this process started (Linux: from /proc; elsewhere since lightning_flare was imported)."""
+    """Seconds since this process started (Linux: from /proc; elsewhere since lightning_flare was imported), or
+    since the previous command in this process ended (``command_ended``: ``make demo`` runs fit, test and
+    predict in one process)."""
     try:
         ticks = os.sysconf("SC_CLK_TCK")
         started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
         boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
-        return max(0.0, time.time() - (boot + started))
+        start = boot + started
     except (OSError, ValueError, IndexError, StopIteration):
-        return time.time() - _IMPORTED
+        start = _IMPORTED
+    return max(0.0, time.time() - max(start, _last_command_end))
+
+
+def command_ended() -> None:
+    """A command (a LightningCLI run) of this process ended: the next one's start-up counts from now."""
+    global _last_command_end
+    _last_command_end = time.time()
 
 
 _IMPORTED = time.time()
+_last_command_end = 0.0
 
 
 class EfficiencyReport:

@@ -84,3 +84,14 @@ def test_preprocess_and_network_stages_wait_for_the_device(monkeypatch):
                       timings={})
     module.eval().predict_original_grid(item)
     assert len(waits) == 2 and item.timings["preprocess"] >= 0.05 and item.timings["network"] >= 0.05
+
+
+def test_start_up_counts_from_process_start_or_the_previous_command():
+    import lightning_flare.efficiency as efficiency
+
+    assert efficiency.process_uptime() > 0.5  # this test process has run for longer than that already
+    efficiency.command_ended()
+    try:
+        assert efficiency.process_uptime() < 0.5
+    finally:
+        efficiency._last_command_end = 0.0
