@@ -182,7 +182,7 @@ def stage_checks(checks: list[dict], work: Path, out_root: Path, accelerator: st
         masks = out / "masks"
         cli_stage("predict", [*args, "--ckpt_path", str(ckpt), "--data.predict_dir", str(data / "imagesTs"),
                               "--writer.output_dir", str(masks)], out_root)
-        rows = list(csv.DictReader(open(masks / "efficiency.csv")))
+        rows = [r for r in csv.DictReader(open(masks / "efficiency.csv")) if r["case"] != "(start-up)"]
         if len(list(masks.glob("*.nii.gz"))) != 2 or len(rows) != 2:
             raise CheckFailed(f"{len(list(masks.glob('*.nii.gz')))} masks and {len(rows)} efficiency rows, expected 2")
         if accelerator == "gpu" and not all(float(r["peak_gpu_mb"]) > 0 for r in rows):
@@ -235,7 +235,8 @@ def predict_run(work: Path, out_root: Path, ckpt: Path, in_dir: Path, accelerato
     result = run_logged(cmd, out_root / "logs" / f"predict_{label}.log")
     with open(out / "efficiency.csv") as f:
         rows = [dict(row, run=label, process_s=result["seconds"]) for row in csv.DictReader(f)]
-    return f"{len(rows)} cases in {result['seconds']:.1f} s (process)", rows
+    cases = sum(row["case"] != "(start-up)" for row in rows)
+    return f"{cases} cases in {result['seconds']:.1f} s (process)", rows
 
 
 def fast_resampling_copy(ckpt: Path) -> Path:

@@ -73,16 +73,28 @@ def net_kwargs_from_checkpoint(checkpoint: Mapping[str, Any], source: str | Path
     return None if spec is None else _plain_unet_args(spec, source)
 
 
+BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"  # read by cli.py before any --config
+
+
 def net_kwargs_from_config(path: str | Path) -> dict:
-    """``model.net.init_args`` of a LightningCLI YAML config (class must be our PlainConvUNet)."""
+    """``model.net.init_args`` of a LightningCLI YAML config on top of ``configs/base.yaml`` (as ``cli.py``
+    composes them: the config's init_args update the base's for the same class); the class must be our
+    PlainConvUNet."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: config file not found")
-    net = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}).get("net")
-    if not isinstance(net, Mapping):
-        raise CheckpointError(f"{path}: no model.net section")
+    net: dict = {}
+    for source in ([BASE_CONFIG] if BASE_CONFIG.is_file() and BASE_CONFIG.resolve() != path.resolve() else []) + [path]:
+        found = ((yaml.safe_load(source.read_text()) or {}).get("model") or {}).get("net")
+        if isinstance(found, Mapping):
+            same_class = found.get("class_path", net.get("class_path")) == net.get("class_path")
+            init_args = {**(net.get("init_args") or {}), **(found.get("init_args") or {})} if same_class else \
+                dict(found.get("init_args") or {})
+            net = {"class_path": found.get("class_path", net.get("class_path", NET_CLASS_PATH)), "init_args": init_args}
+    if not net:
+        raise CheckpointError(f"{path}: no model.net section (nor in {BASE_CONFIG})")
     return _plain_unet_args(net, path)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from .checkpoint import load_checkpoint, network_spec
+from .checkpoint import BASE_CONFIG, load_checkpoint, network_spec
 from .datamodule import FlareDataModule
 from .efficiency import command_ended
 from .module import FlareSegmentationModule
@@ -56,7 +56,6 @@ class FlareCLI(LightningCLI):
             self.datamodule.skip_existing_in = str(writers[0].output_dir)
 
 
-BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 
 
 def main(args=None, run: bool = True) -> FlareCLI:

@@ -5,6 +5,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import ROOT
 from lightning_flare.export import ExportError, infer_net_kwargs, load_for_export, main, net_differences
 from lightning_flare.network import PlainConvUNet
 from lightning_flare.plan import IntensityStats, Plan
@@ -93,3 +94,16 @@ def test_checkpoint_without_plan_is_refused(tmp_path, capsys):
 def test_infer_net_kwargs_default_net():
     kwargs = infer_net_kwargs(PlainConvUNet(features_per_stage=[4, 8, 16, 32]).state_dict())
     assert net_differences(kwargs, {"features_per_stage": [4, 8, 16, 32]}) == []
+
+
+def test_network_args_of_a_shipped_config_come_through_the_base(tmp_path):
+    """configs/*.yaml leave model.net to configs/base.yaml, as cli.py composes them; a config's own init_args
+    update the base's."""
+    from lightning_flare.checkpoint import net_kwargs_from_config
+    from lightning_flare.network import count_parameters
+
+    flare24 = net_kwargs_from_config(ROOT / "configs" / "flare24.yaml")
+    assert count_parameters(PlainConvUNet(**flare24)) == 5_602_950
+    own = tmp_path / "own.yaml"
+    own.write_text("model:\n  net:\n    init_args:\n      features_per_stage: [4, 8, 16, 32]\n")
+    assert net_kwargs_from_config(own) == {**flare24, "features_per_stage": [4, 8, 16, 32]}
