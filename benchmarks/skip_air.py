@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -24,17 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, SHARED_DATA, format_table, synthetic_ct, write_nifti  # noqa: E402
+from lightning_flare.cpu_precision import cpu_model  # noqa: E402  (lscpu's Model name)
 
 from lightning_flare.io import read_image, to_array  # noqa: E402
 from lightning_flare.metrics.functional import dice  # noqa: E402
 from lightning_flare.predict import load_predictor, settings_from  # noqa: E402
 from lightning_flare.raw_dataset import Case  # noqa: E402
 from lightning_flare.volumes import RawVolumes  # noqa: E402
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 def scans(work: Path) -> list[tuple[str, Path, Path | None]]:

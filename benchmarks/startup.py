@@ -19,11 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, format_table  # noqa: E402
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+from lightning_flare.cpu_precision import cpu_model  # noqa: E402  (lscpu's Model name)
 
 
 def measure(cmd: list[str], out: Path) -> tuple[float, float, float]:

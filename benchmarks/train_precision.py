@@ -22,6 +22,7 @@ import lightning as L
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, format_table  # noqa: E402
+from lightning_flare.cpu_precision import cpu_model  # noqa: E402  (lscpu's Model name)
 
 
 class StepTimer(L.Callback):
@@ -36,11 +37,6 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         self.record["times"].append(time.perf_counter() - self._start)
         Path(os.environ["STEP_TIMES"]).write_text(json.dumps(self.record))
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 def run(config: str, precision: str | None, isa: str, steps: int, work: Path) -> tuple[float, str]:
