@@ -3,6 +3,11 @@
 Conventions follow nnU-Net v2 (MemoryEfficientSoftDiceLoss, DC_and_CE_loss, DeepSupervisionWrapper):
 the Dice term is the *negative* mean soft Dice, so the combined loss can go below zero.
 Everything is computed in float32, also under autocast.
+
+``ignore_label`` K (nnU-Net's ignore label, the number of classes): voxels labelled K are unknown and take
+part in neither term. CE is the mean over the other voxels (0 when there are none, as nnU-Net skips it); the
+Dice multiplies prediction and one-hot reference by the mask of known voxels before every sum (nnU-Net's
+``loss_mask``), so an ignored voxel adds nothing to the intersection, the predicted or the reference volume.
 """
 from __future__ import annotations
 
@@ -31,17 +36,25 @@ class SoftDiceLoss(nn.Module):
     otherwise one Dice per sample and class. dc = (2 I + smooth) / max(P + G + smooth, 1e-8).
     """
 
-    def __init__(self, smooth: float = 1e-5, batch_dice: bool = True, include_background: bool = False) -> None:
+    def __init__(self, smooth: float = 1e-5, batch_dice: bool = True, include_background: bool = False,
+                 ignore_label: int | None = None) -> None:
         super().__init__()
         self.smooth = smooth
         self.batch_dice = batch_dice
         self.include_background = include_background
+        self.ignore_label = ignore_label
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=logits.device.type, enabled=False):
             labels = _label_map(target, logits)
             probs = torch.softmax(logits.float(), dim=1)
+            known = None
+            if self.ignore_label is not None:
+                known = (labels != self.ignore_label).unsqueeze(1)  # (B, 1, *spatial)
+                labels = labels.masked_fill(~known[:, 0], 0)  # any class: the mask removes these voxels
             onehot = torch.zeros_like(probs).scatter_(1, labels.unsqueeze(1), 1.0)
+            if known is not None:
+                probs, onehot = probs * known, onehot * known
             if not self.include_background:
                 probs, onehot = probs[:, 1:], onehot[:, 1:]
             axes = tuple(range(2, probs.ndim))
@@ -58,20 +71,40 @@ class DiceCELoss(nn.Module):
     """weight_ce * CrossEntropy + weight_dice * SoftDice (nnU-Net's DC_and_CE_loss); zero-weight terms are skipped."""
 
     def __init__(self, weight_dice: float = 1.0, weight_ce: float = 1.0, smooth: float = 1e-5,
-                 batch_dice: bool = True, include_background: bool = False) -> None:
+                 batch_dice: bool = True, include_background: bool = False, ignore_label: int | None = None) -> None:
         super().__init__()
         self.weight_dice = weight_dice
         self.weight_ce = weight_ce
-        self.dice = SoftDiceLoss(smooth=smooth, batch_dice=batch_dice, include_background=include_background)
+        self.dice = SoftDiceLoss(smooth=smooth, batch_dice=batch_dice, include_background=include_background,
+                                 ignore_label=ignore_label)
+
+    @property
+    def ignore_label(self) -> int | None:
+        return self.dice.ignore_label
+
+    def with_ignore_label(self, ignore_label: int | None) -> "DiceCELoss":
+        """The same loss with another ignore label (itself when it is the same)."""
+        if ignore_label == self.ignore_label:
+            return self
+        d = self.dice
+        return DiceCELoss(weight_dice=self.weight_dice, weight_ce=self.weight_ce, smooth=d.smooth,
+                          batch_dice=d.batch_dice, include_background=d.include_background, ignore_label=ignore_label)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=logits.device.type, enabled=False):
             loss = logits.new_zeros((), dtype=torch.float32)
             if self.weight_ce != 0:
-                loss = loss + self.weight_ce * F.cross_entropy(logits.float(), _label_map(target, logits))
+                loss = loss + self.weight_ce * self._cross_entropy(logits.float(), _label_map(target, logits))
             if self.weight_dice != 0:
                 loss = loss + self.weight_dice * self.dice(logits, target)
             return loss
+
+    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.ignore_label is None:
+            return F.cross_entropy(logits, labels)
+        # mean over the known voxels; none known: 0 (F.cross_entropy's mean would be 0 / 0)
+        known = int((labels != self.ignore_label).sum())
+        return F.cross_entropy(logits, labels, ignore_index=self.ignore_label, reduction="sum") / max(known, 1)
 
 
 def deep_supervision_weights(n: int, lowest: float = 0.0) -> list[float]:
@@ -93,12 +126,24 @@ def deep_supervision_weights(n: int, lowest: float = 0.0) -> list[float]:
 class DeepSupervisionLoss(nn.Module):
     """sum_i weights[i] * loss(outputs[i], targets[i]), skipping zero weights (nnU-Net's DeepSupervisionWrapper)."""
 
-    def __init__(self, loss: nn.Module, weights: Sequence[float]) -> None:
+    def __init__(self, loss: nn.Module, weights: Sequence[float], ignore_label: int | None = None) -> None:
+        """``ignore_label``: the ignore label of every scale's loss (``loss.with_ignore_label``); None keeps ``loss``'s.
+        Targets downsampled by ``downsample_targets`` (nearest neighbour) keep the ignore value."""
         super().__init__()
         if len(weights) == 0 or all(w == 0 for w in weights):
             raise ValueError(f"weights must contain a non-zero entry, got {list(weights)!r}")
-        self.loss = loss
+        self.loss = loss if ignore_label is None else loss.with_ignore_label(ignore_label)
         self.weights = [float(w) for w in weights]
+
+    @property
+    def ignore_label(self) -> int | None:
+        return getattr(self.loss, "ignore_label", None)
+
+    def with_ignore_label(self, ignore_label: int | None) -> "DeepSupervisionLoss":
+        """The same weights and loss with another ignore label (itself when it is the same)."""
+        if ignore_label == self.ignore_label:
+            return self
+        return DeepSupervisionLoss(self.loss.with_ignore_label(ignore_label), self.weights)
 
     def forward(self, outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(outputs) != len(self.weights) or len(targets) != len(self.weights):

@@ -138,3 +138,69 @@ def test_autocast_computes_in_float32():
 def test_bad_target_shape():
     with pytest.raises(ValueError):
         SoftDiceLoss()(LOGITS, torch.zeros(1, 1, 3, 1, 1, dtype=torch.long))
+
+
+# ----------------------------------------------------------------- the ignore label (nnU-Net's, K = number of classes)
+# LOGITS / LABELS plus two voxels labelled 2 = ignore: voxel 2 has logits (0, 3), voxel 3 logits (4, 0).
+IGNORED_LOGITS = torch.tensor([[0.0, 2.0, 0.0, 4.0], [1.0, 0.0, 3.0, 0.0]]).reshape(1, 2, 4, 1, 1)
+IGNORED_LABELS = torch.tensor([1, 0, 2, 2]).reshape(1, 1, 4, 1, 1)
+
+
+def test_ignored_voxels_take_part_in_neither_term_by_hand():
+    p0, p1 = sigmoid(1.0), sigmoid(-2.0)  # the two known voxels, as in test_dice_ce_by_hand
+    ce = -(math.log(p0) + math.log(1 - p1)) / 2  # mean over the 2 known voxels, not the 4
+    dice = -(2 * p0 + 1e-5) / (p0 + p1 + 1 + 1e-5)  # P counts only the known voxels (voxel 2 alone has p = 0.95)
+    got = DiceCELoss(ignore_label=2)(IGNORED_LOGITS, IGNORED_LABELS)
+    assert got.item() == pytest.approx(ce + dice, rel=1e-6)
+    assert SoftDiceLoss(ignore_label=2)(IGNORED_LOGITS, IGNORED_LABELS).item() == pytest.approx(dice, rel=1e-6)
+    # the ignored voxels' logits get no gradient
+    logits = IGNORED_LOGITS.clone().requires_grad_()
+    DiceCELoss(ignore_label=2)(logits, IGNORED_LABELS).backward()
+    assert logits.grad[:, :, 2:].abs().sum() == 0 and logits.grad[:, :, :2].abs().sum() > 0
+
+
+def test_ignore_label_matches_nnunet_loss_mask_formula():
+    """nnU-Net's DC_and_CE_loss(ignore_label=K): CE with ignore_index (mean over the known voxels); Dice
+    (MemoryEfficientSoftDiceLoss, do_bg False, batch Dice) with the reference's K set to 0 and
+    intersect = sum(x * y * mask), sum_pred = sum(x * mask), sum_gt = sum(y * mask). Written out here on 2 x 3 x 2 x 2."""
+    torch.manual_seed(3)
+    logits = torch.randn(2, 3, 3, 2, 2)
+    labels = torch.randint(0, 4, (2, 1, 3, 2, 2))  # 3 classes + ignore 3
+    labels[0, 0, 0, 0, 0], labels[1, 0, 1, 1, 1] = 3, 3  # some ignored voxels in each sample
+    mask = (labels != 3).float()
+    y = F.one_hot(torch.where(labels == 3, 0, labels)[:, 0], 3).permute(0, 4, 1, 2, 3).float()
+    x = torch.softmax(logits, 1)
+    axes = (0, 2, 3, 4)
+    intersect, sum_pred, sum_gt = [(t * mask)[:, 1:].sum(axes) for t in (x * y, x, y)]
+    dc = (2 * intersect + 1e-5) / torch.clip(sum_gt + sum_pred + 1e-5, 1e-8)
+    ce = F.cross_entropy(logits, labels[:, 0], ignore_index=3)
+    torch.testing.assert_close(DiceCELoss(ignore_label=3)(logits, labels), ce - dc.mean())
+    assert not torch.isclose(DiceCELoss(ignore_label=3)(logits, labels), DiceCELoss()(logits, labels.clamp(max=2)))
+
+
+def test_everything_ignored_gives_no_cross_entropy():
+    labels = torch.full((1, 1, 4, 1, 1), 2)
+    got = DiceCELoss(ignore_label=2)(IGNORED_LOGITS, labels)  # CE 0 (nnU-Net skips it); Dice smooth / smooth = 1
+    assert got.item() == pytest.approx(-1.0) and torch.isfinite(got)
+
+
+def test_deep_supervision_keeps_the_ignore_value_and_passes_it_to_the_loss():
+    target = torch.zeros(1, 1, 4, 4, 2, dtype=torch.uint8)
+    target[:, :, 2:, 2:] = 2  # a 2 x 2 block of ignore
+    target[:, :, :2, :2] = 1
+    half = downsample_targets(target, [(0.5, 0.5, 1.0)])[0]
+    assert half[0, 0, :, :, 0].tolist() == [[1, 0], [0, 2]]  # nearest neighbour: the value K survives
+    ds = DeepSupervisionLoss(DiceCELoss(), [0.5, 0.5], ignore_label=2)
+    assert ds.ignore_label == 2 and ds.loss.ignore_label == 2
+    assert ds.with_ignore_label(2) is ds and ds.with_ignore_label(None).ignore_label is None
+    torch.manual_seed(0)
+    outputs = [torch.randn(1, 2, 4, 4, 2), torch.randn(1, 2, 2, 2, 2)]
+    targets = downsample_targets(target, [(1, 1, 1), (0.5, 0.5, 1.0)])
+    expected = sum(0.5 * DiceCELoss(ignore_label=2)(o, t) for o, t in zip(outputs, targets))
+    torch.testing.assert_close(ds(outputs, targets), expected)
+
+
+def test_without_ignore_label_the_loss_is_unchanged():
+    loss = DiceCELoss(ignore_label=None)
+    assert loss.with_ignore_label(None) is loss
+    torch.testing.assert_close(loss(LOGITS, LABELS), DiceCELoss()(LOGITS, LABELS), rtol=0, atol=0)
