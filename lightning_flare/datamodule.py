@@ -123,12 +123,13 @@ class FlareDataModule(L.LightningDataModule):
         if stats is None:
             cases = self.dataset.cases("Tr")
             path = self.cache_dir / f"{self.dataset.name}_fingerprint.json"
-            self.fingerprint = load_or_compute_fingerprint(path, cases, self.num_workers)
+            self.fingerprint = load_or_compute_fingerprint(path, cases, self.num_workers, self.dataset.ignore_label)
             inten = self.fingerprint["intensity"]
             stats = IntensityStats(inten["percentile_00_5"], inten["percentile_99_5"], inten["mean"], inten["std"])
         labels = self.dataset.labels if self.data_dir is not None else {"background": 0, "tumor": 1}
+        ignore = self.dataset.ignore_label if self.data_dir is not None else None
         return Plan(self.target_spacing, self.patch_size, stats, labels, self.resampling,
-                    anti_aliasing=self.anti_aliasing)
+                    anti_aliasing=self.anti_aliasing, ignore_label=ignore)
 
     def resolve_plan(self) -> Plan:
         """The run's one plan, made once per stage and handed to the model (which keeps it in checkpoints): the
@@ -155,6 +156,7 @@ class FlareDataModule(L.LightningDataModule):
             configured["intensity"] = self.intensity_stats
         if self.data_dir is not None and (self.data_dir / "dataset.json").is_file():
             configured["labels"] = self.dataset.labels
+            configured["ignore_label"] = self.dataset.ignore_label
         return configured
 
     def setup(self, stage: str) -> None:

@@ -47,6 +47,7 @@ class Plan:
     resampling: str = "nnunet"
     anisotropy_threshold: float = 3.0
     anti_aliasing: bool = False  # Gaussian low-pass before downsampling the image (nnU-Net: none)
+    ignore_label: int | None = None  # dataset.json's "ignore" value (num_classes): kept in the labels, left out of the loss
 
     def __post_init__(self) -> None:
         spacing = tuple(float(s) for s in self.target_spacing)
@@ -62,6 +63,11 @@ class Plan:
         object.__setattr__(self, "patch_size", patch)
         object.__setattr__(self, "intensity", IntensityStats.from_any(self.intensity))
         object.__setattr__(self, "labels", {str(k): int(v) for k, v in dict(self.labels).items()})
+        if self.ignore_label is not None:
+            if isinstance(self.ignore_label, bool) or int(self.ignore_label) != self.num_classes:
+                raise ValueError(f"ignore_label must be the number of classes ({self.num_classes} for the labels "
+                                 f"{self.labels}), got {self.ignore_label!r}")
+            object.__setattr__(self, "ignore_label", int(self.ignore_label))
 
     @property
     def num_classes(self) -> int:
@@ -77,6 +83,8 @@ class Plan:
     def cache_key(self) -> str:
         """Hash of what changes the preprocessed arrays (not the patch size)."""
         relevant = {k: v for k, v in self.to_dict().items() if k != "patch_size"}
+        if relevant["ignore_label"] is None:
+            del relevant["ignore_label"]  # the cache folders of plans made before the field existed stay valid
         relevant["version"] = PREPROCESSING_VERSION
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
@@ -92,7 +100,8 @@ class Plan:
 # configuration names of the plan's fields, for messages
 CONFIG_NAMES = {"target_spacing": "data.target_spacing", "patch_size": "data.patch_size",
                 "resampling": "data.resampling", "anti_aliasing": "data.anti_aliasing",
-                "intensity": "data.intensity_stats", "labels": "labels (dataset.json)"}
+                "intensity": "data.intensity_stats", "labels": "labels (dataset.json)",
+                "ignore_label": "labels.ignore (dataset.json)"}
 
 
 class PlanMismatch(ValueError):

@@ -54,8 +54,10 @@ def preprocess_tensor(image: torch.Tensor, spacing: Sequence[float], plan: Plan,
 
 
 def preprocess_label(label: sitk.Image, plan: Plan, new_shape: Sequence[int]) -> np.ndarray:
+    """Resampled label values; the ignore label (= num_classes) is resampled like one more class, so it is kept."""
     array = to_array(label, np.int16)
-    return resample_label(array, label.GetSpacing(), plan.target_spacing, plan.num_classes, plan.resampling, plan.anisotropy_threshold, new_shape)
+    values = plan.num_classes + (plan.ignore_label is not None)
+    return resample_label(array, label.GetSpacing(), plan.target_spacing, values, plan.resampling, plan.anisotropy_threshold, new_shape)
 
 
 def check_label(label: sitk.Image, image: sitk.Image, case: Case, plan: Plan) -> None:
@@ -64,14 +66,19 @@ def check_label(label: sitk.Image, image: sitk.Image, case: Case, plan: Plan) ->
     if not np.allclose(label.GetSpacing(), image.GetSpacing(), atol=1e-3):
         raise ValueError(f"{case.label}: label spacing {label.GetSpacing()} differs from image spacing {image.GetSpacing()}")
     values = np.unique(sitk.GetArrayViewFromImage(label))
-    unknown = sorted(set(values.tolist()) - set(plan.labels.values()))
+    allowed = set(plan.labels.values()) | ({plan.ignore_label} if plan.ignore_label is not None else set())
+    unknown = sorted(set(values.tolist()) - allowed)
     if unknown:
-        raise ValueError(f"{case.label}: label values {unknown} are not in dataset.json's labels {plan.labels}")
+        ignore = f" (ignore label {plan.ignore_label})" if plan.ignore_label is not None else ""
+        raise ValueError(f"{case.label}: label values {unknown} are not in dataset.json's labels {plan.labels}{ignore}")
 
 
-def foreground_locations(label: np.ndarray, rng: np.random.Generator, max_count: int = MAX_FOREGROUND_LOCATIONS) -> np.ndarray:
-    """Up to ``max_count`` (x, y, z) voxel indices of the foreground, for oversampling."""
-    locations = np.argwhere(label > 0).astype(np.int32)
+def foreground_locations(label: np.ndarray, rng: np.random.Generator, max_count: int = MAX_FOREGROUND_LOCATIONS,
+                         ignore_label: int | None = None) -> np.ndarray:
+    """Up to ``max_count`` (x, y, z) voxel indices of the foreground, for oversampling; the ignore label is no
+    foreground (nnU-Net's foreground classes leave it out too)."""
+    foreground = label > 0 if ignore_label is None else (label > 0) & (label != ignore_label)
+    locations = np.argwhere(foreground).astype(np.int32)
     if len(locations) > max_count:
         locations = locations[rng.choice(len(locations), max_count, replace=False)]
     return locations
@@ -151,11 +158,12 @@ def preprocess_into_cache(case: Case, plan: Plan, directory: Path) -> None:
     else:
         seg = np.zeros(array.shape, np.uint8)
     seed = int.from_bytes(case.case_id.encode()[-8:].rjust(8, b"\0"), "little") % (2**32)
-    fg = foreground_locations(seg, np.random.default_rng(seed))
+    fg = foreground_locations(seg, np.random.default_rng(seed), ignore_label=plan.ignore_label)
     write_npy(directory / f"{case.case_id}_image.npy", array)
     write_npy(directory / f"{case.case_id}_label.npy", seg)
     write_npy(directory / f"{case.case_id}_fg.npy", fg)
     meta = {"case_id": case.case_id, "source": str(case.image), "shape": list(array.shape),
-            "original": Geometry.of(image).to_dict(), "num_foreground": int((seg > 0).sum()), "pid": os.getpid(),
+            "original": Geometry.of(image).to_dict(), "num_foreground": int(((seg > 0) & (seg != (plan.ignore_label or 0))).sum()),
+            "pid": os.getpid(),
             "sources": source_signature(case)}
     write_text(directory / f"{case.case_id}.json", json.dumps(meta))

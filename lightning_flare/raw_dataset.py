@@ -52,16 +52,13 @@ def parse_labels(labels: Any, source: str | Path) -> dict[str, int]:
     """dataset.json's ``labels`` as {name: int}, in the forms nnU-Net v2 accepts for a non-region dataset.
 
     Values may be ints, integral floats (1.0), integer strings ("1", as FLARE24's own dataset.json) or one-value
-    lists. Errors (DatasetError naming ``source`` and the value): regions (lists of several values), nnU-Net's
-    "ignore" label, bools, other strings or floats, a background that is missing or not 0, values that are not
-    0, 1, ..., n-1.
+    lists. nnU-Net's ``"ignore"`` entry is not a class and is left out (``parse_ignore_label`` reads it). Errors
+    (DatasetError naming ``source`` and the value): regions (lists of several values), bools, other strings or
+    floats, a background that is missing or not 0, values that are not 0, 1, ..., n-1, a bad ignore label.
     """
     if not isinstance(labels, dict) or not labels:
         raise DatasetError(f"{source}: needs a 'labels' mapping {_EXAMPLE}, got {labels!r}")
-    if "ignore" in labels:
-        raise DatasetError(f"{source}: label 'ignore' (value {labels['ignore']!r}) is nnU-Net's ignore label for "
-                           "sparse annotations, which is not supported: annotate every voxel and remove it")
-    parsed = {str(name): _label_value(str(name), value, source) for name, value in labels.items()}
+    parsed = {str(name): _label_value(str(name), value, source) for name, value in labels.items() if name != "ignore"}
     if "background" not in parsed:
         raise DatasetError(f"{source}: label 'background' is missing; it must be 0 {_EXAMPLE}, got {labels}")
     if parsed["background"] != 0:
@@ -69,7 +66,26 @@ def parse_labels(labels: Any, source: str | Path) -> dict[str, int]:
     if (values := sorted(parsed.values())) != list(range(len(values))):
         raise DatasetError(f"{source}: label values must be consecutive integers from 0, each used once "
                            f"(0, 1, ..., {len(values) - 1}), got {values} in {labels}")
+    if "ignore" in labels:
+        _check_ignore(labels, len(parsed), source)
     return parsed
+
+
+def _check_ignore(labels: dict, num_classes: int, source: str | Path) -> int:
+    value = _label_value("ignore", labels["ignore"], source)
+    if value != num_classes:
+        raise DatasetError(f"{source}: label 'ignore' is {labels['ignore']!r}; nnU-Net's ignore label must be the "
+                           f"highest value, one more than the highest class: {num_classes} for the classes "
+                           f"{ {k: v for k, v in labels.items() if k != 'ignore'} }")
+    return value
+
+
+def parse_ignore_label(labels: Any, source: str | Path) -> int | None:
+    """The value of dataset.json's ``"ignore"`` label (nnU-Net's sparse-annotation convention: voxels of this value
+    are unknown and take part in no loss term), or None. It must be the number of classes (the highest class + 1);
+    errors as ``parse_labels``."""
+    classes = parse_labels(labels, source)
+    return _check_ignore(labels, len(classes), source) if "ignore" in labels else None
 
 
 @dataclass
@@ -82,6 +98,30 @@ class RawDataset:
         return parse_labels(self.meta.get("labels"), source=self.root / "dataset.json")
 
     @property
+    def ignore_label(self) -> int | None:
+        """dataset.json's ``"ignore"`` label value (voxels of ``labelsTr`` left out of the loss), or None."""
+        return parse_ignore_label(self.meta.get("labels"), source=self.root / "dataset.json")
+
+    @property
+    def partially_labelled(self) -> frozenset[str]:
+        """Training cases whose label marks only some lesions (dataset.json ``"partially_labelled"``: case ids).
+        Each must be an ``imagesTr`` case with a ``labelsTr`` label, else a DatasetError naming the id."""
+        source, listed = self.root / "dataset.json", self.meta.get("partially_labelled", [])
+        if not isinstance(listed, list) or not all(isinstance(c, str) for c in listed):
+            raise DatasetError(f"{source}: 'partially_labelled' must be a list of training case ids, got {listed!r}")
+        labelled = {c.case_id for c in self.cases("Tr", require_labels=False) if c.label is not None}
+        for case_id in listed:
+            if case_id not in labelled:
+                raise DatasetError(f"{source}: 'partially_labelled' lists {case_id!r}, which is no training case "
+                                   f"with a label (no {case_id}_0000{self.file_ending} in imagesTr with "
+                                   f"{case_id}{self.file_ending} in labelsTr)")
+        return frozenset(listed)
+
+    def unlabelled_cases(self) -> list[Case]:
+        """Scans without any label, in ``imagesUnlabelled/`` (``CASE_0000<file_ending>``); none without the folder."""
+        return self.cases("Unlabelled", require_labels=False)
+
+    @property
     def file_ending(self) -> str:
         return self.meta.get("file_ending", ".nii.gz")
 
@@ -90,7 +130,7 @@ class RawDataset:
         return self.root.name
 
     def cases(self, split: str = "Tr", require_labels: bool = True) -> list[Case]:
-        """Cases of ``imagesTr`` / ``imagesTs`` with their labels (``labelsTr`` / ``labelsTs``)."""
+        """Cases of ``imagesTr`` / ``imagesTs`` (/ ``imagesUnlabelled``) with their labels (``labelsTr`` / ``labelsTs``)."""
         images_dir, labels_dir = self.root / f"images{split}", self.root / f"labels{split}"
         if not images_dir.is_dir():
             return []
@@ -131,7 +171,7 @@ def load_raw_dataset(root: str | Path) -> RawDataset:
         raise DatasetError(f"{meta_path}: cannot be parsed as JSON ({err})") from err
     if not isinstance(meta, dict):
         raise DatasetError(f"{meta_path}: must hold a JSON object, got {type(meta).__name__}")
-    parse_labels(meta.get("labels"), source=meta_path)
+    parse_labels(meta.get("labels"), source=meta_path)  # also checks an "ignore" label
     return RawDataset(root, meta)
 
 

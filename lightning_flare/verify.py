@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .io import read_image
-from .raw_dataset import IMAGE_SUFFIXES, DatasetError, parse_labels
+from .raw_dataset import IMAGE_SUFFIXES, DatasetError, parse_ignore_label, parse_labels
 
 TOLERANCE = 1e-3  # mm for spacing/origin, unitless for direction cosines
 MAX_SPACING_MM = 10.0
@@ -28,6 +28,8 @@ class VerificationReport:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     num_cases: int = 0
+    # training scans by what their label says: completely labelled, partially labelled, unlabelled (imagesUnlabelled)
+    counts: dict[str, int] = field(default_factory=lambda: {"labelled": 0, "partially_labelled": 0, "unlabelled": 0})
 
     @property
     def ok(self) -> bool:
@@ -39,8 +41,9 @@ class VerificationReport:
             raise DatasetError("\n".join(self.errors))
 
 
-def _check_meta(root: Path, report: VerificationReport) -> tuple[str, set[int] | None, int | None]:
-    """dataset.json -> (file_ending, label values or None when unusable, numTraining or None)."""
+def _check_meta(root: Path, report: VerificationReport) -> tuple[str, set[int] | None, int | None, list[str]]:
+    """dataset.json -> (file_ending, label values (with the ignore label) or None when unusable, numTraining or
+    None, the partially labelled case ids)."""
     path = root / "dataset.json"
     try:
         meta = json.loads(path.read_text())
@@ -52,16 +55,21 @@ def _check_meta(root: Path, report: VerificationReport) -> tuple[str, set[int] |
     error = lambda msg: report.errors.append(f"{path}: {msg}")  # noqa: E731
     if problem is not None:
         error(problem)
-        return ".nii.gz", None, None
+        return ".nii.gz", None, None, []
     file_ending = meta.get("file_ending")
     if not isinstance(file_ending, str) or not file_ending.startswith("."):
         error(f"needs 'file_ending' (e.g. \".nii.gz\"), got {file_ending!r}")
         file_ending = ".nii.gz"
     try:
         values = set(parse_labels(meta.get("labels"), source=path).values())
+        values |= {parse_ignore_label(meta.get("labels"), source=path)} - {None}  # labelsTr may hold it
     except DatasetError as err:  # the message starts with the path
         report.errors.append(str(err))
         values = None
+    partial = meta.get("partially_labelled", [])
+    if not isinstance(partial, list) or not all(isinstance(c, str) for c in partial):
+        error(f"'partially_labelled' must be a list of training case ids, got {partial!r}")
+        partial = []
     channels = meta.get("channel_names", meta.get("modality"))
     if not isinstance(channels, dict) or not channels:
         error("needs 'channel_names' (e.g. {\"0\": \"CT\"})")
@@ -69,7 +77,7 @@ def _check_meta(root: Path, report: VerificationReport) -> tuple[str, set[int] |
         error(f"channel_names {channels}: only single-channel CT is supported (exactly one channel \"0\")")
     elif str(channels["0"]).lower() != "ct":
         report.warnings.append(f"{path}: channel 0 is named {channels['0']!r}; this pipeline normalises it as CT (HU)")
-    return file_ending, values, meta["numTraining"] if isinstance(meta.get("numTraining"), int) else None
+    return file_ending, values, meta["numTraining"] if isinstance(meta.get("numTraining"), int) else None, partial
 
 
 def _image_files(folder: Path, file_ending: str, report: VerificationReport) -> list[Path]:
@@ -204,17 +212,28 @@ def _check_case(image_path: Path, label_path: Path | None, label_values: set[int
     return errors, warnings
 
 
-def verify_dataset(root: str | Path, splits: Sequence[str] = ("Tr", "Ts"), num_workers: int = 0) -> VerificationReport:
-    """Check dataset.json, file pairing/naming and every case; collects all problems (never stops at the first)."""
+def verify_dataset(root: str | Path, splits: Sequence[str] = ("Tr", "Ts", "Unlabelled"),
+                   num_workers: int = 0) -> VerificationReport:
+    """Check dataset.json, file pairing/naming and every case; collects all problems (never stops at the first).
+    Split "Unlabelled" is ``imagesUnlabelled/`` (scans without labels: read and geometry checks only)."""
     root, report = Path(root), VerificationReport()
     if not root.is_dir():
         return VerificationReport([f"{root}: dataset folder does not exist"])
-    file_ending, label_values, num_training = _check_meta(root, report)
+    file_ending, label_values, num_training, partial = _check_meta(root, report)
     pairs: list[tuple[Path, Path | None]] = []
     for split in splits:
         split_pairs, num_ids = _walk_split(root, split, file_ending, report, split == "Tr" and num_training != 0)
         if split == "Tr" and num_training is not None and num_training != num_ids:
             report.warnings.append(f"{root / 'dataset.json'}: numTraining is {num_training} but imagesTr holds {num_ids} cases")
+        if split == "Tr":
+            labelled = {label.name[: -len(file_ending)] for _, label in split_pairs if label is not None}
+            for case_id in (c for c in partial if c not in labelled):
+                report.errors.append(f"{root / 'dataset.json'}: 'partially_labelled' lists {case_id!r}, which is no "
+                                     f"training case with a label in {root / 'imagesTr'} and {root / 'labelsTr'}")
+            report.counts["partially_labelled"] = len(labelled & set(partial))
+            report.counts["labelled"] = len(labelled - set(partial))
+        if split == "Unlabelled":
+            report.counts["unlabelled"] = len(split_pairs)
         pairs += split_pairs
     report.num_cases = len(pairs)
     if num_workers > 0 and len(pairs) > 1:
@@ -230,14 +249,17 @@ def verify_dataset(root: str | Path, splits: Sequence[str] = ("Tr", "Ts"), num_w
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lightning_flare.verify", description="Verify an nnU-Net raw dataset folder.")
     ap.add_argument("dataset_dir", type=Path)
-    ap.add_argument("--splits", nargs="+", default=["Tr", "Ts"], help="splits to check (imagesTr/labelsTr, ...)")
+    ap.add_argument("--splits", nargs="+", default=["Tr", "Ts", "Unlabelled"],
+                    help="splits to check (imagesTr/labelsTr, ..., imagesUnlabelled)")
     ap.add_argument("--num-workers", type=int, default=0, help="processes for the per-case checks (0: in-process)")
     args = ap.parse_args(argv)
     report = verify_dataset(args.dataset_dir, args.splits, args.num_workers)
     for kind, msg in [("ERROR", m) for m in report.errors] + [("WARNING", m) for m in report.warnings]:
         print(f"{kind}: {msg}")
+    counts = report.counts
     print(f"{args.dataset_dir}: {'OK' if report.ok else 'FAILED'}: {report.num_cases} cases checked, "
-          f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)")
+          f"{len(report.errors)} error(s), {len(report.warnings)} warning(s); training scans: {counts['labelled']} "
+          f"labelled, {counts['partially_labelled']} partially labelled, {counts['unlabelled']} unlabelled")
     return 0 if report.ok else 1
 
 

@@ -18,6 +18,7 @@ SOURCE = Path("/data/Dataset024/dataset.json")
     ({"tumor": "2", "background": 0, "organ": 1}, {"tumor": 2, "background": 0, "organ": 1}),
     ({"background": 0.0, "tumor": 1.0}, {"background": 0, "tumor": 1}),  # nnU-Net int()s integral floats
     ({"background": [0], "tumor": ("1",)}, {"background": 0, "tumor": 1}),  # one value: not a region in nnU-Net
+    ({"background": 0, "tumor": 1, "ignore": "2"}, {"background": 0, "tumor": 1}),  # the ignore label is no class
 ])
 def test_accepted_forms_give_ints(labels, expected):
     parsed = parse_labels(labels, source=SOURCE)
@@ -27,7 +28,9 @@ def test_accepted_forms_give_ints(labels, expected):
 @pytest.mark.parametrize("labels, words", [
     ({"background": 0, "tumor": [1, 2]}, ["'tumor'", "[1, 2]", "region"]),
     ({"background": 0, "organ": 1, "tumor": (1, 2)}, ["'tumor'", "(1, 2)", "region"]),
-    ({"background": 0, "tumor": 1, "ignore": 2}, ["'ignore'", "2", "ignore label"]),
+    ({"background": 0, "tumor": 1, "ignore": 1}, ["'ignore'", "is 1", "ignore label", "2"]),
+    ({"background": 0, "tumor": 1, "ignore": 3}, ["'ignore'", "is 3", "highest"]),
+    ({"background": 0, "tumor": 1, "ignore": [2, 3]}, ["'ignore'", "[2, 3]", "region"]),
     ({"background": 0, "tumor": 2}, ["[0, 2]", "consecutive"]),
     ({"background": 0, "a": 1, "b": 1}, ["[0, 1, 1]", "consecutive"]),
     ({"background": 1, "tumor": 0}, ["'background'", "1", "must be 0"]),
@@ -88,9 +91,10 @@ def test_verify_reports_label_error_with_file(flare24_raw, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(flare24_raw, root)
     meta = json.loads((root / "dataset.json").read_text())
-    (root / "dataset.json").write_text(json.dumps({**meta, "labels": {"background": "0", "tumor": "1", "ignore": "2"}}))
+    # an ignore label is accepted only as the highest value (2 here), as nnU-Net's
+    (root / "dataset.json").write_text(json.dumps({**meta, "labels": {"background": "0", "tumor": "1", "ignore": "3"}}))
     report = verify_dataset(root, splits=("Tr",))
     assert len(report.errors) == 1 and report.errors[0].startswith(f"{root / 'dataset.json'}: ")
-    assert "ignore label" in report.errors[0] and "'2'" in report.errors[0]
+    assert "ignore label" in report.errors[0] and "'3'" in report.errors[0]
     with pytest.raises(DatasetError, match="ignore label"):
         load_raw_dataset(root)
