@@ -202,7 +202,8 @@ class FlareDataModule(L.LightningDataModule):
         sampler = PatchSampler(split.sampler_patch_size, self.batch_size, self.oversample_foreground,
                                split.worker_transform, margin=split.sampler_margin)
         return build_patch_loader(entries, sampler, plan.target_spacing, self.iterations_per_epoch, self.num_workers,
-                                  self.seed, rank, world, self.queue_length)
+                                  self.seed, rank, world, self.queue_length,
+                                  partial_ids=self.dataset.partially_labelled)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Whole volumes (test / predict): the clock of the case starts before its copy to the device."""

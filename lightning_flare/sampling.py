@@ -6,7 +6,8 @@ so the work is spread over processes and the cost of a patch does not depend on 
 
 One patch type all the way: ``PatchSampler`` makes a ``Patch``, ``PatchDataset`` hands it to the queue, the
 queue holds it as it is (``WholePatchSampler``) and ``collate_patches`` stacks a batch of them into the training
-batch ``{"image", "label", "location", "foreground_forced", "case_id"}`` that ``training_step`` reads.
+batch ``{"image", "label", "location", "foreground_forced", "case_id", "partial"}`` that ``training_step`` reads
+(``partial``: the patch's case is listed in dataset.json's "partially_labelled").
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class Patch:
     location: torch.Tensor  # (6,) int64: first voxel and stop (exclusive) of the patch in the cached case
     foreground_forced: bool  # centred on a foreground voxel by the oversampling rule
     case_id: str
+    partial: bool = False  # its case's label marks only some lesions (RawDataset.partially_labelled)
 
 
 class PatchSampler:
@@ -107,11 +109,13 @@ class PatchSampler:
 class PatchDataset(Dataset):
     """The queue's subjects: item ``draw * num_cases + case`` (see EpochSubjectSampler) is that draw's ``Patch``."""
 
-    def __init__(self, entries: Sequence[CachedCase], sampler: PatchSampler, spacing: Sequence[float], seed: int = 0):
+    def __init__(self, entries: Sequence[CachedCase], sampler: PatchSampler, spacing: Sequence[float], seed: int = 0,
+                 partial_ids: frozenset[str] = frozenset()):
         self.entries = list(entries)
         self.sampler = sampler
         self.spacing = tuple(spacing)
         self.seed = seed
+        self.partial_ids = frozenset(partial_ids)
         self.epoch = 0
         self.rank = 0
 
@@ -122,7 +126,9 @@ class PatchDataset(Dataset):
         draw, case = divmod(int(code), len(self.entries))
         key = [self.seed, self.rank, self.epoch, draw]
         torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))  # TorchIO transforms use torch's RNG
-        return self.sampler(self.entries[case], draw, np.random.default_rng(key), self.spacing)
+        patch = self.sampler(self.entries[case], draw, np.random.default_rng(key), self.spacing)
+        patch.partial = patch.case_id in self.partial_ids
+        return patch
 
 
 class WholePatchSampler(tio.data.PatchSampler):
@@ -145,13 +151,14 @@ class PatchQueue(tio.Queue):
 
 def collate_patches(patches: list[Patch]) -> dict:
     """The training batch: image (B, 1, x, y, z) float, label (B, 1, x, y, z) uint8, location (B, 6),
-    foreground_forced (B,) bool, case_id (list of B)."""
+    foreground_forced (B,) bool, case_id (list of B), partial (B,) bool."""
     return {
         "image": torch.stack([p.image for p in patches]).float(),
         "label": torch.stack([p.label for p in patches]).to(torch.uint8),
         "location": torch.stack([torch.as_tensor(p.location) for p in patches]),
         "foreground_forced": torch.tensor([bool(p.foreground_forced) for p in patches]),
         "case_id": [p.case_id for p in patches],
+        "partial": torch.tensor([bool(p.partial) for p in patches]),
     }
 
 
@@ -213,9 +220,11 @@ class QueueSampler(Sampler[int]):
 
 def build_patch_loader(entries: Sequence[CachedCase], sampler: PatchSampler, spacing: Sequence[float],
                        iterations_per_epoch: int, num_workers: int = 0, seed: int = 0, rank: int = 0,
-                       world_size: int = 1, queue_length: int = 8) -> torch.utils.data.DataLoader:
-    """The training loader: PatchDataset -> PatchQueue (workers cut and augment) -> batches of ``sampler.batch_size``."""
-    dataset = PatchDataset(entries, sampler, spacing, seed)
+                       world_size: int = 1, queue_length: int = 8,
+                       partial_ids: frozenset[str] = frozenset()) -> torch.utils.data.DataLoader:
+    """The training loader: PatchDataset -> PatchQueue (workers cut and augment) -> batches of ``sampler.batch_size``;
+    patches of the cases in ``partial_ids`` carry ``partial`` True."""
+    dataset = PatchDataset(entries, sampler, spacing, seed, partial_ids)
     subject_sampler = EpochSubjectSampler(len(entries), iterations_per_epoch * sampler.batch_size, seed, rank, world_size, dataset)
     queue = PatchQueue(
         dataset,
