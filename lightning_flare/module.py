@@ -15,6 +15,7 @@ from .efficiency import peak_gpu_mb, reset_peak_gpu
 from .inference import autocast_context
 from .loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets
 from .metrics import FlareMetrics
+from .partial_labels import PartialLabelSettings, training_target
 from .plan import Plan
 from .metrics.postprocessing_scores import ComponentThresholdScores
 from .postprocessing import choose_threshold, remove_small_components
@@ -30,7 +31,8 @@ def poly_lr_factor(epoch: int, max_epochs: int, exponent: float = 0.9) -> float:
 class FlareSegmentationModule(L.LightningModule):
     """Training (Dice + CE with deep supervision, SGD + poly LR) and the Lightning hooks around the injected
     ``net`` and the whole-volume ``Predictor`` (its ``inference`` settings: sliding window, mirroring, precision,
-    postprocessing). ``val_tta``: mirroring in validation (None: as ``inference.tta``)."""
+    postprocessing). ``val_tta``: mirroring in validation (None: as ``inference.tta``). ``partial_labels``: training on
+    partially labelled cases (``partial_labels.PartialLabelSettings``; the dataset's ignore label is always honoured)."""
 
     def __init__(
         self,
@@ -46,11 +48,14 @@ class FlareSegmentationModule(L.LightningModule):
         report_dir: str | None = None,
         full_val_every_n_epochs: int = 1,
         pseudo_val_patches: int = 4,
+        partial_labels: PartialLabelSettings = PartialLabelSettings(),
     ):
         super().__init__()
         self.inference = inference if isinstance(inference, InferenceSettings) else InferenceSettings.from_dict(inference)
-        self.save_hyperparameters(ignore=["net", "inference"])
+        self.partial_labels = PartialLabelSettings.from_any(partial_labels)
+        self.save_hyperparameters(ignore=["net", "inference", "partial_labels"])
         self.hparams["inference"] = self.inference.to_dict()  # plain values: checkpoints stay loadable without pickle
+        self.hparams["partial_labels"] = self.partial_labels.to_dict()
         self.net = net
         scales = net.output_scales() if getattr(net, "deep_supervision", False) else [(1.0, 1.0, 1.0)]
         self.output_scales = [tuple(s) for s in scales]
@@ -101,7 +106,12 @@ class FlareSegmentationModule(L.LightningModule):
         image, target = batch["image"], batch["label"].long()
         outputs = self.net(image)
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        ignore = self.partial_labels.ignore_value(self.plan)  # the dataset's ignore label, or the partial mode's
+        self.loss = self.loss.with_ignore_label(ignore)
+        target = training_target(self.partial_labels, target, outputs[0], batch.get("partial"), ignore, self.current_epoch)
         loss = self.loss(outputs, downsample_targets(target, self.output_scales))
+        if self.partial_labels.active:
+            self.log("train/ignored_fraction", (target == ignore).float().mean(), on_step=False, on_epoch=True, batch_size=image.shape[0])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
         return loss
 

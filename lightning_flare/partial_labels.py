@@ -1,0 +1,98 @@
+"""Training on partially labelled cases: confident unmarked lesions become "unknown" instead of "background".
+
+A partially labelled case (dataset.json ``"partially_labelled"``; FLARE24 marks only the primary lesion of
+such scans) has lesions whose voxels are labelled background. Trained as if complete, the network is taught
+that those lesions are background. The setting is positive-unlabelled learning: a marked voxel is certainly
+tumour, an unmarked one is tumour or background. Where the network itself (after ``warmup_epochs``, once it
+recognises lesions) predicts tumour with probability above ``threshold`` on an unmarked voxel of such a case,
+that voxel is more likely a missed lesion than background, so for that training step it gets nnU-Net's ignore
+label: it then takes part in neither the cross entropy nor the Dice (``loss.DiceCELoss(ignore_label=K)``,
+the semantics of nnU-Net's sparse-annotation ignore label, K = the number of classes). Marked lesions, the
+rest of the background and every voxel of completely labelled cases teach as before. The probabilities are
+the detached softmax of the full-resolution output of the same forward pass (no second pass, no gradient
+through the choice); the deep-supervision targets are downsampled from the modified label (nearest
+neighbour, so the ignore value survives).
+
+In the YAML, ``model.partial_labels: {mode: none | ignore_confident, threshold: 0.5, warmup_epochs: 0}``;
+``none`` (the default) changes nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+import torch
+
+from .plan import Plan
+
+MODES = ("none", "ignore_confident")
+
+
+@dataclass(frozen=True)
+class PartialLabelSettings:
+    """``mode``: "none" or "ignore_confident"; ``threshold``: tumour probability (1 - p(background)) above which an
+    unmarked voxel of a partially labelled case is ignored; ``warmup_epochs``: epochs trained on the labels as they
+    are before that starts."""
+
+    mode: str = "none"
+    threshold: float = 0.5
+    warmup_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"model.partial_labels.mode must be one of {list(MODES)}, got {self.mode!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold < 1:
+            raise ValueError(f"model.partial_labels.threshold must be a probability in [0, 1), got {self.threshold!r}")
+        if isinstance(self.warmup_epochs, bool) or not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
+            raise ValueError(f"model.partial_labels.warmup_epochs must be an integer >= 0, got {self.warmup_epochs!r}")
+
+    @classmethod
+    def from_any(cls, value: "PartialLabelSettings | Mapping[str, Any] | None") -> "PartialLabelSettings":
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ValueError(f"unknown model.partial_labels settings {unknown}; known: {sorted(names)}")
+        return cls(**dict(value))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none"
+
+    def ignore_value(self, plan: Plan | None) -> int | None:
+        """The loss's ignore label: the dataset's (the plan's), else num_classes when this mode needs one, else None."""
+        if plan is not None and plan.ignore_label is not None:
+            return plan.ignore_label
+        if self.active:
+            if plan is None:
+                raise ValueError("model.partial_labels needs the plan (its number of classes) before training")
+            return plan.num_classes
+        return None
+
+
+def ignore_confident_background(target: torch.Tensor, logits: torch.Tensor, partial: torch.Tensor,
+                                ignore_label: int, threshold: float) -> torch.Tensor:
+    """``target`` (B, 1, *spatial) integer labels with background voxels of the ``partial`` samples ((B,) bool)
+    where the detached softmax of ``logits`` (B, C, *spatial) gives tumour (1 - p(background)) above ``threshold``
+    set to ``ignore_label``. A new tensor; ``target`` is not changed."""
+    if target.ndim != logits.ndim or target.shape[1] != 1 or target.shape[2:] != logits.shape[2:]:
+        raise ValueError(f"target {tuple(target.shape)} must be (B, 1, *spatial) of logits {tuple(logits.shape)}")
+    with torch.no_grad():
+        tumour = 1 - torch.softmax(logits.detach().float(), dim=1)[:, :1]
+        which = partial.to(device=target.device, dtype=torch.bool).view(-1, *([1] * (target.ndim - 1)))
+        return target.masked_fill(which & (target == 0) & (tumour > threshold), ignore_label)
+
+
+def training_target(settings: PartialLabelSettings, target: torch.Tensor, logits: torch.Tensor,
+                    partial: torch.Tensor | None, ignore_label: int | None, epoch: int) -> torch.Tensor:
+    """The step's full-resolution target: ``target`` itself unless ``ignore_confident`` is on, past its warm-up,
+    and the batch holds partially labelled patches."""
+    if settings.mode != "ignore_confident" or epoch < settings.warmup_epochs or partial is None or not bool(partial.any()):
+        return target
+    return ignore_confident_background(target, logits, partial, ignore_label, settings.threshold)

@@ -1,0 +1,144 @@
+"""Partial-label-aware training: the settings, the ignore rule by hand, the per-case flag through the tio.Queue,
+the module's loss and a seconds-long fit from the YAML keys."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_cli_args
+
+from lightning_flare.loss import DiceCELoss
+from lightning_flare.module import FlareSegmentationModule
+from lightning_flare.partial_labels import PartialLabelSettings, ignore_confident_background, training_target
+from lightning_flare.plan import IntensityStats, Plan
+from lightning_flare.preprocessing import CachedCase
+from lightning_flare.sampling import PatchSampler, build_patch_loader
+
+PLAN = Plan((1, 1, 1), (4, 1, 1), IntensityStats(-100, 200, 50, 30))
+# 2 samples x 4 voxels, 2 classes; tumour probability sigmoid(fg - bg) per voxel: 0.88, 0.88, 0.27, 0.62
+LOGITS = torch.tensor([[0.0, 0.0, 1.0, 0.0], [2.0, 2.0, 0.0, 0.5]]).reshape(1, 2, 4, 1, 1).repeat(2, 1, 1, 1, 1)
+TARGET = torch.tensor([1, 0, 0, 0]).reshape(1, 1, 4, 1, 1).repeat(2, 1, 1, 1, 1)
+
+
+def test_settings_parse_and_name_the_bad_key():
+    assert PartialLabelSettings() == PartialLabelSettings.from_any(None)
+    assert not PartialLabelSettings().active and PartialLabelSettings().to_dict() == {"mode": "none", "threshold": 0.5,
+                                                                                      "warmup_epochs": 0}
+    s = PartialLabelSettings.from_any({"mode": "ignore_confident", "threshold": 0.7, "warmup_epochs": 3})
+    assert s.active and (s.threshold, s.warmup_epochs) == (0.7, 3)
+    for bad, words in (({"mode": "teacher"}, "mode must be one of ['none', 'ignore_confident'], got 'teacher'"),
+                       ({"threshold": 1.5}, "threshold must be a probability in [0, 1), got 1.5"),
+                       ({"warmup_epochs": -1}, "warmup_epochs must be an integer >= 0, got -1"),
+                       ({"treshold": 0.5}, "unknown model.partial_labels settings ['treshold']")):
+        with pytest.raises(ValueError) as info:
+            PartialLabelSettings.from_any(bad)
+        assert words in str(info.value)
+
+
+def test_ignore_value_is_the_dataset_s_else_num_classes_when_on():
+    on, off = PartialLabelSettings(mode="ignore_confident"), PartialLabelSettings()
+    assert off.ignore_value(PLAN) is None and on.ignore_value(PLAN) == 2
+    declared = Plan((1, 1, 1), (4, 1, 1), PLAN.intensity, ignore_label=2)
+    assert off.ignore_value(declared) == 2 and on.ignore_value(declared) == 2
+    assert off.ignore_value(None) is None
+
+
+def test_confident_unmarked_voxels_of_partial_cases_are_ignored_by_hand():
+    got = ignore_confident_background(TARGET, LOGITS, torch.tensor([True, False]), ignore_label=2, threshold=0.7)
+    # sample 0 (partial): voxel 0 is marked (stays 1); voxel 1 unmarked at 0.88 > 0.7 -> 2; voxel 3 at 0.62 stays 0
+    assert got[:, 0, :, 0, 0].tolist() == [[1, 2, 0, 0], [1, 0, 0, 0]]  # sample 1 is completely labelled
+    assert TARGET[0, 0, 1, 0, 0] == 0  # the input is not changed
+    lower = ignore_confident_background(TARGET, LOGITS, torch.tensor([True, True]), ignore_label=2, threshold=0.5)
+    assert lower[:, 0, :, 0, 0].tolist() == [[1, 2, 0, 2], [1, 2, 0, 2]]  # 0.62 > 0.5 too
+
+
+def test_training_target_is_the_label_when_off_in_warmup_or_without_partial_patches():
+    on = PartialLabelSettings(mode="ignore_confident", warmup_epochs=2)
+    partial = torch.tensor([True, False])
+    assert training_target(PartialLabelSettings(), TARGET, LOGITS, partial, None, epoch=5) is TARGET
+    assert training_target(on, TARGET, LOGITS, partial, 2, epoch=1) is TARGET
+    assert training_target(on, TARGET, LOGITS, torch.tensor([False, False]), 2, epoch=2) is TARGET
+    assert training_target(on, TARGET, LOGITS, None, 2, epoch=2) is TARGET
+    assert training_target(on, TARGET, LOGITS, partial, 2, epoch=2)[:, 0, :, 0, 0].tolist() == [[1, 2, 0, 2], [1, 0, 0, 0]]
+
+
+def _entry(tmp_path, case_id: str, seed: int) -> CachedCase:
+    shape = (12, 10, 8)
+    label = np.zeros(shape, np.uint8)
+    label[4:8, 4:7, 3:6] = 1
+    e = CachedCase(case_id, *(tmp_path / f"{case_id}{s}" for s in ("_i.npy", "_l.npy", "_f.npy", ".json")))
+    np.save(e.image, np.random.default_rng(seed).normal(size=shape).astype(np.float32))
+    np.save(e.label, label)
+    np.save(e.foreground, np.argwhere(label > 0).astype(np.int32))
+    e.meta.write_text("{}")
+    return e
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_partial_flag_reaches_the_batch_through_the_queue(tmp_path, workers):
+    entries = [_entry(tmp_path, "a", 0), _entry(tmp_path, "b", 1), _entry(tmp_path, "c", 2)]
+    loader = build_patch_loader(entries, PatchSampler((6, 6, 4), 3), (1, 1, 1), iterations_per_epoch=4,
+                                num_workers=workers, seed=7, partial_ids=frozenset({"b"}))
+    seen = []
+    for batch in loader:
+        assert batch["partial"].dtype == torch.bool and batch["partial"].shape == (3,)
+        assert batch["partial"].tolist() == [c == "b" for c in batch["case_id"]]
+        seen += batch["case_id"]
+    assert len(seen) == 12 and {"a", "b", "c"} <= set(seen)
+    default = build_patch_loader(entries, PatchSampler((6, 6, 4), 3), (1, 1, 1), 1, seed=7)
+    assert not any(next(iter(default))["partial"].tolist())  # no partially labelled cases: all False
+
+
+class FixedLogits(nn.Module):
+    """A stand-in network whose output is LOGITS (plus a zero-valued parameter, so the loss has a gradient)."""
+
+    num_classes, deep_supervision = 2, False
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return LOGITS[: x.shape[0]] + self.w
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to")
+def test_training_step_loss_ignores_confident_unmarked_voxels():
+    batch = {"image": torch.zeros(2, 1, 4, 1, 1), "label": TARGET.to(torch.uint8), "partial": torch.tensor([True, False])}
+    module = FlareSegmentationModule(FixedLogits(), partial_labels={"mode": "ignore_confident", "threshold": 0.7})
+    module.plan = PLAN
+    expected = DiceCELoss(ignore_label=2)(LOGITS, torch.tensor([1, 2, 0, 0, 1, 0, 0, 0]).reshape(2, 1, 4, 1, 1))
+    torch.testing.assert_close(module.training_step(batch, 0), expected)
+    assert module.loss.ignore_label == 2 and module.hparams["partial_labels"]["threshold"] == 0.7
+    plain = FlareSegmentationModule(FixedLogits())
+    plain.plan = PLAN
+    as_complete = plain.training_step(batch, 0)
+    torch.testing.assert_close(as_complete, DiceCELoss()(LOGITS, TARGET))
+    assert plain.loss.ignore_label is None and not math.isclose(as_complete.item(), expected.item(), rel_tol=1e-3)
+    # before the warm-up ends the labels are used as they are
+    warm = FlareSegmentationModule(FixedLogits(), partial_labels={"mode": "ignore_confident", "warmup_epochs": 1})
+    warm.plan = PLAN
+    torch.testing.assert_close(warm.training_step(batch, 0), DiceCELoss(ignore_label=2)(LOGITS, TARGET))
+
+
+def test_fit_with_partial_labels_from_the_yaml_keys(tmp_path):
+    """A seconds-long fit on a synthetic dataset with partially labelled cases: the option parses from the command
+    line, reaches the loss and is kept in the checkpoint."""
+    import cli
+    from lightning_flare.synthetic import write_dataset
+
+    data = write_dataset(tmp_path / "Dataset902_Partial", num_train=5, num_test=0, seed=3, in_plane_size=64,
+                         partial_fraction=1.0, lesions_per_case=(2, 3))
+    assert len(json.loads((data / "dataset.json").read_text())["partially_labelled"]) >= 3
+    args = tiny_cli_args(data, tmp_path / "cache", tmp_path / "out")
+    result = cli.main(["fit", *args, "--trainer.max_epochs", "1", "--trainer.num_sanity_val_steps", "0",
+                       "--trainer.limit_val_batches", "0", "--model.partial_labels.mode", "ignore_confident",
+                       "--model.partial_labels.threshold", "0.6", "--data.fold", "all"])
+    assert result.model.partial_labels == PartialLabelSettings(mode="ignore_confident", threshold=0.6)
+    assert result.model.loss.ignore_label == 2  # num_classes: the dataset declares no ignore label
+    assert 0 <= float(result.trainer.callback_metrics["train/ignored_fraction"]) <= 1
+    checkpoint = torch.load(tmp_path / "out" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["hyper_parameters"]["partial_labels"]["mode"] == "ignore_confident"
