@@ -1,21 +1,24 @@
 """Deterministic synthetic abdominal CT with ellipsoid "tumours", written as an nnU-Net raw dataset.
 
 Embedded demo data (no downloads) and test data. Arrays are (x, y, z) = SimpleITK / TorchIO order.
+Optionally (issue 16) partially labelled training cases (only the largest lesion marked, listed in dataset.json
+"partially_labelled"), unlabelled scans (``imagesUnlabelled/``) and a test split with its own healthy fraction;
+the defaults write exactly the dataset of before.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import distance_transform_edt, gaussian_filter
+
+from .synthetic_schedule import is_healthy, is_partial, largest_lesion
 
 GENERATOR_VERSION = 2  # 2: lesion HU >= 40 HU from every parenchymal organ of the case
 DIRECTIONS = {  # row-major 3x3, columns = physical direction of array axes x, y, z
@@ -105,8 +108,12 @@ def _place_lesion(rng, tissue, label, axes, spacing, hu) -> Lesion | None:
 
 
 def make_case(rng: np.random.Generator, healthy: bool, in_plane_size: int = 192,
-              direction: Direction = "identity") -> SyntheticCase:
-    """One synthetic abdominal CT (body scaled to the field of view) with 0 (healthy) or 1-3 lesions."""
+              direction: Direction = "identity", lesions_per_case: Sequence[int] = (1, 3)) -> SyntheticCase:
+    """One synthetic abdominal CT (body scaled to the field of view) with 0 (healthy) or ``lesions_per_case``
+    (min, max; as many as fit) lesions."""
+    lo, hi = (int(v) for v in lesions_per_case)
+    if not 1 <= lo <= hi:
+        raise ValueError(f"lesions_per_case must be (min, max) with 1 <= min <= max, got {lesions_per_case!r}")
     n = in_plane_size
     s, dz = round(float(rng.uniform(0.7, 1.0)), 3), round(float(rng.uniform(2.5, 5.0)), 2)
     nz = max(8, round(rng.uniform(120, 200) / dz))
@@ -145,8 +152,8 @@ def make_case(rng: np.random.Generator, healthy: bool, in_plane_size: int = 192,
         c = np.array(np.unravel_index(rng.choice(soft), tissue.shape)) * spacing
         paint(AIR if rng.random() < 0.3 else FAT, c, rng.uniform(3, 8, 3))
     label, lesions = np.zeros(tissue.shape, np.uint8), []
-    target, tries = (0 if healthy else int(rng.integers(1, 4))), 0
-    while len(lesions) < target and tries < 60:  # a failed placement retries with another host
+    target, tries = (0 if healthy else int(rng.integers(lo, hi + 1))), 0
+    while len(lesions) < target and tries < max(60, 20 * target):  # a failed placement retries with another host
         les, tries = _place_lesion(rng, tissue, label, axes, spacing, hu), tries + 1
         lesions += [les] if les else []
     if target and not lesions:
@@ -169,23 +176,19 @@ def make_case(rng: np.random.Generator, healthy: bool, in_plane_size: int = 192,
                          (s, s, dz), origin, d, lesions, dict(enumerate(hu)))
 
 
-def is_healthy(k: int, fraction: float) -> bool:
-    """Case k healthy? Spread evenly, independent of the case count, >= 1 in any first 3 if fraction > 0."""
-    f = Fraction(fraction).limit_denominator(1000)
-    c = max(Fraction(0), 1 - 3 * f)  # phase: first healthy case at k <= 2
-    return math.floor((k + 1) * f + c) > math.floor(k * f + c)
+SPLITS = ("Tr", "Ts", "Unlabelled")  # imagesTr, imagesTs, imagesUnlabelled
 
 
 def case_id(split: str, k: int) -> str:
-    """Case identifier: SYN_000... for imagesTr, SYN_T000... for imagesTs."""
-    return f"SYN_{k:03d}" if split == "Tr" else f"SYN_T{k:03d}"
+    """Case identifier: SYN_000... for imagesTr, SYN_T000... for imagesTs, SYN_U000... for imagesUnlabelled."""
+    return {"Tr": f"SYN_{k:03d}", "Ts": f"SYN_T{k:03d}", "Unlabelled": f"SYN_U{k:03d}"}[split]
 
 
 def dataset_case(seed: int, split: str, k: int, healthy_fraction: float = 0.2, in_plane_size: int = 192,
-                 direction: Direction = "identity") -> tuple[str, SyntheticCase]:
-    """Case k of split "Tr" or "Ts": its id and content depend only on (seed, split, k, settings)."""
-    rng = np.random.default_rng([seed, ("Tr", "Ts").index(split), k])
-    return case_id(split, k), make_case(rng, is_healthy(k, healthy_fraction), in_plane_size, direction)
+                 direction: Direction = "identity", lesions_per_case: Sequence[int] = (1, 3)) -> tuple[str, SyntheticCase]:
+    """Case k of split "Tr", "Ts" or "Unlabelled": its id and content depend only on (seed, split, k, settings)."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), k])
+    return case_id(split, k), make_case(rng, is_healthy(k, healthy_fraction), in_plane_size, direction, lesions_per_case)
 
 
 def _write(arr: np.ndarray, case: SyntheticCase, path: Path) -> None:
@@ -201,23 +204,50 @@ def _write(arr: np.ndarray, case: SyntheticCase, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+_EXTRA_DEFAULTS = {"test_healthy_fraction": None, "partial_fraction": 0.0, "num_unlabelled": 0,
+                   "lesions_per_case": [1, 3]}  # issue 16's options: stored in synthetic_params only when set
+
+
 def synthetic_params(num_train: int = 16, num_test: int = 6, healthy_fraction: float = 0.2, seed: int = 0,
-                     in_plane_size: int = 192, name: str = "Dataset900_Synthetic", direction: Direction = "identity") -> dict:
-    """The settings stored in a generated dataset.json (``synthetic_params``); same defaults as ``write_dataset``."""
-    return {"version": GENERATOR_VERSION, "name": name, "num_train": num_train, "num_test": num_test,
-            "healthy_fraction": healthy_fraction, "seed": seed, "in_plane_size": in_plane_size,
-            "direction": direction if isinstance(direction, str) else [float(v) for v in direction]}
+                     in_plane_size: int = 192, name: str = "Dataset900_Synthetic", direction: Direction = "identity",
+                     test_healthy_fraction: float | None = None, partial_fraction: float = 0.0,
+                     num_unlabelled: int = 0, lesions_per_case: Sequence[int] = (1, 3)) -> dict:
+    """The settings stored in a generated dataset.json (``synthetic_params``); same defaults as ``write_dataset``.
+    The options of issue 16 appear only when they differ from their defaults, so the defaults' dataset.json is the
+    one of before."""
+    params = {"version": GENERATOR_VERSION, "name": name, "num_train": num_train, "num_test": num_test,
+              "healthy_fraction": healthy_fraction, "seed": seed, "in_plane_size": in_plane_size,
+              "direction": direction if isinstance(direction, str) else [float(v) for v in direction]}
+    extra = {"test_healthy_fraction": test_healthy_fraction, "partial_fraction": float(partial_fraction),
+             "num_unlabelled": int(num_unlabelled), "lesions_per_case": [int(v) for v in lesions_per_case]}
+    return params | {k: v for k, v in extra.items() if v != _EXTRA_DEFAULTS[k]}
 
 
 def write_dataset(out_dir: str | os.PathLike, num_train: int = 16, num_test: int = 6,
                   healthy_fraction: float = 0.2, seed: int = 0, in_plane_size: int = 192,
-                  name: str = "Dataset900_Synthetic", direction: Direction = "identity") -> Path:
-    """Write (or reuse) an nnU-Net raw dataset in out_dir; dataset.json, written last, marks it complete."""
+                  name: str = "Dataset900_Synthetic", direction: Direction = "identity", *,
+                  test_healthy_fraction: float | None = None, partial_fraction: float = 0.0,
+                  num_unlabelled: int = 0, lesions_per_case: Sequence[int] = (1, 3)) -> Path:
+    """Write (or reuse) an nnU-Net raw dataset in out_dir; dataset.json, written last, marks it complete.
+
+    ``test_healthy_fraction``: healthy fraction of imagesTs (None: ``healthy_fraction``); ``partial_fraction``: this
+    fraction of the lesion training cases keeps only its largest lesion in labelsTr (dataset.json
+    "partially_labelled" lists them; imagesTs labels stay complete); ``num_unlabelled``: scans written to
+    imagesUnlabelled/ without label (healthy as ``healthy_fraction``); ``lesions_per_case``: (min, max) lesions of a
+    lesion case (several lesions make the partial labels partial; one lesion is marked whole)."""
     out = Path(out_dir)
-    params = synthetic_params(num_train, num_test, healthy_fraction, seed, in_plane_size, name, direction)
-    splits = {"Tr": num_train, "Ts": num_test}
+    if not 0 <= partial_fraction <= 1 or num_unlabelled < 0:
+        raise ValueError(f"partial_fraction must be in [0, 1] and num_unlabelled >= 0, got {partial_fraction!r}, "
+                         f"{num_unlabelled!r}")
+    params = synthetic_params(num_train, num_test, healthy_fraction, seed, in_plane_size, name, direction,
+                              test_healthy_fraction, partial_fraction, num_unlabelled, lesions_per_case)
+    splits = {"Tr": num_train, "Ts": num_test, "Unlabelled": num_unlabelled}
+    healthy = {"Tr": healthy_fraction, "Unlabelled": healthy_fraction,
+               "Ts": healthy_fraction if test_healthy_fraction is None else test_healthy_fraction}
     expected = {out / f"{kind}{sp}" / (case_id(sp, k) + ("_0000" if kind == "images" else "") + ".nii.gz")
-                for sp, num in splits.items() for k in range(num) for kind in ("images", "labels")}
+                for sp, num in splits.items() for k in range(num) for kind in ("images", "labels")
+                if kind == "images" or sp != "Unlabelled"}
+    partial = [case_id("Tr", k) for k in range(num_train) if is_partial(k, healthy_fraction, partial_fraction)]
     meta = out / "dataset.json"
     if meta.is_file():  # written atomically, so never half-written
         stored = json.loads(meta.read_text()).get("synthetic_params")
@@ -228,15 +258,18 @@ def write_dataset(out_dir: str | os.PathLike, num_train: int = 16, num_test: int
         meta.unlink()  # mark incomplete while rewriting
     for sp, num in splits.items():
         for k in range(num):
-            cid, case = dataset_case(seed, sp, k, healthy_fraction, in_plane_size, direction)
+            cid, case = dataset_case(seed, sp, k, healthy[sp], in_plane_size, direction, lesions_per_case)
             _write(case.image, case, out / f"images{sp}" / f"{cid}_0000.nii.gz")
-            _write(case.label, case, out / f"labels{sp}" / f"{cid}.nii.gz")
+            if sp != "Unlabelled":
+                _write(largest_lesion(case.label) if cid in partial else case.label, case, out / f"labels{sp}" / f"{cid}.nii.gz")
     for p in set(out.glob("*/SYN_*.nii.gz")) - expected:  # stale cases of an earlier, larger dataset
         p.unlink()
     info = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "tumor": 1},
             "numTraining": num_train, "numTest": num_test, "file_ending": ".nii.gz", "name": name,
             "description": "synthetic abdominal CT with ellipsoid lesions (lightning_flare.synthetic); "
                            "no patient data", "synthetic_params": params}
+    if partial_fraction > 0:
+        info["partially_labelled"] = partial
     tmp = meta.with_name(f".tmp{os.getpid()}_dataset.json")
     tmp.write_text(json.dumps(info, indent=2))
     os.replace(tmp, meta)
@@ -246,14 +279,21 @@ def write_dataset(out_dir: str | os.PathLike, num_train: int = 16, num_test: int
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Write the synthetic nnU-Net raw dataset.")
     ap.add_argument("out_dir")
-    for opt, default in (("--num-train", 16), ("--num-test", 6), ("--seed", 0), ("--in-plane-size", 192)):
+    for opt, default in (("--num-train", 16), ("--num-test", 6), ("--seed", 0), ("--in-plane-size", 192),
+                         ("--num-unlabelled", 0)):
         ap.add_argument(opt, type=int, default=default)
     ap.add_argument("--healthy-fraction", type=float, default=0.2)
+    ap.add_argument("--test-healthy-fraction", type=float, default=None, help="default: --healthy-fraction")
+    ap.add_argument("--partial-fraction", type=float, default=0.0,
+                    help="fraction of the lesion training cases labelled with their largest lesion only")
+    ap.add_argument("--lesions-per-case", type=int, nargs=2, default=[1, 3], metavar=("MIN", "MAX"))
     ap.add_argument("--name", default="Dataset900_Synthetic")
     ap.add_argument("--direction", default="identity", choices=sorted(DIRECTIONS))
     a = ap.parse_args(argv)
-    print(write_dataset(a.out_dir, a.num_train, a.num_test, a.healthy_fraction, a.seed,
-                        a.in_plane_size, a.name, a.direction))
+    print(write_dataset(a.out_dir, a.num_train, a.num_test, a.healthy_fraction, a.seed, a.in_plane_size, a.name,
+                        a.direction, test_healthy_fraction=a.test_healthy_fraction,
+                        partial_fraction=a.partial_fraction, num_unlabelled=a.num_unlabelled,
+                        lesions_per_case=a.lesions_per_case))
 
 
 if __name__ == "__main__":

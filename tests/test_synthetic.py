@@ -165,3 +165,103 @@ def test_cli(tmp_path):
     meta = json.loads((tmp_path / "cli" / "dataset.json").read_text())
     assert meta["synthetic_params"]["num_test"] == 1
     assert (tmp_path / "cli" / "imagesTs" / "SYN_T000_0000.nii.gz").is_file()
+
+
+# ----------------------------------------------------------------- issue 16: partial labels, unlabelled scans
+def _content_hash(root) -> str:
+    """sha256 over every file: NIfTI voxels, dtype and geometry; other files' bytes (gzip bytes may differ by zlib)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(root)).encode())
+        if p.name.endswith(".nii.gz"):
+            img = sitk.ReadImage(str(p))
+            arr = sitk.GetArrayFromImage(img)
+            h.update(str((arr.dtype.str, arr.shape, img.GetSpacing(), img.GetOrigin(), img.GetDirection())).encode())
+            h.update(arr.tobytes())
+        else:
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_default_generation_is_unchanged(tmp_path):
+    """The demo dataset and its cached results depend on it: the hash of this dataset made before the options of
+    issue 16 existed (commit bf18425)."""
+    out = syn.write_dataset(tmp_path / "ds", num_train=3, num_test=1, seed=4, in_plane_size=SIZE)
+    assert _content_hash(out) == "f6732d4dc02f3d277b534fe9f8b8a37697270d0db2d9316231d4e4d5d28f33c3"
+    assert syn.synthetic_params() == {"version": 2, "name": "Dataset900_Synthetic", "num_train": 16, "num_test": 6,
+                                      "healthy_fraction": 0.2, "seed": 0, "in_plane_size": 192, "direction": "identity"}
+
+
+def test_largest_lesion_by_hand():
+    label = np.zeros((6, 1, 1), np.uint8)
+    label[[0, 1, 3, 4, 5], 0, 0] = 1  # components of 2 and 3 voxels
+    assert syn.largest_lesion(label)[:, 0, 0].tolist() == [0, 0, 0, 1, 1, 1]
+    assert syn.largest_lesion(np.zeros((2, 2, 2), np.uint8)).sum() == 0
+
+
+def test_partial_schedule_by_hand():
+    # healthy_fraction 0.2: case 2 is healthy; lesion cases 0, 1, 3, 4, 5 -> every 2nd of them (0.5): 1 and 4
+    assert [k for k in range(6) if syn.is_partial(k, 0.2, 0.5)] == [1, 4]
+    assert [k for k in range(6) if syn.is_partial(k, 0.2, 1.0)] == [0, 1, 3, 4, 5]
+    assert not any(syn.is_partial(k, 0.2, 0.0) for k in range(6))
+
+
+def test_lesions_per_case():
+    for seed in range(3):
+        assert 2 <= len(_case(seed, lesions_per_case=(2, 4)).lesions) <= 4
+    with pytest.raises(ValueError, match="lesions_per_case"):
+        _case(0, lesions_per_case=(0, 2))
+
+
+def test_partial_labels_unlabelled_scans_and_test_healthy_fraction(tmp_path):
+    from lightning_flare.raw_dataset import load_raw_dataset
+    from lightning_flare.verify import verify_dataset
+
+    kw = dict(num_train=6, num_test=3, seed=5, in_plane_size=SIZE, partial_fraction=0.5, num_unlabelled=2,
+              test_healthy_fraction=0.5, lesions_per_case=(2, 3))
+    out = syn.write_dataset(tmp_path / "ds", **kw)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["partially_labelled"] == ["SYN_001", "SYN_004"]
+    assert {k: meta["synthetic_params"][k] for k in ("partial_fraction", "num_unlabelled", "test_healthy_fraction",
+                                                     "lesions_per_case")} == {"partial_fraction": 0.5, "num_unlabelled": 2,
+                                                                              "test_healthy_fraction": 0.5, "lesions_per_case": [2, 3]}
+    for k in range(6):
+        cid, case = syn.dataset_case(5, "Tr", k, 0.2, SIZE, lesions_per_case=(2, 3))
+        label = _read(out / "labelsTr" / f"{cid}.nii.gz")[0]
+        if cid in meta["partially_labelled"]:
+            assert len(case.lesions) >= 2 and 0 < label.sum() < case.label.sum()
+            assert np.array_equal(label, syn.largest_lesion(case.label))
+        else:
+            assert np.array_equal(label, case.label)
+    for k in range(3):  # complete test labels, healthy as test_healthy_fraction 0.5 says (case 1; 0.2 would be case 2)
+        cid, case = syn.dataset_case(5, "Ts", k, 0.5, SIZE, lesions_per_case=(2, 3))
+        assert np.array_equal(_read(out / "labelsTs" / f"{cid}.nii.gz")[0], case.label)
+        assert (case.label.sum() == 0) == (k == 1)
+    assert sorted(p.name for p in (out / "imagesUnlabelled").iterdir()) == ["SYN_U000_0000.nii.gz", "SYN_U001_0000.nii.gz"]
+    assert not (out / "labelsUnlabelled").exists()
+    _, unlabelled = syn.dataset_case(5, "Unlabelled", 1, 0.2, SIZE, lesions_per_case=(2, 3))
+    assert np.array_equal(_read(out / "imagesUnlabelled" / "SYN_U001_0000.nii.gz")[0], unlabelled.image)
+    ds = load_raw_dataset(out)
+    assert ds.partially_labelled == {"SYN_001", "SYN_004"} and len(ds.unlabelled_cases()) == 2
+    report = verify_dataset(out)
+    assert report.ok, report.errors
+    assert report.counts == {"labelled": 4, "partially_labelled": 2, "unlabelled": 2}
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    syn.write_dataset(tmp_path / "ds", **kw)  # same settings: nothing rewritten
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes
+    syn.write_dataset(tmp_path / "ds", **{**kw, "num_unlabelled": 1, "partial_fraction": 0.0})
+    assert [p.name for p in (out / "imagesUnlabelled").iterdir()] == ["SYN_U000_0000.nii.gz"]  # stale scan removed
+    assert "partially_labelled" not in json.loads((out / "dataset.json").read_text())
+
+
+def test_cli_partial_and_unlabelled_options(tmp_path):
+    syn.main([str(tmp_path / "cli"), "--num-train", "3", "--num-test", "1", "--in-plane-size", str(SIZE),
+              "--partial-fraction", "1", "--num-unlabelled", "1", "--test-healthy-fraction", "1",
+              "--lesions-per-case", "2", "3"])
+    meta = json.loads((tmp_path / "cli" / "dataset.json").read_text())
+    assert meta["partially_labelled"] == ["SYN_000", "SYN_001"]  # case 2 is healthy (healthy_fraction 0.2)
+    assert meta["synthetic_params"]["lesions_per_case"] == [2, 3]
+    assert (tmp_path / "cli" / "imagesUnlabelled" / "SYN_U000_0000.nii.gz").is_file()
+    assert _read(tmp_path / "cli" / "labelsTs" / "SYN_T000.nii.gz")[0].sum() == 0  # test_healthy_fraction 1
