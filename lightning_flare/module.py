@@ -15,7 +15,7 @@ from .efficiency import peak_gpu_mb, reset_peak_gpu
 from .inference import autocast_context
 from .loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets
 from .metrics import FlareMetrics
-from .partial_labels import PartialLabelSettings, training_target
+from .partial_labels import PartialLabelSettings, training_target, without_ignored
 from .plan import Plan
 from .metrics.postprocessing_scores import ComponentThresholdScores
 from .postprocessing import choose_threshold, remove_small_components
@@ -169,6 +169,7 @@ class FlareSegmentationModule(L.LightningModule):
             # the host/device boundary: prediction and label come to the host once; the scores and the component
             # postprocessing are NumPy / SciPy (the metric's surfel search runs on its own device, the module's)
             prediction, label = to_host(logits.argmax(0).to(torch.uint8)), to_host(batch.label)
+            prediction, label = without_ignored(prediction, label, self.plan.ignore_label)  # a dataset's ignore label
             self.postprocessing_scores.update(prediction, label, batch.spacing)
             if self.inference.min_component_ml not in (0, 0.0, "auto"):
                 prediction = remove_small_components(prediction, batch.spacing, self.min_component_ml())

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from .plan import Plan
@@ -96,3 +97,12 @@ def training_target(settings: PartialLabelSettings, target: torch.Tensor, logits
     if settings.mode != "ignore_confident" or epoch < settings.warmup_epochs or partial is None or not bool(partial.any()):
         return target
     return ignore_confident_background(target, logits, partial, ignore_label, settings.threshold)
+
+
+def without_ignored(prediction: np.ndarray, label: np.ndarray, ignore_label: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Validation masks with the ignore region left out of the scores (nnU-Net's evaluation ignores it too): both
+    set to background where ``label`` is ``ignore_label``; unchanged without one."""
+    if ignore_label is None:
+        return prediction, label
+    ignored = label == ignore_label
+    return np.where(ignored, 0, prediction).astype(prediction.dtype), np.where(ignored, 0, label).astype(label.dtype)

@@ -12,7 +12,8 @@ from conftest import tiny_cli_args
 
 from lightning_flare.loss import DiceCELoss
 from lightning_flare.module import FlareSegmentationModule
-from lightning_flare.partial_labels import PartialLabelSettings, ignore_confident_background, training_target
+from lightning_flare.partial_labels import (PartialLabelSettings, ignore_confident_background, training_target,
+                                            without_ignored)
 from lightning_flare.plan import IntensityStats, Plan
 from lightning_flare.preprocessing import CachedCase
 from lightning_flare.sampling import PatchSampler, build_patch_loader
@@ -63,6 +64,13 @@ def test_training_target_is_the_label_when_off_in_warmup_or_without_partial_patc
     assert training_target(on, TARGET, LOGITS, torch.tensor([False, False]), 2, epoch=2) is TARGET
     assert training_target(on, TARGET, LOGITS, None, 2, epoch=2) is TARGET
     assert training_target(on, TARGET, LOGITS, partial, 2, epoch=2)[:, 0, :, 0, 0].tolist() == [[1, 2, 0, 2], [1, 0, 0, 0]]
+
+
+def test_validation_scores_leave_a_declared_ignore_region_out():
+    prediction, label = np.array([1, 1, 0, 1], np.uint8), np.array([1, 2, 2, 0], np.uint8)
+    p, lab = without_ignored(prediction, label, 2)
+    assert p.tolist() == [1, 0, 0, 1] and lab.tolist() == [1, 0, 0, 0] and p.dtype == np.uint8
+    assert without_ignored(prediction, label, None) == (prediction, label)
 
 
 def _entry(tmp_path, case_id: str, seed: int) -> CachedCase:
