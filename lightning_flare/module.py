@@ -18,8 +18,11 @@ from .metrics import FlareMetrics
 from .partial_labels import PartialLabelSettings, training_target, without_ignored
 from .plan import Plan
 from .metrics.postprocessing_scores import ComponentThresholdScores
+from .metrics.healthy_decision_scores import HealthyDecisionScores
+from .healthy_decision import case_report_fields, decision_line, tumour_probability
 from .postprocessing import choose_threshold, remove_small_components
 from .predictor import InferenceSettings, Prediction, Predictor, chosen_min_component_ml
+from .report import build_summary, headline_metrics
 from .volumes import VolumeItem
 
 
@@ -75,6 +78,7 @@ class FlareSegmentationModule(L.LightningModule):
             raise ValueError(f"val_tta must be true, false or null (= tta), got {val_tta!r}")
         self.postprocessing_scores = ComponentThresholdScores()  # candidates scored on every full validation
         self.postprocessing: dict | None = None  # the latest validation choice, kept in the checkpoint
+        self.healthy_scores = HealthyDecisionScores(also_ml=self.inference.min_component_ml)  # healthy-scan decision
 
     # ----------------------------------------------------------------- set-up; the plan (handed over by the data module) in the checkpoint
     def setup(self, stage: str) -> None:
@@ -141,13 +145,13 @@ class FlareSegmentationModule(L.LightningModule):
     def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
         return self.predictor().probabilities(image)
 
-    def predict_original_grid(self, item: VolumeItem) -> np.ndarray:
-        """uint8 mask (host) on the original grid for an item of ``RawVolumes`` (adds its stage timings)."""
+    def predict_original_grid(self, item: VolumeItem, decision: dict | None = None) -> np.ndarray:
+        """uint8 mask (host) on the original grid for an item of ``RawVolumes`` (adds its stage timings; ``decision``)."""
         if item.timings is None:
             item.timings = {}
         geometry = item.geometry
         return self.predictor().mask(item.image, geometry.spacing, geometry.size, preprocessed=item.preprocessed,
-                                     timings=item.timings)
+                                     timings=item.timings, decision=decision)
 
     def min_component_ml(self) -> float:
         """Components below this volume are removed (``inference.min_component_ml``; "auto": the validation choice)."""
@@ -171,6 +175,7 @@ class FlareSegmentationModule(L.LightningModule):
             prediction, label = to_host(logits.argmax(0).to(torch.uint8)), to_host(batch.label)
             prediction, label = without_ignored(prediction, label, self.plan.ignore_label)  # a dataset's ignore label
             self.postprocessing_scores.update(prediction, label, batch.spacing)
+            self.healthy_scores.update(prediction, to_host(tumour_probability(logits)), label, batch.spacing)
             if self.inference.min_component_ml not in (0, 0.0, "auto"):
                 prediction = remove_small_components(prediction, batch.spacing, self.min_component_ml())
             self.val_metrics.update(prediction, label, batch.spacing, batch.index)
@@ -216,6 +221,9 @@ class FlareSegmentationModule(L.LightningModule):
                                    "val_dsc_by_min_component_ml": {str(t): round(v, 6) for t, v in scores.items()}}
             self.log("val/pp_min_component_ml", chosen)
             self.log("val/dsc_postprocessed", scores[chosen])
+            self.postprocessing["healthy_decision"] = decision = self.healthy_scores.choose(self.min_component_ml())
+            self.log("val/healthy_decision_mass_ml", decision["mass_ml"] or 0.0)  # 0: off
+            self.log("val/dsc_healthy_decision", decision["val_dsc"])
         else:
             counts = self._pseudo_counts
             if self.trainer.world_size > 1:
@@ -233,14 +241,16 @@ class FlareSegmentationModule(L.LightningModule):
             return
         if batch.error is not None:
             raise ValueError(batch.error)
-        mask = self.predict_original_grid(batch)  # on the host
+        decision: dict = {}
+        mask = self.predict_original_grid(batch, decision)  # on the host
         label = to_host(batch.label)  # the host/device boundary
         spacing = batch.geometry.spacing
         self.test_metrics.update(mask, label, spacing, batch.index)
         voxel_ml = float(np.prod(spacing)) / 1000.0
         self.test_rows.append({"case": batch.case_id, "index": batch.index,
                                "reference_ml": float((label > 0).sum()) * voxel_ml,
-                               "predicted_ml": float((mask > 0).sum()) * voxel_ml})
+                               "predicted_ml": float((mask > 0).sum()) * voxel_ml,
+                               **case_report_fields(mask, label, spacing, decision)})
 
     def on_test_epoch_start(self) -> None:
         self.test_rows = []
@@ -250,6 +260,8 @@ class FlareSegmentationModule(L.LightningModule):
         self.log("test/dsc", result["dsc"])
         self.log("test/nsd", result["nsd"])
         rows = self._per_case_rows()
+        for key, value in headline_metrics(build_summary(rows)).items():  # healthy FP rates, lesion recall/precision
+            self.log(f"test/{key}", value)
         self.test_results = {"summary": {k: float(v) for k, v in result.items()}, "cases": rows}
         self.test_metrics.reset()
         if self.trainer.is_global_zero:
@@ -261,6 +273,7 @@ class FlareSegmentationModule(L.LightningModule):
             print_test_table(self.test_results)
             print(f"Postprocessing: components below {self.min_component_ml():g} ml removed"
                   + (" (min_component_ml auto: chosen on the validation fold)" if self.inference.min_component_ml == "auto" else ""))
+            print(decision_line(self.inference.healthy_decision, self.postprocessing))
             for logger in self.loggers:
                 if hasattr(logger, "log_table"):  # W&B
                     logger.log_table(key="test/per_case", columns=COLUMNS[:6], data=[[r[c] for c in COLUMNS[:6]] for r in rows])
@@ -281,8 +294,10 @@ class FlareSegmentationModule(L.LightningModule):
         for row in self._gathered_test_rows():
             d, n = scores.get(row["index"], (float("nan"), float("nan")))
             healthy_fp = row["reference_ml"] == 0 and row["predicted_ml"] > 0
+            extras = {k: v for k, v in row.items() if k not in ("case", "index", "reference_ml", "predicted_ml")}
             rows.append({"case": row["case"], "dsc": d, "nsd": n, "reference_ml": row["reference_ml"],
-                         "predicted_ml": row["predicted_ml"], "healthy_false_positive": healthy_fp})
+                         "predicted_ml": row["predicted_ml"], "healthy_false_positive": healthy_fp,
+                         **extras, "dsc_components_only": extras.get("dsc_components_only", d)})
         return rows
 
     def predict_step(self, batch: VolumeItem, batch_idx: int, dataloader_idx: int = 0) -> Prediction:

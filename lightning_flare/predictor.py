@@ -1,5 +1,5 @@
 """From an image to a mask: sliding window (with mirroring) on the plan's grid, logits back to the original grid,
-small-component removal. No Lightning here: the module's steps, ``python -m lightning_flare.predict`` and the
+small-component removal, the healthy-scan decision. No Lightning here: the module's steps, ``python -m lightning_flare.predict`` and the
 benchmarks all run this."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torch import nn
 
 from .body_box import body_box, body_threshold
 from .device import synchronize
+from .healthy_decision import check_setting, chosen_mass_threshold, decide
 from .inference import check_autocast_setting, sliding_window_logits, use_channels_last, window_batch_size
 from .io import Geometry
 from .plan import Plan
@@ -34,6 +35,9 @@ class InferenceSettings:
     - ``autocast``: true, false, "auto", "bf16" or "fp16" (``inference.autocast_dtype``);
     - ``min_component_ml``: remove predicted components below this volume; "auto": the volume chosen on the
       validation fold (kept in the checkpoint);
+    - ``healthy_decision``: "off" (the default), "auto" (the threshold chosen on the validation fold, kept in the
+      checkpoint; off for checkpoints without one) or a probability mass in ml: a scan whose most probable
+      component (after ``min_component_ml``) carries less tumour probability is emptied (``healthy_decision.py``);
     - ``skip_air``: run only the windows that touch the body (``body_box``: parts above -500 HU, grown by
       ``body_margin_mm``); inside that box the logits are those of the whole grid, outside it background.
     """
@@ -46,6 +50,7 @@ class InferenceSettings:
     tta: bool = False
     autocast: bool | str = "auto"
     min_component_ml: float | str = 0.0
+    healthy_decision: bool | float | str = "off"  # YAML's off is false: read as "off"
     skip_air: bool = False
     body_margin_mm: float = 20.0
 
@@ -68,6 +73,7 @@ class InferenceSettings:
         value = self.min_component_ml
         if not (value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0)):
             raise ValueError(f"min_component_ml must be a volume in ml (>= 0) or 'auto', got {value!r}")
+        object.__setattr__(self, "healthy_decision", check_setting(self.healthy_decision))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "InferenceSettings":
@@ -125,6 +131,10 @@ class Predictor:
     def min_component_ml(self) -> float:
         return chosen_min_component_ml(self.settings, self.postprocessing)
 
+    def healthy_mass_ml(self) -> float | None:
+        """The healthy-scan decision's threshold in force (None: off)."""
+        return chosen_mass_threshold(self.settings.healthy_decision, self.postprocessing)
+
     @contextlib.contextmanager
     def full_resolution_net(self):
         """The network with deep supervision off (only the full-resolution head), restored afterwards."""
@@ -158,10 +168,12 @@ class Predictor:
         return torch.softmax(self.logits(image), 0)
 
     def mask(self, image: torch.Tensor, spacing, size, preprocessed: bool = True,
-             timings: dict[str, float] | None = None) -> np.ndarray:
+             timings: dict[str, float] | None = None, decision: dict | None = None) -> np.ndarray:
         """uint8 mask (host) of ``size`` on the original grid of ``spacing``; ``image`` is preprocessed (1, x, y, z),
         or, not ``preprocessed``, the raw HU volume (preprocessed here, on the device). Stage seconds go to
-        ``timings`` (device work is waited for before each clock is read)."""
+        ``timings`` (device work is waited for before each clock is read). With the healthy-scan decision on,
+        ``decision`` receives its features (``healthy_decision.decide``) and, when it emptied a mask,
+        ``components_only_mask``: the mask of small-component removal alone."""
         timings = {} if timings is None else timings
         if not preprocessed:
             start = time.perf_counter()
@@ -175,5 +187,12 @@ class Predictor:
         nearest = probability_axis(self.plan.target_spacing, spacing, self.plan.resampling)
         mask = remove_small_components(resample_to_mask(logits, size, nearest_axis=nearest), spacing,
                                        self.min_component_ml())
+        threshold = self.healthy_mass_ml()
+        if threshold is not None:  # features on the plan's grid, where the threshold was chosen (validation)
+            found = decide(logits, self.plan.target_spacing, self.min_component_ml(), threshold)
+            if found["healthy"] and mask.any():
+                found["components_only_mask"], mask = mask, np.zeros_like(mask)
+            if decision is not None:
+                decision.update(found)
         timings.update(network=network - start, postprocess=time.perf_counter() - network)
         return mask

@@ -1,7 +1,20 @@
 """Test reports: per-case CSV, summary JSON and a table in the form of the paper's Table 5.
 
 Rows are dicts with the keys of ``COLUMNS`` (``case, dsc, nsd, reference_ml, predicted_ml,
-healthy_false_positive``) and optionally ``missing`` (no prediction for that label: scored 0).
+healthy_false_positive``) and optionally ``missing`` (no prediction for that label: scored 0) and the
+``EXTRA_COLUMNS`` (the module's test rows carry them all; a CSV gets them when any row has them):
+
+- ``predicted_ml_components_only`` / ``dsc_components_only``: the prediction of small-component removal alone,
+  before the healthy-scan decision (equal to ``predicted_ml`` / ``dsc`` where the decision is off or kept the mask);
+- ``lesions_reference``, ``lesions_detected``, ``components_predicted``, ``components_true_positive``: lesion-wise
+  counts (``lesion_metrics``: 26-connected components; detected = overlapped by any predicted voxel);
+- ``decision_mass_ml``: the healthy-scan decision's feature (probability mass of the most probable component).
+
+Summary keys beside DSC / NSD (``HEADLINE_KEYS``, also logged as ``test/<key>`` at the end of ``test``; None where
+undefined): ``healthy_fp_rate`` (fraction of healthy cases, empty reference, with a non-empty final mask),
+``healthy_fp_rate_components_only`` (the same for small-component removal alone), ``lesion_recall`` and
+``lesion_precision`` (pooled over all cases: detected / reference lesions, true-positive / predicted components),
+``dsc_lesion_cases`` and ``dsc_lesion_cases_components_only`` (mean DSC over cases with a reference lesion).
 """
 from __future__ import annotations
 
@@ -13,10 +26,15 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .io import write_text
+from .lesion_metrics import pooled_lesion_scores
 from .metrics.functional import summarize
 
 COLUMNS = ["case", "dsc", "nsd", "reference_ml", "predicted_ml", "healthy_false_positive"]
 CSV_COLUMNS = [*COLUMNS, "missing"]  # the trailing flag marks labels without a prediction
+EXTRA_COLUMNS = ["predicted_ml_components_only", "dsc_components_only", "lesions_reference", "lesions_detected",
+                 "components_predicted", "components_true_positive", "decision_mass_ml"]
+HEADLINE_KEYS = ("healthy_fp_rate", "healthy_fp_rate_components_only", "lesion_recall", "lesion_precision",
+                 "dsc_lesion_cases", "dsc_lesion_cases_components_only")
 CSV_NAME = "metrics_per_case.csv"
 SUMMARY_NAME = "metrics_summary.json"
 
@@ -24,6 +42,32 @@ SUMMARY_NAME = "metrics_summary.json"
 def _scores(rows: Iterable[dict], key: str) -> list[float]:
     """Per-case scores without NaN (a case the model could not score is left out of the statistics)."""
     return [float(r[key]) for r in rows if not math.isnan(float(r[key]))]
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def healthy_and_lesion_scores(rows: list[dict]) -> dict:
+    """Healthy-scan false-positive rates (final masks; small-component removal alone) and mean DSC over the
+    lesion cases (both), None where undefined (no healthy / lesion case, or rows without the fields)."""
+    healthy = [r for r in rows if r["reference_ml"] == 0]
+    lesion = [r for r in rows if r["reference_ml"] > 0]
+    alone = all("predicted_ml_components_only" in r for r in rows)
+    fp_alone = sum(float(r["predicted_ml_components_only"]) > 0 for r in healthy) if alone else None
+    return {
+        "healthy_fp_rate": _mean([float(bool(r["healthy_false_positive"])) for r in healthy]),
+        "healthy_fp_rate_components_only": fp_alone / len(healthy) if alone and healthy else None,
+        "healthy_cases_with_false_positives_components_only": fp_alone,
+        "dsc_lesion_cases": _mean(_scores(lesion, "dsc")),
+        "dsc_lesion_cases_components_only": _mean(_scores(lesion, "dsc_components_only"))
+        if all("dsc_components_only" in r for r in rows) else None,
+    }
+
+
+def headline_metrics(summary: dict) -> dict[str, float]:
+    """The ``HEADLINE_KEYS`` of a summary that are defined, as floats (what ``test`` logs)."""
+    return {k: float(summary[k]) for k in HEADLINE_KEYS if summary.get(k) is not None}
 
 
 def build_summary(rows: list[dict], extra_predictions: Sequence[str] = (),
@@ -40,6 +84,8 @@ def build_summary(rows: list[dict], extra_predictions: Sequence[str] = (),
         "healthy_cases_with_false_positives": sum(bool(r["healthy_false_positive"]) for r in rows),
         "missing_predictions": [r["case"] for r in rows if r.get("missing")],
         "extra_predictions": sorted(extra_predictions),
+        **healthy_and_lesion_scores(rows),
+        **pooled_lesion_scores(rows),
     }
     if tolerance_mm is not None:
         summary["tolerance_mm"] = float(tolerance_mm)
@@ -47,11 +93,13 @@ def build_summary(rows: list[dict], extra_predictions: Sequence[str] = (),
 
 
 def per_case_csv(rows: list[dict]) -> str:
+    extra = [c for c in EXTRA_COLUMNS if any(c in r for r in rows)]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=[*CSV_COLUMNS, *extra], lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({**{k: row[k] for k in COLUMNS}, "missing": bool(row.get("missing", False))})
+        writer.writerow({**{k: row[k] for k in COLUMNS}, "missing": bool(row.get("missing", False)),
+                         **{k: row.get(k, "") for k in extra}})
     return buffer.getvalue()
 
 
@@ -96,12 +144,40 @@ def format_table(rows: list[dict], summary: dict | None = None) -> str:
                      f"median {s['median']:.4f} (IQR {s['q1']:.4f}-{s['q3']:.4f})")
     lines.append(f"Healthy cases with false positives: {summary['healthy_cases_with_false_positives']}"
                  f" of {summary['healthy_cases']} healthy cases")
+    lines.extend(_healthy_and_lesion_lines(summary))
     missing, extra = summary.get("missing_predictions", []), summary.get("extra_predictions", [])
     if missing:
         lines.append(f"Missing predictions (scored DSC = NSD = 0): {len(missing)}: {_names(missing)}")
     if extra:
         lines.append(f"Extra predictions without a label (ignored): {len(extra)}: {_names(extra)}")
     return "\n".join(lines)
+
+
+def _fraction(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _healthy_and_lesion_lines(summary: dict) -> list[str]:
+    """The healthy-scan false-positive rates and lesion-wise recall / precision, where the summary has them."""
+    lines = []
+    if summary.get("healthy_fp_rate") is not None:
+        line = f"Healthy-scan false-positive rate: {_fraction(summary['healthy_fp_rate'])}"
+        if summary.get("healthy_fp_rate_components_only") is not None:
+            line += (f" (small-component removal alone: {_fraction(summary['healthy_fp_rate_components_only'])},"
+                     f" {summary['healthy_cases_with_false_positives_components_only']} of {summary['healthy_cases']})")
+        lines.append(line)
+    if summary.get("dsc_lesion_cases") is not None:
+        line = f"Mean DSC on lesion cases: {summary['dsc_lesion_cases']:.4f}"
+        if summary.get("dsc_lesion_cases_components_only") is not None:
+            line += f" (small-component removal alone: {summary['dsc_lesion_cases_components_only']:.4f})"
+        lines.append(line)
+    counts = summary.get("lesion_counts")
+    if counts:
+        lines.append(f"Lesion-wise recall {_fraction(summary['lesion_recall'])} ({counts['lesions_detected']} of "
+                     f"{counts['lesions_reference']} reference lesions detected), precision "
+                     f"{_fraction(summary['lesion_precision'])} ({counts['components_true_positive']} of "
+                     f"{counts['components_predicted']} predicted components overlap a lesion)")
+    return lines
 
 
 def print_test_table(results: dict) -> None:

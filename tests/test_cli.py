@@ -70,6 +70,35 @@ def test_test_reports_per_case(trained, tiny_dataset, capsys):
     assert summary["dsc"]["mean"] == pytest.approx(float(metrics["test/dsc"]), abs=1e-6)
 
 
+def test_test_reports_healthy_decision_and_lesion_scores(trained):
+    """Full validation chose the healthy-scan decision (or said why not) after min_component_ml; a test run with a
+    threshold that empties every scan reports the new keys, and small-component removal alone scores as a run
+    without the decision."""
+    from lightning_flare.report import HEADLINE_KEYS
+
+    args, ckpt, _, _ = trained
+    postprocessing = torch.load(ckpt, map_location="cpu", weights_only=True)["postprocessing"]
+    record = postprocessing["healthy_decision"]
+    assert record["reason"] in ("chosen", "no_healthy_cases", "no_lesion_cases", "no_gain")
+    assert record["after_min_component_ml"] == postprocessing["min_component_ml"]  # demo.yaml: min_component_ml auto
+    assert (record["mass_ml"] is None) == (record["reason"] != "chosen")
+    runs = {}
+    for setting in ("off", "1e9"):
+        result = cli.main(["test", *args, "--ckpt_path", str(ckpt), "--model.inference.healthy_decision", setting,
+                           "--model.report_dir", str(ckpt.parent / f"report_{setting}")])
+        summary = json.loads((ckpt.parent / f"report_{setting}" / "metrics_summary.json").read_text())
+        assert set(HEADLINE_KEYS) <= set(summary) and "lesion_counts" in summary
+        runs[setting] = (summary, result.model.test_results["cases"], result.trainer.callback_metrics)
+    (off, off_cases, off_metrics), (emptied, emptied_cases, _) = runs["off"], runs["1e9"]
+    assert off_metrics["test/dsc_lesion_cases"] == pytest.approx(off["dsc_lesion_cases"])
+    assert off["healthy_fp_rate_components_only"] == off["healthy_fp_rate"]  # no decision: the same masks
+    assert all(c["predicted_ml"] == 0 and c["components_predicted"] == 0 for c in emptied_cases)
+    assert [c["predicted_ml_components_only"] for c in emptied_cases] == pytest.approx([c["predicted_ml"] for c in off_cases])
+    assert emptied["dsc_lesion_cases_components_only"] == pytest.approx(off["dsc_lesion_cases"], abs=1e-6)
+    assert emptied["lesion_counts"]["lesions_reference"] == off["lesion_counts"]["lesions_reference"] > 0
+    assert emptied["lesion_recall"] == 0.0 and emptied["lesion_precision"] is None  # nothing predicted at all
+
+
 def test_predict_writes_masks_on_the_input_grid(trained, tmp_path):
     """Non-identity direction and odd spacing: the mask has exactly the input's geometry, values 0/1."""
     args, ckpt, out, _ = trained

@@ -27,12 +27,17 @@ def _assert_loaded(module) -> None:
     assert module.plan.target_spacing == (4.0, 4.0, 5.0) and module.plan.patch_size == (16, 16, 16)
 
 
-def test_old_checkpoint_tests(tiny_dataset, tmp_path):
-    result = cli.main(["test", *tiny_cli_args(tiny_dataset, tmp_path / "cache", tmp_path), "--ckpt_path", str(OLD)])
+def test_old_checkpoint_tests(tiny_dataset, tmp_path, capsys):
+    """healthy_decision auto: the checkpoint predates the decision, so none applies (masks as before)."""
+    result = cli.main(["test", *tiny_cli_args(tiny_dataset, tmp_path / "cache", tmp_path), "--ckpt_path", str(OLD),
+                       "--model.inference.healthy_decision", "auto"])
     _assert_loaded(result.model)
     metrics = result.trainer.callback_metrics
     assert 0 <= float(metrics["test/dsc"]) <= 1 and 0 <= float(metrics["test/nsd"]) <= 1
-    assert len(result.model.test_results["cases"]) == len(list((tiny_dataset / "imagesTs").glob("*.nii.gz")))
+    cases = result.model.test_results["cases"]
+    assert len(cases) == len(list((tiny_dataset / "imagesTs").glob("*.nii.gz")))
+    assert "Healthy-scan decision: none (auto: no validation choice in the checkpoint)" in capsys.readouterr().out
+    assert all(c["predicted_ml_components_only"] == c["predicted_ml"] and "decision_mass_ml" not in c for c in cases)
 
 
 def test_old_checkpoint_predicts(tiny_dataset, tmp_path):

@@ -70,9 +70,29 @@ def test_a_broken_input_is_reported_after_the_others_are_written(tiny_dataset, t
     assert (tmp_path / "outputs" / good.name.replace("_0000", "")).is_file()
 
 
+def test_the_checkpoints_healthy_decision_applies_with_auto(tiny_dataset, tmp_path):
+    """A checkpoint whose validation chose a (huge) healthy-scan threshold: --set healthy_decision=auto empties
+    every mask; off (YAML's false) keeps them as before."""
+    import torch
+
+    checkpoint = torch.load(CKPT, map_location="cpu", weights_only=True)
+    checkpoint["postprocessing"] = {**(checkpoint.get("postprocessing") or {}),
+                                    "healthy_decision": {"mass_ml": 1e9, "after_min_component_ml": 0.0}}
+    torch.save(checkpoint, tmp_path / "decided.ckpt")
+    masks = {}
+    for setting in ("auto", "off"):
+        out = tmp_path / setting
+        assert main(["--ckpt", str(tmp_path / "decided.ckpt"), "-i", str(tiny_dataset / "imagesTs"), "-o", str(out),
+                     "--set", f"healthy_decision={setting}"]) == 0
+        masks[setting] = [sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted(out.glob("*.nii.gz"))]
+    assert len(masks["off"]) == 2 and all(m.any() for m in masks["off"])  # the old model predicts tumour here
+    assert len(masks["auto"]) == 2 and not any(m.any() for m in masks["auto"])
+
+
 def test_settings_from_config_and_overrides(tmp_path):
     settings = settings_from(str(ROOT / "configs" / "demo.yaml"), ["tta=false", "sw_batch_size=2"])
     assert settings.tta is False and settings.sw_batch_size == 2 and settings.min_component_ml == "auto"
+    assert settings.healthy_decision == "off"  # demo.yaml's `off`, which YAML reads as false
     with pytest.raises(ValueError, match="unknown inference settings"):
         settings_from(None, ["windows=3"])
     with pytest.raises(ValueError, match="KEY=VALUE"):

@@ -1,0 +1,48 @@
+"""The stateful side of the healthy-scan decision: per-case features over validation cases, DDP-gathered."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from ..device import to_host
+from ..healthy_decision import choose_from_rows, validation_row
+from ..postprocessing import CANDIDATES_ML
+
+
+class HealthyDecisionScores(Metric):
+    """One ``healthy_decision.validation_row`` per validation case (healthy flag, and per candidate
+    ``min_component_ml``: the largest component's probability mass and the FLARE DSC); ``choose`` picks the
+    operating point after the ``min_component_ml`` in force and says in the log when its outcome changes."""
+
+    full_state_update = False
+
+    def __init__(self, candidates_ml: Sequence[float] = CANDIDATES_ML, also_ml: float | str = "auto", **kwargs) -> None:
+        """``also_ml``: a fixed ``inference.min_component_ml`` to score as well ("auto": only the candidates)."""
+        super().__init__(**kwargs)
+        extra = [] if also_ml == "auto" else [float(also_ml)]
+        self.candidates = tuple(sorted({float(c) for c in [*candidates_ml, *extra]}))
+        self.add_state("rows", default=[], dist_reduce_fx="cat")  # flat float32 rows (an empty rank: no row)
+        self._last_outcome: tuple | None = None
+
+    def update(self, prediction, probability, reference, spacing_mm: Sequence[float]) -> None:
+        prediction, probability, reference = to_host(prediction), to_host(probability), to_host(reference)
+        row = validation_row(prediction, probability, reference, spacing_mm, self.candidates)
+        self.rows.append(torch.tensor(row, dtype=torch.float32, device=self.device))
+
+    def compute(self) -> torch.Tensor:
+        rows = dim_zero_cat(self.rows) if len(self.rows) else torch.zeros(0)
+        return rows.reshape(-1, 1 + 2 * len(self.candidates))
+
+    def choose(self, after_min_component_ml: float) -> dict:
+        """The decision record for the checkpoint (``healthy_decision.choose_from_rows``); resets the states."""
+        record = choose_from_rows(to_host(self.compute()).astype(float), self.candidates, after_min_component_ml)
+        self.reset()
+        outcome = (record["reason"], record["mass_ml"])
+        if outcome != self._last_outcome:  # a new threshold or reason, not every epoch's numbers
+            rank_zero_info(record["status"])
+            self._last_outcome = outcome
+        return record
