@@ -45,15 +45,21 @@ def _fit_and_test(name: str, out: Path, extra: list[str]) -> dict:
     cli.main(["fit", *common])
     fit_s = time.perf_counter() - started
     test = cli.main(["test", *common, "--ckpt_path", str(root / "checkpoints" / "last.ckpt")])
-    summary = dict(test.model.test_results["summary"])
-    lesion_dsc = [c["dsc"] for c in test.model.test_results["cases"] if c.get("reference_voxels", 1) > 0
-                  and not c.get("healthy", False)]
-    summary.setdefault("dsc_lesion_cases", sum(lesion_dsc) / max(len(lesion_dsc), 1))
+    from lightning_flare.report import build_summary, headline_metrics
+
+    results = test.model.test_results
+    summary = {**results["summary"], **headline_metrics(build_summary(results["cases"]))}
     return {"arm": name, "fit_s": fit_s, **summary}
+
+
+def _defined(row: dict) -> dict:
+    """The row with undefined scores (None: e.g. no healthy test case) as NaN, so every check reads MISSED."""
+    return {k: float("nan") if v is None else v for k, v in row.items()}
 
 
 def goal_lines(rows: dict[str, dict]) -> list[str]:
     """Issue 16's goals from the three arms' rows (keys 'a', 'b', 'c')."""
+    rows = {k: _defined(v) for k, v in rows.items()}
     a, b, c = rows["a"], rows["b"], rows["c"]
     best = max(b["dsc"], c["dsc"])
     lines = [
@@ -75,8 +81,8 @@ def format_rows(rows: dict[str, dict]) -> str:
     widths = [max(len(c), 8) for c in COLUMNS]
     lines = ["  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths))]
     for row in rows.values():
-        cells = [row["arm"]] + [f"{row.get(c, float('nan')):.3f}" if c != "wall_s" else f"{row['wall_s']:.0f}"
-                                for c in COLUMNS[1:]]
+        cells = [row["arm"]] + [f"{row['wall_s']:.0f}" if c == "wall_s" else
+                                "n/a" if row.get(c) is None else f"{row[c]:.3f}" for c in COLUMNS[1:]]
         lines.append("  ".join(v.rjust(w) for v, w in zip(cells, widths)))
     return "\n".join(lines)
 
