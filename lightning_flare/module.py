@@ -16,9 +16,9 @@ from .inference import autocast_context
 from .loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets
 from .metrics import FlareMetrics
 from .plan import Plan
-from .metrics.postprocessing_scores import ComponentThresholdScores
-from .postprocessing import choose_threshold, remove_small_components
-from .predictor import InferenceSettings, Prediction, Predictor, chosen_min_component_ml
+from .metrics.postprocessing_scores import ComponentThresholdScores, LargestComponentScores
+from .postprocessing import choose_largest_component, choose_threshold, keep_largest_component, remove_small_components
+from .predictor import InferenceSettings, Prediction, Predictor, chosen_min_component_ml, postprocessing_summary
 from .volumes import VolumeItem
 
 
@@ -69,6 +69,7 @@ class FlareSegmentationModule(L.LightningModule):
         if val_tta is not None and not isinstance(val_tta, bool):
             raise ValueError(f"val_tta must be true, false or null (= tta), got {val_tta!r}")
         self.postprocessing_scores = ComponentThresholdScores()  # candidates scored on every full validation
+        self.largest_component_scores = LargestComponentScores()  # the same, largest component only
         self.postprocessing: dict | None = None  # the latest validation choice, kept in the checkpoint
 
     # ----------------------------------------------------------------- set-up; the plan (handed over by the data module) in the checkpoint
@@ -160,8 +161,11 @@ class FlareSegmentationModule(L.LightningModule):
             # postprocessing are NumPy / SciPy (the metric's surfel search runs on its own device, the module's)
             prediction, label = to_host(logits.argmax(0).to(torch.uint8)), to_host(batch.label)
             self.postprocessing_scores.update(prediction, label, batch.spacing)
+            self.largest_component_scores.update(prediction, label, batch.spacing)
             if self.inference.min_component_ml not in (0, 0.0, "auto"):
                 prediction = remove_small_components(prediction, batch.spacing, self.min_component_ml())
+            if self.inference.largest_component is True:
+                prediction = keep_largest_component(prediction)
             self.val_metrics.update(prediction, label, batch.spacing, batch.index)
             return {"prediction": torch.from_numpy(prediction)}  # for ValidationImageLogger
         self._pseudo_dice_update(batch)
@@ -203,8 +207,11 @@ class FlareSegmentationModule(L.LightningModule):
             chosen = choose_threshold(scores)
             self.postprocessing = {"min_component_ml": chosen, "epoch": int(self.current_epoch),
                                    "val_dsc_by_min_component_ml": {str(t): round(v, 6) for t, v in scores.items()}}
-            self.log("val/pp_min_component_ml", chosen)
-            self.log("val/dsc_postprocessed", scores[chosen])
+            self.postprocessing.update(choose_largest_component(scores, self.largest_component_scores.compute()))
+            self.largest_component_scores.reset()
+            self.log("val/pp_min_component_ml", self.postprocessing["min_component_ml"])
+            self.log("val/pp_largest_component", float(self.postprocessing["largest_component_only"]))
+            self.log("val/dsc_postprocessed", self.postprocessing["val_dsc_postprocessed"])
         else:
             counts = self._pseudo_counts
             if self.trainer.world_size > 1:
@@ -248,8 +255,7 @@ class FlareSegmentationModule(L.LightningModule):
             self.test_results["report"] = write_reports(rows, out_dir, tolerance_mm=self.hparams.nsd_tolerance_mm)
             self.test_results["report_dir"] = out_dir
             print_test_table(self.test_results)
-            print(f"Postprocessing: components below {self.min_component_ml():g} ml removed"
-                  + (" (min_component_ml auto: chosen on the validation fold)" if self.inference.min_component_ml == "auto" else ""))
+            print(postprocessing_summary(self.inference, self.postprocessing))
             for logger in self.loggers:
                 if hasattr(logger, "log_table"):  # W&B
                     logger.log_table(key="test/per_case", columns=COLUMNS[:6], data=[[r[c] for c in COLUMNS[:6]] for r in rows])

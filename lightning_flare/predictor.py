@@ -1,5 +1,5 @@
 """From an image to a mask: sliding window (with mirroring) on the plan's grid, logits back to the original grid,
-small-component removal. No Lightning here: the module's steps, ``python -m lightning_flare.predict`` and the
+component postprocessing. No Lightning here: the module's steps, ``python -m lightning_flare.predict`` and the
 benchmarks all run this."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .device import synchronize
 from .inference import check_autocast_setting, sliding_window_logits, use_channels_last, window_batch_size
 from .io import Geometry
 from .plan import Plan
-from .postprocessing import remove_small_components
+from .postprocessing import keep_largest_component, remove_small_components
 from .preprocessing import preprocess_tensor
 from .resample import probability_axis, resample_to_mask
 
@@ -34,6 +34,8 @@ class InferenceSettings:
     - ``autocast``: true, false, "auto", "bf16" or "fp16" (``inference.autocast_dtype``);
     - ``min_component_ml``: remove predicted components below this volume; "auto": the volume chosen on the
       validation fold (kept in the checkpoint);
+    - ``largest_component``: keep only the largest predicted component (nnU-Net's "remove all but the largest
+      component"): true, false, or "auto": as chosen on the validation fold (kept in the checkpoint);
     - ``skip_air``: run only the windows that touch the body (``body_box``: parts above -500 HU, grown by
       ``body_margin_mm``); inside that box the logits are those of the whole grid, outside it background.
     """
@@ -46,6 +48,7 @@ class InferenceSettings:
     tta: bool = False
     autocast: bool | str = "auto"
     min_component_ml: float | str = 0.0
+    largest_component: bool | str = False
     skip_air: bool = False
     body_margin_mm: float = 20.0
 
@@ -68,6 +71,8 @@ class InferenceSettings:
         value = self.min_component_ml
         if not (value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0)):
             raise ValueError(f"min_component_ml must be a volume in ml (>= 0) or 'auto', got {value!r}")
+        if self.largest_component not in (True, False, "auto") or not isinstance(self.largest_component, (bool, str)):
+            raise ValueError(f"inference.largest_component must be true, false or 'auto', got {self.largest_component!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "InferenceSettings":
@@ -85,6 +90,21 @@ def chosen_min_component_ml(settings: InferenceSettings, postprocessing: Mapping
     """``settings.min_component_ml``, or for "auto" the volume chosen on the validation fold (0 before any)."""
     value = settings.min_component_ml
     return float((postprocessing or {}).get("min_component_ml", 0.0)) if value == "auto" else float(value)
+
+
+def chosen_largest_component(settings: InferenceSettings, postprocessing: Mapping[str, Any] | None) -> bool:
+    """``settings.largest_component``, or for "auto" the validation fold's choice (false before any, and in
+    checkpoints written before the choice existed)."""
+    value = settings.largest_component
+    return bool((postprocessing or {}).get("largest_component_only", False)) if value == "auto" else value
+
+
+def postprocessing_summary(settings: InferenceSettings, postprocessing: Mapping[str, Any] | None) -> str:
+    """One line: what the predictor's postprocessing does with these settings and this validation choice."""
+    auto = [name for name in ("min_component_ml", "largest_component") if getattr(settings, name) == "auto"]
+    largest = "; only the largest component kept" if chosen_largest_component(settings, postprocessing) else ""
+    return (f"Postprocessing: components below {chosen_min_component_ml(settings, postprocessing):g} ml removed{largest}"
+            + (f" ({', '.join(auto)} auto: chosen on the validation fold)" if auto else ""))
 
 
 @dataclass
@@ -108,7 +128,8 @@ class Prediction:
 class Predictor:
     """``net`` + ``plan`` + ``settings`` -> logits on the plan's grid, masks on the original grid.
 
-    ``postprocessing`` is the checkpoint's validation choice (read when ``min_component_ml`` is "auto");
+    ``postprocessing`` is the checkpoint's validation choice (read when ``min_component_ml`` or
+    ``largest_component`` is "auto");
     ``precision`` the trainer's ("bf16-mixed", ...), which ``autocast`` true / "auto" follow on CUDA."""
 
     def __init__(self, net: nn.Module, plan: Plan, settings: InferenceSettings = InferenceSettings(),
@@ -124,6 +145,9 @@ class Predictor:
 
     def min_component_ml(self) -> float:
         return chosen_min_component_ml(self.settings, self.postprocessing)
+
+    def largest_component(self) -> bool:
+        return chosen_largest_component(self.settings, self.postprocessing)
 
     @contextlib.contextmanager
     def full_resolution_net(self):
@@ -175,5 +199,6 @@ class Predictor:
         nearest = probability_axis(self.plan.target_spacing, spacing, self.plan.resampling)
         mask = remove_small_components(resample_to_mask(logits, size, nearest_axis=nearest), spacing,
                                        self.min_component_ml())
+        mask = keep_largest_component(mask) if self.largest_component() else mask
         timings.update(network=network - start, postprocess=time.perf_counter() - network)
         return mask
