@@ -18,6 +18,7 @@ from .metrics import FlareMetrics
 from .plan import Plan
 from .metrics.postprocessing_scores import ComponentThresholdScores, LargestComponentScores
 from .postprocessing import choose_largest_component, choose_threshold, keep_largest_component, remove_small_components
+from .report import log_case_volumes
 from .predictor import InferenceSettings, Prediction, Predictor, chosen_min_component_ml, postprocessing_summary
 from .volumes import VolumeItem
 
@@ -201,6 +202,8 @@ class FlareSegmentationModule(L.LightningModule):
         if self._full_validation_epoch():
             result = self.val_metrics.compute()
             self._last_full = {"val/dsc": float(result["dsc"]), "val/nsd": float(result["nsd"])}
+            self.log("val/volume_ratio_median", float(result["volume_ratio_median"]))  # lesion cases, predicted / reference
+            log_case_volumes(self.trainer, "val/volumes", self.val_metrics)  # W&B table: volumes per case
             self.val_metrics.reset()
             scores = self.postprocessing_scores.compute()
             self.postprocessing_scores.reset()
@@ -249,7 +252,7 @@ class FlareSegmentationModule(L.LightningModule):
         self.test_results = {"summary": {k: float(v) for k, v in result.items()}, "cases": rows}
         self.test_metrics.reset()
         if self.trainer.is_global_zero:
-            from .report import COLUMNS, print_test_table, write_reports
+            from .report import WANDB_COLUMNS, print_test_table, wandb_rows, write_reports
 
             out_dir = self.hparams.report_dir or os.path.join(self.trainer.default_root_dir, "test")
             self.test_results["report"] = write_reports(rows, out_dir, tolerance_mm=self.hparams.nsd_tolerance_mm)
@@ -258,7 +261,7 @@ class FlareSegmentationModule(L.LightningModule):
             print(postprocessing_summary(self.inference, self.postprocessing))
             for logger in self.loggers:
                 if hasattr(logger, "log_table"):  # W&B
-                    logger.log_table(key="test/per_case", columns=COLUMNS[:6], data=[[r[c] for c in COLUMNS[:6]] for r in rows])
+                    logger.log_table(key="test/per_case", columns=WANDB_COLUMNS, data=wandb_rows(rows))
 
     def _gathered_test_rows(self) -> list[dict]:
         """Every rank's per-case rows (DDP shards the test cases)."""
