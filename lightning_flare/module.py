@@ -168,7 +168,7 @@ class FlareSegmentationModule(L.LightningModule):
             if self.inference.largest_component is True:
                 prediction = keep_largest_component(prediction)
             self.val_metrics.update(prediction, label, batch.spacing, batch.index)
-            return {"prediction": torch.from_numpy(prediction)}  # for ValidationImageLogger
+            return {"prediction": torch.from_numpy(prediction)}  # for ValidationImageLogger, CasePanelLogger
         self._pseudo_dice_update(batch)
         return None
 
@@ -226,7 +226,7 @@ class FlareSegmentationModule(L.LightningModule):
         self.log("val/dsc", self._last_full["val/dsc"], prog_bar=True)
         self.log("val/nsd", self._last_full["val/nsd"], prog_bar=True)
 
-    def test_step(self, batch: VolumeItem, batch_idx: int) -> None:
+    def test_step(self, batch: VolumeItem, batch_idx: int) -> dict | None:
         if batch.padding:  # this rank has no case of its own (more ranks than cases)
             self.test_metrics.add_placeholder()
             return
@@ -240,6 +240,7 @@ class FlareSegmentationModule(L.LightningModule):
         self.test_rows.append({"case": batch.case_id, "index": batch.index,
                                "reference_ml": float((label > 0).sum()) * voxel_ml,
                                "predicted_ml": float((mask > 0).sum()) * voxel_ml})
+        return {"prediction": mask}  # for CasePanelLogger
 
     def on_test_epoch_start(self) -> None:
         self.test_rows = []
