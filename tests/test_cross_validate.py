@@ -116,3 +116,20 @@ def test_fold_all_through_the_cli(tiny_dataset, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lightning_flare.datamodule"):
         dm.val_dataloader()
     assert "fold 'all': the validation cases are the training cases" in caplog.text
+
+
+def test_fit_timer_leaves_out_the_warmup_iterations(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning_flare.fit_timer import FitTimer
+
+    timer = FitTimer(path="t.json", warmup=2)
+    timer.on_fit_start(None, None)
+    timer.times = [5.0, 3.0, 1.0, 2.0]  # two slow first iterations (oneDNN primitive creation)
+    trainer = SimpleNamespace(precision="32-true", is_global_zero=True, default_root_dir=str(tmp_path))
+    timer.on_fit_end(trainer, None)
+    record = json.loads((tmp_path / "t.json").read_text())
+    assert record["seconds_per_iteration"] == 1.5 and record["iteration_s"] == 11.0 and record["iterations"] == 4
+    assert record["precision"] == "32-true" and record["fit_s"] >= 0
+    with pytest.raises(ValueError, match="warmup must be an integer >= 0, got -1"):
+        FitTimer(warmup=-1)
