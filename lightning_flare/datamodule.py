@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 class FlareDataModule(L.LightningDataModule):
     """Spacing and patch sizes are (x, y, z). ``intensity_stats`` (clip_low, clip_high, mean, std) overrides
     the fingerprint's. ``synthetic`` (keyword arguments of ``lightning_flare.synthetic.write_dataset``) makes
-    ``prepare_data`` generate the embedded demo dataset into ``data_dir`` when it is absent."""
+    ``prepare_data`` generate the embedded demo dataset into ``data_dir`` when it is absent. ``test_split``: the
+    cases ``test`` scores: "auto" (imagesTs/labelsTs, else the fold's validation cases), "test" or "val" (the
+    fold's validation cases, e.g. for cross-validation)."""
 
     def __init__(
         self,
@@ -53,6 +55,7 @@ class FlareDataModule(L.LightningDataModule):
         num_workers: int = 2,
         preprocess_on: str = "loader",
         predict_dir: str | None = None,
+        test_split: str = "auto",
         synthetic: dict[str, Any] | None = None,
         seed: int = 0,
         verify: bool = True,
@@ -79,6 +82,11 @@ class FlareDataModule(L.LightningDataModule):
             raise ValueError(f"preprocess_on: device needs resampling: fast (torch), got resampling {resampling!r}")
         self.preprocess_on = preprocess_on  # test/predict: resample + normalise in loader workers or on the device
         self.predict_dir = predict_dir
+        if test_split not in ("auto", "test", "val"):
+            raise ValueError(f"test_split must be 'auto', 'test' or 'val', got {test_split!r}")
+        if test_split == "val" and str(fold) == "all":
+            raise ValueError("test_split 'val' with fold 'all': the validation cases of fold 'all' are its training cases")
+        self.test_split = test_split
         self.synthetic, self.seed, self.verify = synthetic, seed, verify
         self.plan: Plan | None = None
         self.skip_existing_in: str | None = None  # set by the CLI from the prediction writer
@@ -224,12 +232,18 @@ class FlareDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         plan = self.resolve_plan()
+        if str(self.fold) == "all" and self._is_global_zero():
+            log.warning("fold 'all': the validation cases are the training cases, so val/dsc measures the fit, not "
+                        "generalisation, and an 'auto' postprocessing would be chosen on training cases; train the "
+                        "final model with --trainer.limit_val_batches 0 and the postprocessing cross-validation chose")
         _, val_cases = self._fold_cases()
         return self._volume_loader(CachedVolumes(self._cache(plan, val_cases), plan.target_spacing))
 
     def test_dataloader(self) -> DataLoader:
         plan = self.resolve_plan()
-        cases = self.dataset.cases("Ts")
+        cases = self.dataset.cases("Ts") if self.test_split != "val" else []
+        if not cases and self.test_split == "test":
+            raise ValueError(f"{self.data_dir}: test_split 'test' but imagesTs/ holds no case")
         if not cases:
             cases = self._fold_cases()[1]
         if not cases:

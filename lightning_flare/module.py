@@ -17,12 +17,13 @@ from .loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, dow
 from .metrics import FlareMetrics
 from .partial_labels import PartialLabelSettings, training_target, without_ignored
 from .plan import Plan
-from .metrics.postprocessing_scores import ComponentThresholdScores
+from .metrics.postprocessing_scores import ComponentThresholdScores, LargestComponentScores
 from .metrics.healthy_decision_scores import HealthyDecisionScores
-from .healthy_decision import case_report_fields, decision_line, tumour_probability
-from .postprocessing import choose_threshold, remove_small_components
-from .predictor import InferenceSettings, Prediction, Predictor, chosen_min_component_ml
-from .report import build_summary, headline_metrics
+from .healthy_decision import case_report_fields, tumour_probability
+from .postprocessing import choose_largest_component, choose_threshold, keep_largest_component, remove_small_components
+from .predictor import InferenceSettings, Prediction, Predictor, chosen_min_component_ml, postprocessing_logs,
+                        postprocessing_summary
+from .report import build_summary, headline_metrics, log_case_volumes
 from .volumes import VolumeItem
 
 
@@ -77,6 +78,7 @@ class FlareSegmentationModule(L.LightningModule):
         if val_tta is not None and not isinstance(val_tta, bool):
             raise ValueError(f"val_tta must be true, false or null (= tta), got {val_tta!r}")
         self.postprocessing_scores = ComponentThresholdScores()  # candidates scored on every full validation
+        self.largest_component_scores = LargestComponentScores()  # the same, largest component only
         self.postprocessing: dict | None = None  # the latest validation choice, kept in the checkpoint
         self.healthy_scores = HealthyDecisionScores(also_ml=self.inference.min_component_ml)  # healthy-scan decision
 
@@ -176,10 +178,13 @@ class FlareSegmentationModule(L.LightningModule):
             prediction, label = without_ignored(prediction, label, self.plan.ignore_label)  # a dataset's ignore label
             self.postprocessing_scores.update(prediction, label, batch.spacing)
             self.healthy_scores.update(prediction, to_host(tumour_probability(logits)), label, batch.spacing)
+            self.largest_component_scores.update(prediction, label, batch.spacing)
             if self.inference.min_component_ml not in (0, 0.0, "auto"):
                 prediction = remove_small_components(prediction, batch.spacing, self.min_component_ml())
+            if self.inference.largest_component is True:
+                prediction = keep_largest_component(prediction)
             self.val_metrics.update(prediction, label, batch.spacing, batch.index)
-            return {"prediction": torch.from_numpy(prediction)}  # for ValidationImageLogger
+            return {"prediction": torch.from_numpy(prediction)}  # for ValidationImageLogger, CasePanelLogger
         self._pseudo_dice_update(batch)
         return None
 
@@ -213,17 +218,19 @@ class FlareSegmentationModule(L.LightningModule):
         if self._full_validation_epoch():
             result = self.val_metrics.compute()
             self._last_full = {"val/dsc": float(result["dsc"]), "val/nsd": float(result["nsd"])}
+            self.log("val/volume_ratio_median", float(result["volume_ratio_median"]))  # lesion cases, predicted / reference
+            log_case_volumes(self.trainer, "val/volumes", self.val_metrics)  # W&B table: volumes per case
             self.val_metrics.reset()
             scores = self.postprocessing_scores.compute()
             self.postprocessing_scores.reset()
             chosen = choose_threshold(scores)
             self.postprocessing = {"min_component_ml": chosen, "epoch": int(self.current_epoch),
                                    "val_dsc_by_min_component_ml": {str(t): round(v, 6) for t, v in scores.items()}}
-            self.log("val/pp_min_component_ml", chosen)
-            self.log("val/dsc_postprocessed", scores[chosen])
-            self.postprocessing["healthy_decision"] = decision = self.healthy_scores.choose(self.min_component_ml())
-            self.log("val/healthy_decision_mass_ml", decision["mass_ml"] or 0.0)  # 0: off
-            self.log("val/dsc_healthy_decision", decision["val_dsc"])
+            self.postprocessing.update(choose_largest_component(scores, self.largest_component_scores.compute()))
+            self.largest_component_scores.reset()
+            self.postprocessing["healthy_decision"] = self.healthy_scores.choose(self.min_component_ml())
+            for key, value in postprocessing_logs(self.postprocessing).items():
+                self.log(key, value)
         else:
             counts = self._pseudo_counts
             if self.trainer.world_size > 1:
@@ -235,7 +242,7 @@ class FlareSegmentationModule(L.LightningModule):
         self.log("val/dsc", self._last_full["val/dsc"], prog_bar=True)
         self.log("val/nsd", self._last_full["val/nsd"], prog_bar=True)
 
-    def test_step(self, batch: VolumeItem, batch_idx: int) -> None:
+    def test_step(self, batch: VolumeItem, batch_idx: int) -> dict | None:
         if batch.padding:  # this rank has no case of its own (more ranks than cases)
             self.test_metrics.add_placeholder()
             return
@@ -251,6 +258,7 @@ class FlareSegmentationModule(L.LightningModule):
                                "reference_ml": float((label > 0).sum()) * voxel_ml,
                                "predicted_ml": float((mask > 0).sum()) * voxel_ml,
                                **case_report_fields(mask, label, spacing, decision)})
+        return {"prediction": mask}  # for CasePanelLogger
 
     def on_test_epoch_start(self) -> None:
         self.test_rows = []
@@ -265,18 +273,16 @@ class FlareSegmentationModule(L.LightningModule):
         self.test_results = {"summary": {k: float(v) for k, v in result.items()}, "cases": rows}
         self.test_metrics.reset()
         if self.trainer.is_global_zero:
-            from .report import COLUMNS, print_test_table, write_reports
+            from .report import WANDB_COLUMNS, print_test_table, wandb_rows, write_reports
 
             out_dir = self.hparams.report_dir or os.path.join(self.trainer.default_root_dir, "test")
             self.test_results["report"] = write_reports(rows, out_dir, tolerance_mm=self.hparams.nsd_tolerance_mm)
             self.test_results["report_dir"] = out_dir
             print_test_table(self.test_results)
-            print(f"Postprocessing: components below {self.min_component_ml():g} ml removed"
-                  + (" (min_component_ml auto: chosen on the validation fold)" if self.inference.min_component_ml == "auto" else ""))
-            print(decision_line(self.inference.healthy_decision, self.postprocessing))
+            print(postprocessing_summary(self.inference, self.postprocessing))
             for logger in self.loggers:
                 if hasattr(logger, "log_table"):  # W&B
-                    logger.log_table(key="test/per_case", columns=COLUMNS[:6], data=[[r[c] for c in COLUMNS[:6]] for r in rows])
+                    logger.log_table(key="test/per_case", columns=WANDB_COLUMNS, data=wandb_rows(rows))
 
     def _gathered_test_rows(self) -> list[dict]:
         """Every rank's per-case rows (DDP shards the test cases)."""

@@ -1,9 +1,10 @@
 """Connected-component postprocessing, chosen on the validation fold (as nnU-Net chooses its postprocessing).
 
 FLARE scores a healthy case 0 for a single false-positive voxel, so small spurious components matter. The
-rule here: drop predicted tumour components smaller than ``min_component_ml``. The threshold is picked from
-a few candidates on validation cases (never on test cases) by mean FLARE DSC; 0 (keep everything) unless a
-threshold does strictly better.
+rules here: drop predicted tumour components smaller than ``min_component_ml``, and nnU-Net's "remove all but
+the largest component" of the foreground (``largest_component_only``). Both are picked on validation cases
+(never on test cases) by mean FLARE DSC: a threshold from a few candidates, 0 (keep everything) unless one does
+strictly better; the largest component only when it strictly beats the best without it.
 """
 from __future__ import annotations
 
@@ -43,6 +44,19 @@ def remove_small_components(mask: np.ndarray, spacing_mm: Sequence[float], min_m
     return out
 
 
+def keep_largest_component(mask: np.ndarray) -> np.ndarray:
+    """nnU-Net's "remove all but the largest component" on the foreground: ``mask`` with every foreground
+    component (26-connected, over all labels > 0) but the one of most voxels set to background (the first of
+    equal ones). Returns ``mask`` itself when it has at most one component."""
+    components, count = ndimage.label(mask > 0, structure=_CONNECTIVITY)
+    if count <= 1:
+        return mask
+    largest = 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
+    out = mask.copy()
+    out[(components != largest) & (components > 0)] = 0
+    return out
+
+
 def flare_dsc(prediction: np.ndarray, reference: np.ndarray) -> float:
     """FLARE DSC of binary tumour masks: 1 when both are empty, 0 when exactly one is."""
     p, r = prediction > 0, reference > 0
@@ -53,9 +67,13 @@ def flare_dsc(prediction: np.ndarray, reference: np.ndarray) -> float:
 
 
 def case_scores(prediction: np.ndarray, reference: np.ndarray, spacing_mm: Sequence[float],
-                candidates_ml: Sequence[float]) -> list[float]:
-    """FLARE DSC of one case after removing components below each candidate volume (labelled once)."""
+                candidates_ml: Sequence[float], largest_only: bool = False) -> list[float]:
+    """FLARE DSC of one case after removing components below each candidate volume (labelled once); with
+    ``largest_only``, of its largest component alone (``keep_largest_component``) below each candidate."""
     components, volumes = component_volumes(prediction, spacing_mm)
+    if largest_only and len(volumes) > 2:  # every other component can never be kept
+        largest = 1 + int(np.argmax(volumes[1:]))
+        volumes = np.where(np.arange(len(volumes)) == largest, volumes, -np.inf)
     scores = []
     for threshold in candidates_ml:
         keep = volumes >= threshold
@@ -81,3 +99,19 @@ def choose_threshold(scores: dict[float, float], min_gain: float = 1e-6) -> floa
     chosen = min(t for t, s in scores.items() if s >= best - 1e-12)
     return chosen if best > scores.get(0.0, -np.inf) + min_gain else 0.0
 
+
+
+def choose_largest_component(scores: dict[float, float], largest_scores: dict[float, float],
+                             min_gain: float = 1e-6) -> dict:
+    """nnU-Net's choice of "remove all but the largest component" (``determine_postprocessing``): kept only
+    when its best mean validation DSC (over the thresholds, ``largest_scores``) beats the best without it
+    (``scores`` at ``choose_threshold(scores)``) by ``min_gain``. Returns the postprocessing entries:
+    ``largest_component_only``, ``min_component_ml`` (the threshold that goes with the choice),
+    ``val_dsc_postprocessed`` and the scores with the largest component only, by threshold."""
+    plain = choose_threshold(scores, min_gain)
+    best = max(largest_scores.values())
+    threshold = min(t for t, s in largest_scores.items() if s >= best - 1e-12)
+    chosen = best > scores[plain] + min_gain
+    return {"largest_component_only": bool(chosen), "min_component_ml": threshold if chosen else plain,
+            "val_dsc_postprocessed": round(best if chosen else scores[plain], 6),
+            "val_dsc_largest_component_by_min_component_ml": {str(t): round(v, 6) for t, v in largest_scores.items()}}

@@ -1,5 +1,5 @@
 """From an image to a mask: sliding window (with mirroring) on the plan's grid, logits back to the original grid,
-small-component removal, the healthy-scan decision. No Lightning here: the module's steps, ``python -m lightning_flare.predict`` and the
+small-component removal, largest component, the healthy-scan decision. No Lightning here: the module's steps, ``python -m lightning_flare.predict`` and the
 benchmarks all run this."""
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from torch import nn
 
 from .body_box import body_box, body_threshold
 from .device import synchronize
-from .healthy_decision import check_setting, chosen_mass_threshold, decide
+from .healthy_decision import check_setting, chosen_mass_threshold, decide, decision_line
 from .inference import check_autocast_setting, sliding_window_logits, use_channels_last, window_batch_size
 from .io import Geometry
 from .plan import Plan
-from .postprocessing import remove_small_components
+from .postprocessing import keep_largest_component, remove_small_components
 from .preprocessing import preprocess_tensor
 from .resample import probability_axis, resample_to_mask
 
@@ -38,6 +38,8 @@ class InferenceSettings:
     - ``healthy_decision``: "off" (the default), "auto" (the threshold chosen on the validation fold, kept in the
       checkpoint; off for checkpoints without one) or a probability mass in ml: a scan whose most probable
       component (after ``min_component_ml``) carries less tumour probability is emptied (``healthy_decision.py``);
+    - ``largest_component``: keep only the largest predicted component (nnU-Net's "remove all but the largest
+      component"): true, false, or "auto": as chosen on the validation fold (kept in the checkpoint);
     - ``skip_air``: run only the windows that touch the body (``body_box``: parts above -500 HU, grown by
       ``body_margin_mm``); inside that box the logits are those of the whole grid, outside it background.
     """
@@ -51,6 +53,7 @@ class InferenceSettings:
     autocast: bool | str = "auto"
     min_component_ml: float | str = 0.0
     healthy_decision: bool | float | str = "off"  # YAML's off is false: read as "off"
+    largest_component: bool | str = False
     skip_air: bool = False
     body_margin_mm: float = 20.0
 
@@ -74,6 +77,8 @@ class InferenceSettings:
         if not (value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0)):
             raise ValueError(f"min_component_ml must be a volume in ml (>= 0) or 'auto', got {value!r}")
         object.__setattr__(self, "healthy_decision", check_setting(self.healthy_decision))
+        if self.largest_component not in (True, False, "auto") or not isinstance(self.largest_component, (bool, str)):
+            raise ValueError(f"inference.largest_component must be true, false or 'auto', got {self.largest_component!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "InferenceSettings":
@@ -91,6 +96,32 @@ def chosen_min_component_ml(settings: InferenceSettings, postprocessing: Mapping
     """``settings.min_component_ml``, or for "auto" the volume chosen on the validation fold (0 before any)."""
     value = settings.min_component_ml
     return float((postprocessing or {}).get("min_component_ml", 0.0)) if value == "auto" else float(value)
+
+
+def chosen_largest_component(settings: InferenceSettings, postprocessing: Mapping[str, Any] | None) -> bool:
+    """``settings.largest_component``, or for "auto" the validation fold's choice (false before any, and in
+    checkpoints written before the choice existed)."""
+    value = settings.largest_component
+    return bool((postprocessing or {}).get("largest_component_only", False)) if value == "auto" else value
+
+
+def postprocessing_summary(settings: InferenceSettings, postprocessing: Mapping[str, Any] | None) -> str:
+    """One line: what the predictor's postprocessing does with these settings and this validation choice."""
+    auto = [name for name in ("min_component_ml", "largest_component") if getattr(settings, name) == "auto"]
+    largest = "; only the largest component kept" if chosen_largest_component(settings, postprocessing) else ""
+    return (f"Postprocessing: components below {chosen_min_component_ml(settings, postprocessing):g} ml removed{largest}"
+            + (f" ({', '.join(auto)} auto: chosen on the validation fold)" if auto else "")
+            + "\n" + decision_line(settings.healthy_decision, postprocessing))
+
+
+def postprocessing_logs(choice: Mapping[str, Any]) -> dict[str, float]:
+    """The validation metrics of a postprocessing choice (the module's ``postprocessing`` dict)."""
+    decision = choice["healthy_decision"]
+    return {"val/pp_min_component_ml": choice["min_component_ml"],
+            "val/pp_largest_component": float(choice["largest_component_only"]),
+            "val/dsc_postprocessed": choice["val_dsc_postprocessed"],
+            "val/healthy_decision_mass_ml": decision["mass_ml"] or 0.0,  # 0: off
+            "val/dsc_healthy_decision": decision["val_dsc"]}
 
 
 @dataclass
@@ -114,7 +145,8 @@ class Prediction:
 class Predictor:
     """``net`` + ``plan`` + ``settings`` -> logits on the plan's grid, masks on the original grid.
 
-    ``postprocessing`` is the checkpoint's validation choice (read when ``min_component_ml`` is "auto");
+    ``postprocessing`` is the checkpoint's validation choice (read when ``min_component_ml`` or
+    ``largest_component`` is "auto");
     ``precision`` the trainer's ("bf16-mixed", ...), which ``autocast`` true / "auto" follow on CUDA."""
 
     def __init__(self, net: nn.Module, plan: Plan, settings: InferenceSettings = InferenceSettings(),
@@ -134,6 +166,9 @@ class Predictor:
     def healthy_mass_ml(self) -> float | None:
         """The healthy-scan decision's threshold in force (None: off)."""
         return chosen_mass_threshold(self.settings.healthy_decision, self.postprocessing)
+
+    def largest_component(self) -> bool:
+        return chosen_largest_component(self.settings, self.postprocessing)
 
     @contextlib.contextmanager
     def full_resolution_net(self):
@@ -187,6 +222,7 @@ class Predictor:
         nearest = probability_axis(self.plan.target_spacing, spacing, self.plan.resampling)
         mask = remove_small_components(resample_to_mask(logits, size, nearest_axis=nearest), spacing,
                                        self.min_component_ml())
+        mask = keep_largest_component(mask) if self.largest_component() else mask
         threshold = self.healthy_mass_ml()
         if threshold is not None:  # features on the plan's grid, where the threshold was chosen (validation)
             found = decide(logits, self.plan.target_spacing, self.min_component_ml(), threshold)

@@ -10,9 +10,10 @@ healthy_false_positive``) and optionally ``missing`` (no prediction for that lab
   counts (``lesion_metrics``: 26-connected components; detected = overlapped by any predicted voxel);
 - ``decision_mass_ml``: the healthy-scan decision's feature (probability mass of the most probable component).
 
-Summary keys beside DSC / NSD (``HEADLINE_KEYS``, also logged as ``test/<key>`` at the end of ``test``; None where
-undefined): ``healthy_fp_rate`` (fraction of healthy cases, empty reference, with a non-empty final mask),
-``healthy_fp_rate_components_only`` (the same for small-component removal alone), ``lesion_recall`` and
+The reports add each lesion case's predicted / reference volume (``volume_ratio``; empty for a healthy case) and
+its median. Summary keys beside DSC / NSD (``HEADLINE_KEYS``, also logged as ``test/<key>`` at the end of ``test``;
+None where undefined): ``healthy_fp_rate`` (fraction of healthy cases, empty reference, with a non-empty final
+mask), ``healthy_fp_rate_components_only`` (the same for small-component removal alone), ``lesion_recall`` and
 ``lesion_precision`` (pooled over all cases: detected / reference lesions, true-positive / predicted components),
 ``dsc_lesion_cases`` and ``dsc_lesion_cases_components_only`` (mean DSC over cases with a reference lesion).
 """
@@ -27,16 +28,22 @@ from typing import Iterable, Sequence
 
 from .io import write_text
 from .lesion_metrics import pooled_lesion_scores
-from .metrics.functional import summarize
+from .metrics.functional import VOLUME_RATIO_GOAL, summarize, volume_ratio_summary
 
 COLUMNS = ["case", "dsc", "nsd", "reference_ml", "predicted_ml", "healthy_false_positive"]
-CSV_COLUMNS = [*COLUMNS, "missing"]  # the trailing flag marks labels without a prediction
+CSV_COLUMNS = [*COLUMNS, "volume_ratio", "missing"]  # the trailing flag marks labels without a prediction
+WANDB_COLUMNS = [*COLUMNS, "volume_ratio"]
 EXTRA_COLUMNS = ["predicted_ml_components_only", "dsc_components_only", "lesions_reference", "lesions_detected",
                  "components_predicted", "components_true_positive", "decision_mass_ml"]
 HEADLINE_KEYS = ("healthy_fp_rate", "healthy_fp_rate_components_only", "lesion_recall", "lesion_precision",
                  "dsc_lesion_cases", "dsc_lesion_cases_components_only")
 CSV_NAME = "metrics_per_case.csv"
 SUMMARY_NAME = "metrics_summary.json"
+
+
+def volume_ratio(row: dict) -> float | None:
+    """Predicted / reference tumour volume of a case; None for a healthy case (no reference volume)."""
+    return float(row["predicted_ml"]) / float(row["reference_ml"]) if float(row["reference_ml"]) > 0 else None
 
 
 def _scores(rows: Iterable[dict], key: str) -> list[float]:
@@ -82,6 +89,7 @@ def build_summary(rows: list[dict], extra_predictions: Sequence[str] = (),
         "nsd": summarize(_scores(rows, "nsd")),
         "healthy_cases": sum(r["reference_ml"] == 0 for r in rows),
         "healthy_cases_with_false_positives": sum(bool(r["healthy_false_positive"]) for r in rows),
+        "volume_ratio": volume_ratio_summary([r["predicted_ml"] for r in rows], [r["reference_ml"] for r in rows]),
         "missing_predictions": [r["case"] for r in rows if r.get("missing")],
         "extra_predictions": sorted(extra_predictions),
         **healthy_and_lesion_scores(rows),
@@ -98,8 +106,9 @@ def per_case_csv(rows: list[dict]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=[*CSV_COLUMNS, *extra], lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({**{k: row[k] for k in COLUMNS}, "missing": bool(row.get("missing", False)),
-                         **{k: row.get(k, "") for k in extra}})
+        ratio = volume_ratio(row)
+        writer.writerow({**{k: row[k] for k in COLUMNS}, "volume_ratio": "" if ratio is None else round(ratio, 6),
+                         "missing": bool(row.get("missing", False)), **{k: row.get(k, "") for k in extra}})
     return buffer.getvalue()
 
 
@@ -130,11 +139,12 @@ def format_table(rows: list[dict], summary: dict | None = None) -> str:
     """Per-case lines, then the Table-5 summary: mean +/- std, median (IQR), healthy cases with false positives."""
     summary = summary if summary is not None else build_summary(rows)
     width = max([len("case"), *(len(str(r["case"])) for r in rows)]) + 2
-    header = f"{'case':<{width}}{'DSC':>8}{'NSD':>8}{'ref ml':>11}{'pred ml':>11}  note"
+    header = f"{'case':<{width}}{'DSC':>8}{'NSD':>8}{'ref ml':>11}{'pred ml':>11}{'pred/ref':>10}  note"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['case']:<{width}}{r['dsc']:>8.4f}{r['nsd']:>8.4f}"
-                     f"{r['reference_ml']:>11.3f}{r['predicted_ml']:>11.3f}  {_note(r)}".rstrip())
+        ratio = volume_ratio(r)
+        lines.append(f"{r['case']:<{width}}{r['dsc']:>8.4f}{r['nsd']:>8.4f}{r['reference_ml']:>11.3f}"
+                     f"{r['predicted_ml']:>11.3f}{'-' if ratio is None else f'{ratio:.3f}':>10}  {_note(r)}".rstrip())
     lines.append("-" * len(header))
     tolerance = f", NSD at {summary['tolerance_mm']:g} mm" if "tolerance_mm" in summary else ""
     lines.append(f"Summary over {summary['num_cases']} cases (Table 5 form{tolerance})")
@@ -145,6 +155,7 @@ def format_table(rows: list[dict], summary: dict | None = None) -> str:
     lines.append(f"Healthy cases with false positives: {summary['healthy_cases_with_false_positives']}"
                  f" of {summary['healthy_cases']} healthy cases")
     lines.extend(_healthy_and_lesion_lines(summary))
+    lines.append(format_volume_ratio(summary["volume_ratio"]))
     missing, extra = summary.get("missing_predictions", []), summary.get("extra_predictions", [])
     if missing:
         lines.append(f"Missing predictions (scored DSC = NSD = 0): {len(missing)}: {_names(missing)}")
@@ -178,6 +189,41 @@ def _healthy_and_lesion_lines(summary: dict) -> list[str]:
                      f"{_fraction(summary['lesion_precision'])} ({counts['components_true_positive']} of "
                      f"{counts['components_predicted']} predicted components overlap a lesion)")
     return lines
+def format_volume_ratio(ratio: dict) -> str:
+    """The summary line of the predicted / reference volumes over the lesion cases (``volume_ratio_summary``)."""
+    if not ratio["lesion_cases"]:
+        return "Predicted / reference volume: no lesion case"
+    low, high = VOLUME_RATIO_GOAL
+    return (f"Predicted / reference volume over {ratio['lesion_cases']} lesion cases: median {ratio['median']:.3f} "
+            f"(IQR {ratio['q1']:.3f}-{ratio['q3']:.3f}), {ratio['within_goal']} within {low:g}-{high:g}")
+
+
+def wandb_rows(rows: list[dict]) -> list[list]:
+    """Per-case rows as the W&B table of ``WANDB_COLUMNS`` (a healthy case's ratio: NaN)."""
+    return [[r[c] for c in COLUMNS] + [float("nan") if volume_ratio(r) is None else volume_ratio(r)] for r in rows]
+
+
+def case_volume_table(metric, case_ids: Sequence[str] | None = None) -> dict:
+    """A W&B table (``columns``, ``data``) of every case's DSC and predicted / reference volume from a computed
+    ``FlareMetrics`` (validation); ``case_ids[index]`` names the cases when given."""
+    index, dsc, _ = metric.per_case()
+    _, predicted, reference = metric.case_volumes()
+    data = []
+    for i, d, p, r in zip(index.tolist(), dsc.tolist(), predicted.tolist(), reference.tolist()):
+        name = case_ids[i] if case_ids is not None and i < len(case_ids) else str(i)
+        data.append([name, d, r, p, p / r if r > 0 else float("nan")])
+    return {"columns": ["case", "dsc", "reference_ml", "predicted_ml", "volume_ratio"], "data": data}
+
+
+def log_case_volumes(trainer, key: str, metric) -> None:
+    """Log ``case_volume_table`` of a computed ``metric`` to the trainer's W&B loggers (global rank 0), the cases
+    named by the validation loader's dataset (``CachedVolumes.case_ids``)."""
+    if not trainer.is_global_zero:
+        return
+    case_ids = getattr(getattr(trainer.val_dataloaders, "dataset", None), "case_ids", None)
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_table"):
+            logger.log_table(key=key, **case_volume_table(metric, case_ids))
 
 
 def print_test_table(results: dict) -> None:

@@ -77,6 +77,10 @@ class Padded(Dataset):
     def __getitem__(self, index: int) -> VolumeItem:
         return padding_item() if index == len(self.dataset) else self.dataset[index]
 
+    @property
+    def case_ids(self) -> list[str] | None:
+        return getattr(self.dataset, "case_ids", None)
+
 
 def first_item(batch: list[VolumeItem]) -> VolumeItem:
     """Collate for volume loaders: one case per batch, passed through unchanged."""
@@ -92,6 +96,11 @@ class CachedVolumes(Dataset):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    @property
+    def case_ids(self) -> list[str]:
+        """The case of each index (names the per-case validation rows)."""
+        return [e.case_id for e in self.entries]
 
     def __getitem__(self, index: int) -> VolumeItem:
         e = self.entries[index]

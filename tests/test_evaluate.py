@@ -139,8 +139,8 @@ def test_cli_writes_reports_and_prints_table(folders, tmp_path, capsys):
     assert main(["--pred", str(pred_dir), "--gt", str(gt_dir), "--tolerance", "2", "--out", str(out)]) == 0
     with open(out / "metrics_per_case.csv", newline="") as f:
         table = list(csv.reader(f))
-    assert table[0] == [*COLUMNS, "missing"] == ["case", "dsc", "nsd", "reference_ml", "predicted_ml",
-                                                 "healthy_false_positive", "missing"]
+    assert table[0] == [*COLUMNS, "volume_ratio", "missing"] == ["case", "dsc", "nsd", "reference_ml", "predicted_ml",
+                                                                 "healthy_false_positive", "volume_ratio", "missing"]
     assert len(table) == 7
     summary = json.loads((out / "metrics_summary.json").read_text())
     assert {"num_cases", "dsc", "nsd", "healthy_cases", "healthy_cases_with_false_positives",
@@ -186,7 +186,54 @@ def test_report_keeps_lightning_module_rows(tmp_path, capsys):
     assert summary == build_summary(rows)
     assert summary["dsc"]["mean"] == 0.5 and summary["missing_predictions"] == [] and "tolerance_mm" not in summary
     assert summary["healthy_cases_with_false_positives"] == 1
-    assert (tmp_path / "metrics_per_case.csv").read_text().splitlines()[1] == "a,0.5,0.7,1.0,2.0,False,False"
+    assert (tmp_path / "metrics_per_case.csv").read_text().splitlines()[1:] == ["a,0.5,0.7,1.0,2.0,False,2.0,False",
+                                                                               "b,nan,nan,0.0,0.1,True,,False"]
     assert "DSC: mean 0.5000" in format_table(rows)
     print_test_table({"summary": {"dsc": 0.5}, "cases": rows})
     assert "healthy, false positive" in capsys.readouterr().out
+
+
+def test_volume_ratio_per_case_and_median_over_lesion_cases(tmp_path):
+    """pred / ref per lesion case (healthy cases have none), the median over lesion cases and how many lie
+    within 0.8-1.25, in the CSV, the summary and the table."""
+    def row(case, ref, pred):
+        return {"case": case, "dsc": 0.5, "nsd": 0.5, "reference_ml": ref, "predicted_ml": pred,
+                "healthy_false_positive": ref == 0 and pred > 0}
+
+    rows = [row("over", 10.0, 40.0), row("good", 20.0, 22.0), row("under", 8.0, 6.0), row("miss", 5.0, 0.0),
+            row("healthy", 0.0, 3.0)]
+    summary = write_reports(rows, tmp_path)
+    # ratios 4.0, 1.1, 0.75, 0.0 -> median (0.75 + 1.1) / 2; only 1.1 lies within 0.8-1.25
+    assert summary["volume_ratio"] == {"median": pytest.approx(0.925), "q1": pytest.approx(0.5625),
+                                       "q3": pytest.approx(1.825), "lesion_cases": 4, "within_goal": 1}
+    lines = (tmp_path / "metrics_per_case.csv").read_text().splitlines()
+    assert [line.split(",")[6] for line in lines[1:]] == ["4.0", "1.1", "0.75", "0.0", ""]
+    table = format_table(rows, summary)
+    assert "Predicted / reference volume over 4 lesion cases: median 0.925 (IQR 0.562-1.825), 1 within 0.8-1.25" in table
+    assert "pred/ref" in table.splitlines()[0] and "   4.000" in table.splitlines()[2]
+    assert build_summary([row("healthy", 0.0, 0.0)])["volume_ratio"]["lesion_cases"] == 0
+    assert "no lesion case" in format_table([row("healthy", 0.0, 0.0)])
+
+
+def test_metric_keeps_case_volumes_and_the_median_ratio():
+    """FlareMetrics (validation) records each case's predicted and reference volume once per case."""
+    from lightning_flare.metrics import FlareMetrics
+    from lightning_flare.report import case_volume_table
+
+    metric = FlareMetrics()
+    ref, pred = np.zeros((6, 6, 6), np.uint8), np.zeros((6, 6, 6), np.uint8)
+    ref[1:3, 1:3, 1:3] = 1  # 8 voxels of 2 x 2 x 2.5 mm = 0.08 ml
+    pred[1:3, 1:3, 1:4] = 1  # 12 voxels
+    metric.update(pred, ref, (2.0, 2.0, 2.5), 1)
+    metric.update(ref, ref, (2.0, 2.0, 2.5), 0)
+    metric.update(pred, ref, (2.0, 2.0, 2.5), 1)  # a repeat (DDP padding) counts once
+    metric.update(pred, np.zeros_like(ref), (2.0, 2.0, 2.5), 2)  # healthy: no ratio
+    metric.add_placeholder()
+    assert float(metric.compute()["volume_ratio_median"]) == pytest.approx((1.0 + 1.5) / 2)
+    index, predicted, reference = metric.case_volumes()
+    assert index.tolist() == [0, 1, 2]
+    assert predicted.tolist() == pytest.approx([0.08, 0.12, 0.12]) and reference.tolist() == pytest.approx([0.08, 0.08, 0])
+    table = case_volume_table(metric, ["a", "b", "c"])
+    assert table["columns"] == ["case", "dsc", "reference_ml", "predicted_ml", "volume_ratio"]
+    assert [r[0] for r in table["data"]] == ["a", "b", "c"] and table["data"][1][4] == pytest.approx(1.5)
+    assert math.isnan(table["data"][2][4])

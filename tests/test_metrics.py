@@ -226,12 +226,15 @@ def test_flare_metrics_means_medians_and_duplicates():
     assert len(metric.per_case()[0]) == 0
 
 
+STATES = ("dsc", "nsd", "case_index", "predicted_ml", "reference_ml")  # FlareMetrics' add_state order
+
+
 def test_flare_metrics_sync_concatenates_cases():
     """Two simulated ranks; rank 1 repeats case 0 as a DistributedSampler would."""
     cases = _cases()[:4]
     other: list[torch.Tensor] = []
 
-    def gather(tensor, group=None):  # states arrive in add_state order: dsc, nsd, case_index
+    def gather(tensor, group=None):  # states arrive in add_state order: dsc, nsd, case_index, volumes
         return [tensor, other.pop(0)]
 
     rank0 = FlareMetrics(dist_sync_fn=gather, distributed_available_fn=lambda: True)
@@ -242,10 +245,12 @@ def test_flare_metrics_sync_concatenates_cases():
     for index in (1, 3, 0):
         rank1.update(torch.from_numpy(cases[index][0]), torch.from_numpy(cases[index][1]),
                      cases[index][2], index)
-    other += [torch.cat(rank1.dsc), torch.cat(rank1.nsd), torch.cat(rank1.case_index)]
+    other += [torch.cat(getattr(rank1, name)) for name in STATES]
     out = rank0.compute()
     expected = np.array([flare_case_scores(p, g, s) for p, g, s in cases])
     assert int(out["num_cases"]) == 4
+    volumes = [float((p > 0).sum()) * float(np.prod(s)) / 1000 for p, _, s in cases]
+    assert rank0.case_volumes()[1].tolist() == pytest.approx(volumes)  # rank 1's repeat of case 0 dropped
     assert float(out["dsc"]) == pytest.approx(expected[:, 0].mean())
     assert float(out["nsd"]) == pytest.approx(expected[:, 1].mean())
     assert rank0.per_case()[0].tolist() == [0, 1, 2, 3]
@@ -308,9 +313,8 @@ def test_placeholder_rows_of_a_rank_without_cases_are_dropped():
     for index, (pred, gt, spacing) in enumerate(cases):
         rank0.update(torch.from_numpy(pred), torch.from_numpy(gt), spacing, index)
     rank1.add_placeholder()
-    assert [t.dtype for t in (rank1.dsc[0], rank1.nsd[0], rank1.case_index[0])] == \
-        [t.dtype for t in (rank0.dsc[0], rank0.nsd[0], rank0.case_index[0])]
-    other += [torch.cat(rank1.dsc), torch.cat(rank1.nsd), torch.cat(rank1.case_index)]
+    assert [getattr(rank1, name)[0].dtype for name in STATES] == [getattr(rank0, name)[0].dtype for name in STATES]
+    other += [torch.cat(getattr(rank1, name)) for name in STATES]
     out = rank0.compute()
     expected = np.array([flare_case_scores(p, g, s) for p, g, s in cases])
     assert int(out["num_cases"]) == 2 and rank0.per_case()[0].tolist() == [0, 1]

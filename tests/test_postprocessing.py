@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from lightning_flare.metrics.postprocessing_scores import ComponentThresholdScores
-from lightning_flare.postprocessing import choose_threshold, flare_dsc, remove_small_components, score_thresholds
+from lightning_flare.metrics.postprocessing_scores import ComponentThresholdScores, LargestComponentScores
+from lightning_flare.postprocessing import (case_scores, choose_largest_component, choose_threshold, flare_dsc,
+                                            keep_largest_component, remove_small_components, score_thresholds)
 
 SPACING = (10.0, 10.0, 10.0)  # one voxel = 1 ml
 
@@ -74,3 +75,102 @@ def test_module_min_component_ml_auto_uses_the_validation_choice():
     assert FlareSegmentationModule(net, inference=InferenceSettings(min_component_ml=0.5)).min_component_ml() == 0.5
     with pytest.raises(ValueError, match="min_component_ml must be"):
         FlareSegmentationModule(net, inference={"min_component_ml": "big"})
+
+
+def test_keep_largest_component_is_nnunets_remove_all_but_largest():
+    mask = np.zeros((8, 8, 8), np.uint8)
+    mask[1:3, 1:3, 1:3] = 1  # 8 voxels
+    mask[5, 5, 5] = 1
+    mask[6, 6, 6] = 2  # touches (5, 5, 5) at a corner: one 2-voxel component over all labels
+    out = keep_largest_component(mask)
+    assert out.sum() == 8 and out[1:3, 1:3, 1:3].all() and np.count_nonzero(mask) == 10  # input untouched
+    single = np.zeros((4, 4, 4), np.uint8)
+    single[1, 1, 1] = 1
+    assert keep_largest_component(single) is single and keep_largest_component(np.zeros_like(single)).sum() == 0
+
+
+def _two_lesion_cases():
+    """Two cases with a false-positive blob beside the lesion (largest only: 1.0 instead of 16/18) and one
+    case with two true lesions (largest only: 2 * 8 / (8 + 12) = 0.8 instead of 1.0)."""
+    cases = []
+    for _ in range(2):
+        ref = np.zeros((10, 10, 10), np.uint8)
+        ref[1:3, 1:3, 1:3] = 1  # 8 ml
+        pred = ref.copy()
+        pred[7, 7, 6:8] = 1  # 2-ml false positive
+        cases.append((pred, ref, SPACING))
+    ref = np.zeros((10, 10, 10), np.uint8)
+    ref[1:3, 1:3, 1:3] = 1  # 8 ml
+    ref[6:8, 6:8, 6] = 1  # 4 ml
+    cases.append((ref.copy(), ref, SPACING))
+    return cases
+
+
+def test_largest_component_is_chosen_only_when_it_beats_the_best_without_it():
+    cases = _two_lesion_cases()
+    scores = score_thresholds(cases, (0.0, 3.0))  # 3 ml also removes the 2-ml blobs
+    largest = {t: float(np.mean([case_scores(p, r, s, (t,), largest_only=True)[0] for p, r, s in cases]))
+               for t in (0.0, 3.0)}
+    assert largest == pytest.approx({0.0: 0.9333333, 3.0: 0.9333333})  # (1 + 1 + 0.8) / 3
+    assert scores == pytest.approx({0.0: (16 / 18 * 2 + 1) / 3, 3.0: 1.0})
+    choice = choose_largest_component(scores, largest)  # 3 ml alone does better: no largest component
+    assert choice["largest_component_only"] is False and choice["min_component_ml"] == 3.0
+    assert choice["val_dsc_postprocessed"] == 1.0
+    only_zero = {0.0: scores[0.0]}  # without the threshold candidate, largest-only wins (0.9333 > 0.9259)
+    choice = choose_largest_component(only_zero, {0.0: largest[0.0]})
+    assert choice["largest_component_only"] is True and choice["min_component_ml"] == 0.0
+    assert choice["val_dsc_postprocessed"] == pytest.approx(0.933333)
+    assert choice["val_dsc_largest_component_by_min_component_ml"] == {"0.0": pytest.approx(0.933333)}
+    tie = choose_largest_component({0.0: 0.8}, {0.0: 0.8, 1.0: 0.8})  # no gain: not applied
+    assert tie["largest_component_only"] is False and tie["min_component_ml"] == 0.0
+
+
+def test_largest_component_metric_matches_the_pure_function():
+    cases = _two_lesion_cases() + _cases()
+    metric = LargestComponentScores((0.0, 1.5, 9.0))
+    for p, r, s in cases:
+        metric.update(p, r, s)
+    # per case, largest only: 1, 1, 0.8, healthy 0 (0 with 1.5 and 9 ml too: the FP is 1 ml -> 1.0), lesion 1
+    expected = {0.0: (1 + 1 + 0.8 + 0 + 1) / 5, 1.5: (1 + 1 + 0.8 + 1 + 1) / 5, 9.0: (0 + 0 + 0 + 1 + 0) / 5}
+    assert metric.compute() == pytest.approx(expected)
+
+
+def test_inference_largest_component_setting_and_old_choices():
+    from lightning_flare.predictor import InferenceSettings, chosen_largest_component, postprocessing_summary
+
+    auto = InferenceSettings(largest_component="auto")
+    assert chosen_largest_component(auto, None) is False  # nothing chosen yet
+    assert chosen_largest_component(auto, {"min_component_ml": 1.0}) is False  # a checkpoint from before the choice
+    assert chosen_largest_component(auto, {"largest_component_only": True}) is True
+    assert chosen_largest_component(InferenceSettings(largest_component=True), {"largest_component_only": False}) is True
+    assert InferenceSettings().largest_component is False  # default: as before
+    for wrong in ("yes", 1, None):
+        with pytest.raises(ValueError, match=f"largest_component must be true, false or 'auto', got {wrong!r}"):
+            InferenceSettings(largest_component=wrong)
+    line = postprocessing_summary(auto, {"largest_component_only": True, "min_component_ml": 0.5})
+    assert line == ("Postprocessing: components below 0 ml removed; only the largest component kept "
+                    "(largest_component auto: chosen on the validation fold)")
+
+
+def test_predictor_applies_the_checkpoint_choice(monkeypatch):
+    """Predictor.mask (test, predict and python -m lightning_flare.predict) keeps the largest component when
+    the setting says so, or says auto and the validation chose it."""
+    import torch
+
+    from lightning_flare import predictor as predictor_file
+    from lightning_flare.network import PlainConvUNet
+    from lightning_flare.plan import IntensityStats, Plan
+
+    foreground = torch.zeros(8, 8, 8, dtype=torch.bool)
+    foreground[1:3, 1:3, 1:3] = True  # 8 voxels
+    foreground[6, 6, 6] = True  # a second component
+    logits = torch.stack([(~foreground).float(), foreground.float()])
+    monkeypatch.setattr(predictor_file, "sliding_window_logits", lambda *args, **kwargs: logits.clone())
+    plan = Plan((1.0, 1.0, 1.0), (8, 8, 8), IntensityStats(-100.0, 100.0, 0.0, 50.0))
+    net = PlainConvUNet(features_per_stage=[4, 8, 16, 32])
+    voxels = {}
+    for setting, chosen in [(False, True), ("auto", False), ("auto", True), (True, None)]:
+        settings = predictor_file.InferenceSettings(largest_component=setting)
+        predictor = predictor_file.Predictor(net, plan, settings, None if chosen is None else {"largest_component_only": chosen}, "cpu")
+        voxels[(setting, chosen)] = int(predictor.mask(torch.zeros(1, 8, 8, 8), (1.0, 1.0, 1.0), (8, 8, 8)).sum())
+    assert voxels == {(False, True): 9, ("auto", False): 9, ("auto", True): 8, (True, None): 8}

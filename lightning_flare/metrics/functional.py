@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -284,3 +285,16 @@ def summarize(values: Any) -> dict[str, float]:
     q1, median, q3 = np.percentile(v, [25, 50, 75])
     return {"mean": float(v.mean()), "std": float(v.std()), "median": float(median),
             "q1": float(q1), "q3": float(q3)}
+
+
+VOLUME_RATIO_GOAL = (0.8, 1.25)  # predicted / reference volume of the median lesion case (issue 13's goal)
+
+
+def volume_ratio_summary(predicted_ml: Sequence[float], reference_ml: Sequence[float]) -> dict[str, float]:
+    """Predicted / reference volume over the lesion cases (reference > 0; healthy cases have no ratio): median,
+    quartiles, the number of lesion cases and how many lie within ``VOLUME_RATIO_GOAL`` (bounds included)."""
+    ratios = np.array([p / r for p, r in zip(predicted_ml, reference_ml) if r > 0 and not math.isnan(p)], np.float64)
+    low, high = VOLUME_RATIO_GOAL
+    q1, median, q3 = np.percentile(ratios, [25, 50, 75]) if ratios.size else (float("nan"),) * 3
+    return {"median": float(median), "q1": float(q1), "q3": float(q3), "lesion_cases": int(ratios.size),
+            "within_goal": int(((ratios >= low) & (ratios <= high)).sum())}

@@ -14,6 +14,7 @@ class ComponentThresholdScores(Metric):
     """Sum of per-case FLARE DSC for each candidate ``min_component_ml`` (validation cases), DDP-synced."""
 
     full_state_update = False
+    largest_only = False  # score each case's largest component alone (LargestComponentScores)
 
     def __init__(self, candidates_ml: Sequence[float] = CANDIDATES_ML, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -23,10 +24,17 @@ class ComponentThresholdScores(Metric):
 
     def update(self, prediction, reference, spacing_mm: Sequence[float]) -> None:
         prediction, reference = to_host(prediction), to_host(reference)
-        scores = case_scores(prediction, reference, spacing_mm, self.candidates)
+        scores = case_scores(prediction, reference, spacing_mm, self.candidates, largest_only=self.largest_only)
         self.sums += torch.tensor(scores, dtype=torch.float64, device=self.sums.device)
         self.count += 1
 
     def compute(self) -> dict[float, float]:
         n = max(float(self.count), 1.0)
         return {t: float(s) / n for t, s in zip(self.candidates, self.sums.tolist())}
+
+
+class LargestComponentScores(ComponentThresholdScores):
+    """The same sums with only each prediction's largest component kept (nnU-Net's "remove all but the largest
+    component"), for ``postprocessing.choose_largest_component``."""
+
+    largest_only = True

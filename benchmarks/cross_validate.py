@@ -1,0 +1,234 @@
+"""Cross-validation of a config: fit each fold, test each fold's final checkpoint on its own validation cases
+(original grid, FLARE scorer: ``cli.py test --data.test_split val``), one table.
+
+    .venv/bin/python benchmarks/cross_validate.py --config configs/ibsi_cpu.yaml [--name NAME] [--folds 0 1 2 3 4]
+        [--set data.patch_size=[96,96,48] ...] [--trainer.max_epochs 20 ...] [--out runs/cv] [--reuse] [--dry-run]
+
+Each fold K runs in its own folder, ``OUT/NAME/fold_K`` (checkpoints, W&B run, ``fit_time.json``, ``test/``);
+``--set KEY=VALUE`` and any other ``--trainer.* / --model.* / --data.* / --seed_everything`` arguments are
+passed to both ``fit`` and ``test`` as LightningCLI overrides. Prints per fold: validation cases, mean DSC, NSD,
+median predicted / reference volume, fit seconds (the whole ``fit`` process: preprocessing and validation
+included), seconds per training iteration, the postprocessing each fold chose; then the pooled CV figures over
+every validation case of the folds run, the CPU model and the precision each fold trained in, and the
+postprocessing chosen on the pooled validation scores (nnU-Net's way: the flags for the ``fold: all`` model).
+Writes ``OUT/NAME/cv_summary.json``. ``--dry-run`` prints the commands only. Project venv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import format_table  # noqa: E402
+
+from lightning_flare.metrics.functional import volume_ratio_summary  # noqa: E402
+from lightning_flare.postprocessing import choose_largest_component, choose_threshold  # noqa: E402
+
+FIT_TIME = "fit_time.json"
+TIMER = {"class_path": "lightning_flare.fit_timer.FitTimer", "init_args": {"path": FIT_TIME}}
+PASSED_PREFIXES = ("--trainer.", "--model.", "--data.", "--seed_everything")
+
+
+def overrides_from(sets: Sequence[str], raw: Sequence[str]) -> list[str]:
+    """LightningCLI arguments from ``--set KEY=VALUE`` items and raw ``--trainer.x V`` style arguments."""
+    out: list[str] = []
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set needs KEY=VALUE (e.g. data.patch_size=[96,96,48]), got {item!r}")
+        out += [f"--{key.strip().lstrip('-')}", value]
+    options = [a for a in raw if a.startswith("--")]
+    wrong = [a for a in options if not a.startswith(PASSED_PREFIXES)]
+    if wrong or (raw and not raw[0].startswith("--")):
+        raise ValueError(f"unknown arguments {wrong or list(raw[:1])}: only --trainer.*, --model.*, --data.* and "
+                         "--seed_everything are passed to the LightningCLI")
+    return out + list(raw)
+
+
+def uses_logger(config: str | Path) -> bool:
+    """Whether the config (over configs/base.yaml, whose W&B logger it keeps unless it sets its own) logs."""
+    import yaml
+
+    trainer = (yaml.safe_load(Path(config).read_text()) or {}).get("trainer") or {}
+    return trainer.get("logger", True) not in (False, None)
+
+
+def fold_commands(config: str | Path, fold: int, name: str, fold_dir: Path, overrides: Sequence[str],
+                  checkpoint: str = "checkpoints/last.ckpt", python: str = sys.executable) -> tuple[list[str], list[str]]:
+    """``cli.py fit`` of ``fold`` into ``fold_dir`` (with the ``FitTimer``), and ``cli.py test`` of its final
+    checkpoint on the fold's validation cases (reports in ``fold_dir/test``)."""
+    common = ["--config", str(config), "--data.fold", str(fold), "--trainer.default_root_dir", str(fold_dir)]
+
+    def logger(suffix: str) -> list[str]:
+        if not uses_logger(config):
+            return []
+        return ["--trainer.logger.init_args.save_dir", str(fold_dir),
+                "--trainer.logger.init_args.name", f"{name}_fold{fold}{suffix}"]
+
+    fit = [python, str(REPO / "cli.py"), "fit", *common, *logger(""), "--trainer.callbacks+", json.dumps(TIMER),
+           *overrides]
+    test = [python, str(REPO / "cli.py"), "test", *common, *logger("_test"), "--data.test_split", "val",
+            "--model.report_dir", str(fold_dir / "test"), "--ckpt_path", str(fold_dir / checkpoint), *overrides]
+    return fit, test
+
+
+def read_fold(fold: int, fold_dir: Path, fit_s: float | None, checkpoint: str = "checkpoints/last.ckpt") -> dict:
+    """One fold's figures from its folder: the test reports, ``fit_time.json`` and the checkpoint's postprocessing
+    choice (``fit_s``: the fit process's wall seconds, when this run measured them)."""
+    with open(fold_dir / "test" / "metrics_per_case.csv", newline="") as f:
+        cases = [{"case": r["case"], "dsc": float(r["dsc"]), "nsd": float(r["nsd"]), "reference_ml": float(r["reference_ml"]),
+                  "predicted_ml": float(r["predicted_ml"])} for r in csv.DictReader(f)]
+    timing = json.loads((fold_dir / FIT_TIME).read_text())
+    postprocessing = None
+    if (fold_dir / checkpoint).is_file():
+        from lightning_flare.checkpoint import load_checkpoint
+
+        postprocessing = load_checkpoint(fold_dir / checkpoint).get("postprocessing")
+    return {"fold": fold, "cases": cases, "fit_s": fit_s if fit_s is not None else timing["fit_s"], "timing": timing,
+            "postprocessing": postprocessing}
+
+
+def _mean(values: Sequence[float]) -> float:
+    values = [v for v in values if v == v]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def pooled_postprocessing(folds: Sequence[dict]) -> dict | None:
+    """The postprocessing chosen on the folds' validation scores pooled over their cases (each fold's mean score
+    per candidate weighted by its number of cases), as nnU-Net chooses it on the merged cross-validation."""
+    scored = [f for f in folds if f["postprocessing"] and "val_dsc_by_min_component_ml" in f["postprocessing"]]
+    if not scored or len(scored) < len(folds):
+        return None
+    total = sum(len(f["cases"]) for f in scored)
+
+    def pool(key: str) -> dict[float, float] | None:
+        if any(key not in f["postprocessing"] for f in scored):
+            return None
+        keys = set.intersection(*(set(f["postprocessing"][key]) for f in scored))
+        return {float(t): sum(f["postprocessing"][key][t] * len(f["cases"]) for f in scored) / total for t in keys}
+
+    plain, largest = pool("val_dsc_by_min_component_ml"), pool("val_dsc_largest_component_by_min_component_ml")
+    if largest is None:
+        return {"min_component_ml": choose_threshold(plain), "largest_component_only": False}
+    choice = choose_largest_component(plain, largest)
+    return {"min_component_ml": choice["min_component_ml"], "largest_component_only": choice["largest_component_only"],
+            "val_dsc_postprocessed": choice["val_dsc_postprocessed"]}
+
+
+def summarize(folds: Sequence[dict]) -> dict:
+    """Per-fold and pooled figures (the pooled ones over every case of the folds given)."""
+    rows = []
+    for f in folds:
+        ratio = volume_ratio_summary([c["predicted_ml"] for c in f["cases"]], [c["reference_ml"] for c in f["cases"]])
+        pp = f["postprocessing"] or {}
+        rows.append({"fold": f["fold"], "cases": len(f["cases"]), "dsc": _mean([c["dsc"] for c in f["cases"]]),
+                     "nsd": _mean([c["nsd"] for c in f["cases"]]), "volume_ratio_median": ratio["median"],
+                     "fit_s": f["fit_s"], "seconds_per_iteration": f["timing"]["seconds_per_iteration"],
+                     "iterations": f["timing"]["iterations"], "precision": f["timing"]["precision"],
+                     "cpu": f["timing"]["cpu"], "min_component_ml": pp.get("min_component_ml"),
+                     "largest_component_only": pp.get("largest_component_only")})
+    cases = [c for f in folds for c in f["cases"]]
+    ratio = volume_ratio_summary([c["predicted_ml"] for c in cases], [c["reference_ml"] for c in cases])
+    pooled = {"cases": len(cases), "dsc": _mean([c["dsc"] for c in cases]), "nsd": _mean([c["nsd"] for c in cases]),
+              "volume_ratio": ratio, "fit_s": sum(r["fit_s"] for r in rows),
+              "seconds_per_iteration": _mean([r["seconds_per_iteration"] for r in rows])}
+    return {"folds": rows, "pooled": pooled, "cpu": sorted({r["cpu"] for r in rows}),
+            "precision": sorted({r["precision"] for r in rows}), "postprocessing": pooled_postprocessing(folds),
+            "cases": {f["fold"]: f["cases"] for f in folds}}
+
+
+def _pp(row: dict) -> str:
+    if row["min_component_ml"] is None:
+        return "-"
+    return f"<{row['min_component_ml']:g} ml" + (", largest" if row["largest_component_only"] else "")
+
+
+def format_summary(summary: dict, name: str = "") -> str:
+    rows = [[str(r["fold"]), str(r["cases"]), f"{r['dsc']:.4f}", f"{r['nsd']:.4f}", f"{r['volume_ratio_median']:.3f}",
+             f"{r['fit_s']:.0f}", f"{r['seconds_per_iteration']:.3f}", str(r["iterations"]), r["precision"], _pp(r)]
+            for r in summary["folds"]]
+    p = summary["pooled"]
+    rows.append(["CV", str(p["cases"]), f"{p['dsc']:.4f}", f"{p['nsd']:.4f}", f"{p['volume_ratio']['median']:.3f}",
+                 f"{p['fit_s']:.0f}", f"{p['seconds_per_iteration']:.3f}", "", "", ""])
+    table = format_table(["fold", "cases", "DSC", "NSD", "pred/ref vol (median)", "fit s", "s/it", "iterations",
+                          "precision", "postprocessing"], rows,
+                         title=f"Cross-validation {name}: each fold's final checkpoint on its validation cases "
+                               "(original grid, FLARE DSC / NSD); CV: pooled over every case")
+    ratio = p["volume_ratio"]
+    lines = [table, f"CPU: {', '.join(summary['cpu'])}; precision: {', '.join(summary['precision'])}",
+             f"Pooled predicted / reference volume: median {ratio['median']:.3f} (IQR {ratio['q1']:.3f}-{ratio['q3']:.3f}), "
+             f"{ratio['within_goal']} of {ratio['lesion_cases']} lesion cases within 0.8-1.25"]
+    pp = summary["postprocessing"]
+    if pp is not None:
+        lines.append(f"Postprocessing chosen on the pooled validation scores (for the fold 'all' model): "
+                     f"--model.inference.min_component_ml {pp['min_component_ml']:g} "
+                     f"--model.inference.largest_component {str(pp['largest_component_only']).lower()}")
+    return "\n".join(lines)
+
+
+def run_command(command: Sequence[str]) -> None:
+    """One ``cli.py`` command in a fresh process, in the repository (the configs' relative paths)."""
+    subprocess.run(command, cwd=REPO, check=True)
+
+
+def main(argv: Sequence[str] | None = None, run: Callable[[Sequence[str]], None] = run_command) -> int:
+    """``run``: how a ``cli.py`` command runs (the tests run it in their own process)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the training config (over configs/base.yaml)")
+    parser.add_argument("--name", help="run name (default: the config's file name)")
+    parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--out", default="runs/cv", help="folder of the runs (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a LightningCLI override")
+    parser.add_argument("--checkpoint", default="checkpoints/last.ckpt", help="the final checkpoint, in the fold folder")
+    parser.add_argument("--reuse", action="store_true", help="keep folds already fitted and tested in OUT/NAME")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args, raw = parser.parse_known_args(argv)
+    try:
+        overrides = overrides_from(args.set, raw)
+    except ValueError as err:
+        parser.error(str(err))
+    name = args.name or Path(args.config).stem
+    config = Path(args.config).resolve()  # the commands run in the repository (the configs' relative data paths)
+    root = Path(args.out).resolve() / name
+    folds = []
+    for fold in args.folds:
+        fold_dir = root / f"fold_{fold}"
+        fit, test = fold_commands(config, fold, name, fold_dir, overrides, args.checkpoint)
+        if args.dry_run:
+            print(shlex.join(fit), shlex.join(test), sep="\n")
+            continue
+        done = (fold_dir / FIT_TIME).is_file() and (fold_dir / "test" / "metrics_per_case.csv").is_file()
+        fit_s = None
+        if not (args.reuse and done):
+            print(f"fold {fold}: {shlex.join(fit)}", flush=True)
+            start = time.perf_counter()
+            run(fit)
+            fit_s = time.perf_counter() - start
+            if not (fold_dir / FIT_TIME).is_file():
+                sys.exit(f"{fold_dir / FIT_TIME}: not written (a --trainer.callbacks override drops the FitTimer?)")
+            print(f"fold {fold}: {shlex.join(test)}", flush=True)
+            run(test)
+        folds.append(read_fold(fold, fold_dir, fit_s, args.checkpoint))
+    if args.dry_run:
+        return 0
+    summary = summarize(folds)
+    summary.update(name=name, config=str(config), overrides=overrides, load_average=os.getloadavg()[0])
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "cv_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(format_summary(summary, name))
+    print(f"Summary: {root / 'cv_summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""benchmarks/cross_validate.py (commands, pooling, one real fold end to end), data.test_split, data.fold all."""
+import json
+import logging
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_NET, tiny_cli_args
+
+import cli
+from lightning_flare.datamodule import FlareDataModule
+from lightning_flare.raw_dataset import load_raw_dataset, select_fold
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import cross_validate as cv  # noqa: E402
+
+
+def test_overrides_and_fold_commands(tmp_path):
+    overrides = cv.overrides_from(["data.patch_size=[96,96,48]"], ["--trainer.max_epochs", "20", "--data.fold=3"])
+    assert overrides == ["--data.patch_size", "[96,96,48]", "--trainer.max_epochs", "20", "--data.fold=3"]
+    with pytest.raises(ValueError, match=r"--set needs KEY=VALUE .* got 'lr'"):
+        cv.overrides_from(["lr"], [])
+    with pytest.raises(ValueError, match=r"unknown arguments \['--epochs'\]"):
+        cv.overrides_from([], ["--epochs", "3"])
+    fold_dir = tmp_path / "cv" / "x" / "fold_2"
+    fit, test = cv.fold_commands(ROOT / "configs" / "ibsi_cpu.yaml", 2, "x", fold_dir, ["--trainer.max_epochs", "20"])
+    assert fit[2:7] == ["fit", "--config", str(ROOT / "configs" / "ibsi_cpu.yaml"), "--data.fold", "2"]
+    assert fit[fit.index("--trainer.default_root_dir") + 1] == str(fold_dir)
+    assert fit[fit.index("--trainer.logger.init_args.name") + 1] == "x_fold2"  # the config logs to W&B (base.yaml)
+    assert json.loads(fit[fit.index("--trainer.callbacks+") + 1])["class_path"] == "lightning_flare.fit_timer.FitTimer"
+    assert fit[-2:] == test[-2:] == ["--trainer.max_epochs", "20"]  # overrides last: they win
+    assert test[test.index("--data.test_split") + 1] == "val"
+    assert test[test.index("--ckpt_path") + 1] == str(fold_dir / "checkpoints" / "last.ckpt")
+    assert test[test.index("--model.report_dir") + 1] == str(fold_dir / "test")
+    quiet = tmp_path / "quiet.yaml"
+    quiet.write_text("trainer:\n  logger: false\n")
+    assert not any("logger" in a for a in cv.fold_commands(quiet, 0, "q", fold_dir, [])[0])
+
+
+def _fold(fold, cases, plain, largest, seconds, iterations=10):
+    """A fold as read_fold gives it: (dsc, nsd, reference_ml, predicted_ml) per case, the validation scores."""
+    return {"fold": fold, "cases": [{"case": f"c{fold}{i}", "dsc": d, "nsd": n, "reference_ml": r, "predicted_ml": p}
+                                    for i, (d, n, r, p) in enumerate(cases)],
+            "fit_s": seconds, "timing": {"seconds_per_iteration": seconds / iterations, "iterations": iterations,
+                                         "precision": "32-true", "cpu": "Test CPU"},
+            "postprocessing": {"min_component_ml": 0.0, "largest_component_only": False,
+                               "val_dsc_by_min_component_ml": plain,
+                               "val_dsc_largest_component_by_min_component_ml": largest}}
+
+
+def test_summary_pools_every_case_and_the_postprocessing_scores():
+    # fold 0 alone would keep the largest component (0.9 > 0.75), fold 1 alone nothing; pooled over the 3 cases:
+    # plain {0: (2 * 0.5 + 1) / 3, 1: (2 * 0.75 + 1) / 3 = 0.8333}, largest (2 * 0.9 + 0.4) / 3 = 0.7333: 1 ml, no largest
+    folds = [_fold(0, [(0.6, 0.5, 10.0, 20.0), (0.8, 0.7, 10.0, 9.0)], {"0.0": 0.5, "1.0": 0.75},
+                   {"0.0": 0.9, "1.0": 0.9}, 100.0),
+             _fold(1, [(1.0, 0.9, 0.0, 0.0)], {"0.0": 1.0, "1.0": 1.0}, {"0.0": 0.4, "1.0": 0.4}, 50.0)]
+    summary = cv.summarize(folds)
+    assert [r["dsc"] for r in summary["folds"]] == pytest.approx([0.7, 1.0])
+    assert summary["folds"][0]["volume_ratio_median"] == pytest.approx((2.0 + 0.9) / 2)
+    pooled = summary["pooled"]
+    assert pooled["cases"] == 3 and pooled["dsc"] == pytest.approx(0.8) and pooled["nsd"] == pytest.approx(0.7)
+    assert pooled["volume_ratio"]["lesion_cases"] == 2 and pooled["volume_ratio"]["within_goal"] == 1
+    assert pooled["fit_s"] == 150.0 and pooled["seconds_per_iteration"] == pytest.approx(7.5)
+    assert summary["postprocessing"] == {"min_component_ml": 1.0, "largest_component_only": False,
+                                         "val_dsc_postprocessed": pytest.approx(0.833333)}
+    assert summary["cpu"] == ["Test CPU"] and summary["precision"] == ["32-true"]
+    text = cv.format_summary(summary, "x")
+    cv_row = next(line for line in text.splitlines() if line.startswith("| CV"))
+    assert [c.strip() for c in cv_row.strip("|").split("|")][:7] == ["CV", "3", "0.8000", "0.7000", "1.450", "150", "7.500"]
+    assert "--model.inference.min_component_ml 1 --model.inference.largest_component false" in text
+    assert "CPU: Test CPU; precision: 32-true" in text
+    folds[1]["postprocessing"] = None  # a fold without a whole-volume validation: no pooled choice
+    assert cv.summarize(folds)["postprocessing"] is None
+
+
+def test_one_fold_end_to_end(tiny_dataset, tmp_path, capsys):
+    """fit + test of fold 1 (in this process: cli.main instead of a fresh python): the fold's validation cases
+    scored, the table printed, the JSON."""
+    args = tiny_cli_args(tiny_dataset, tmp_path / "cache", tmp_path / "unused")
+    keep = {"--data.data_dir", "--data.cache_dir", "--data.patch_size", "--data.target_spacing",
+            "--data.iterations_per_epoch", "--data.num_workers", "--trainer.logger", "--trainer.enable_progress_bar"}
+    raw = [*TINY_NET, *[v for i in range(0, len(args) - 1) if args[i] in keep for v in args[i:i + 2]]]
+    raw += ["--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", "--model.inference.tta", "false"]
+    assert cv.main(["--config", str(ROOT / "configs" / "demo.yaml"), "--name", "tiny", "--folds", "1",
+                    "--out", str(tmp_path / "cv"), *raw], run=lambda command: cli.main(list(command[2:]))) == 0
+    root = tmp_path / "cv" / "tiny"
+    summary = json.loads((root / "cv_summary.json").read_text())
+    dataset = load_raw_dataset(tiny_dataset)
+    _, val = select_fold(dataset, dataset.cases("Tr"), 1)
+    assert [c["case"] for c in summary["cases"]["1"]] == [c.case_id for c in val]  # not imagesTs
+    (row,) = summary["folds"]
+    assert row["iterations"] == 2 and row["fit_s"] > 0 and row["precision"] in ("32-true", "bf16-mixed")
+    assert summary["postprocessing"] is not None and summary["pooled"]["cases"] == len(val)
+    assert "| CV" in capsys.readouterr().out
+    timing = json.loads((root / "fold_1" / "fit_time.json").read_text())
+    assert timing["iterations"] == 2 and timing["cpu"]
+
+
+def test_test_split_options(tiny_dataset):
+    with pytest.raises(ValueError, match="test_split must be 'auto', 'test' or 'val', got 'train'"):
+        FlareDataModule(data_dir=str(tiny_dataset), test_split="train")
+    with pytest.raises(ValueError, match="test_split 'val' with fold 'all'"):
+        FlareDataModule(data_dir=str(tiny_dataset), fold="all", test_split="val")
+
+
+def test_fold_all_through_the_cli(tiny_dataset, tmp_path, caplog):
+    """data.fold all trains on every case; the final model's recipe skips validation (limit_val_batches 0): no
+    'auto' postprocessing chosen on training cases. Validating on 'all' warns that it measures the fit."""
+    args = tiny_cli_args(tiny_dataset, tmp_path / "cache", tmp_path / "out")
+    result = cli.main(["fit", *args, "--data.fold", "all", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0"])
+    dm = result.datamodule
+    assert dm.fold == "all" and len(dm._fold_cases()[0]) == len(dm.dataset.cases("Tr")) == 6
+    checkpoint = torch.load(tmp_path / "out" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2 and "postprocessing" not in checkpoint
+    with caplog.at_level(logging.WARNING, logger="lightning_flare.datamodule"):
+        dm.val_dataloader()
+    assert "fold 'all': the validation cases are the training cases" in caplog.text
+
+
+def test_fit_timer_leaves_out_the_warmup_iterations(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning_flare.fit_timer import FitTimer
+
+    timer = FitTimer(path="t.json", warmup=2)
+    timer.on_fit_start(None, None)
+    timer.times = [5.0, 3.0, 1.0, 2.0]  # two slow first iterations (oneDNN primitive creation)
+    trainer = SimpleNamespace(precision="32-true", is_global_zero=True, default_root_dir=str(tmp_path))
+    timer.on_fit_end(trainer, None)
+    record = json.loads((tmp_path / "t.json").read_text())
+    assert record["seconds_per_iteration"] == 1.5 and record["iteration_s"] == 11.0 and record["iterations"] == 4
+    assert record["precision"] == "32-true" and record["fit_s"] >= 0
+    with pytest.raises(ValueError, match="warmup must be an integer >= 0, got -1"):
+        FitTimer(warmup=-1)
