@@ -21,8 +21,8 @@ from .metrics.postprocessing_scores import ComponentThresholdScores, LargestComp
 from .metrics.healthy_decision_scores import HealthyDecisionScores
 from .healthy_decision import case_report_fields, tumour_probability
 from .postprocessing import choose_largest_component, choose_threshold, keep_largest_component, remove_small_components
-from .predictor import InferenceSettings, Prediction, Predictor, chosen_min_component_ml, postprocessing_logs,
-                        postprocessing_summary
+from .predictor import (InferenceSettings, Prediction, Predictor, chosen_min_component_ml, postprocessing_logs,
+                        postprocessing_summary)
 from .report import build_summary, headline_metrics, log_case_volumes
 from .volumes import VolumeItem
 
