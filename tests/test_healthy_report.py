@@ -60,10 +60,10 @@ def test_written_report_has_the_keys_and_columns(tmp_path):
     saved = json.loads((tmp_path / "metrics_summary.json").read_text())
     assert set(HEADLINE_KEYS) <= set(saved) and saved["healthy_fp_rate"] == summary["healthy_fp_rate"] == 0.25
     lines = (tmp_path / "metrics_per_case.csv").read_text().splitlines()
-    assert lines[0] == ("case,dsc,nsd,reference_ml,predicted_ml,healthy_false_positive,missing,"
+    assert lines[0] == ("case,dsc,nsd,reference_ml,predicted_ml,healthy_false_positive,volume_ratio,missing,"
                         "predicted_ml_components_only,dsc_components_only,lesions_reference,lesions_detected,"
                         "components_predicted,components_true_positive")
-    assert lines[2] == "h2,1.0,1.0,0.0,0.0,False,False,0.7,0.0,0,0,0,0"
+    assert lines[2] == "h2,1.0,1.0,0.0,0.0,False,,False,0.7,0.0,0,0,0,0"  # a healthy case has no volume ratio
     table = format_table(ROWS)
     assert "Healthy-scan false-positive rate: 0.2500 (small-component removal alone: 0.7500, 3 of 4)" in table
     assert "Mean DSC on lesion cases: 0.4000 (small-component removal alone: 0.5500)" in table

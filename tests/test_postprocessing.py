@@ -149,7 +149,8 @@ def test_inference_largest_component_setting_and_old_choices():
             InferenceSettings(largest_component=wrong)
     line = postprocessing_summary(auto, {"largest_component_only": True, "min_component_ml": 0.5})
     assert line == ("Postprocessing: components below 0 ml removed; only the largest component kept "
-                    "(largest_component auto: chosen on the validation fold)")
+                    "(largest_component auto: chosen on the validation fold)\n"
+                    "Healthy-scan decision: none (healthy_decision off)")
 
 
 def test_predictor_applies_the_checkpoint_choice(monkeypatch):
