@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .body_box import body_box, body_threshold, grid_region
+from .body_box import body_box, body_threshold, grid_region, windows_touching
 from .device import synchronize
 from .inference import (air_logits, check_autocast_setting, sliding_window_logits, use_channels_last, window_batch_size,
                         window_locations)
@@ -37,8 +37,8 @@ class InferenceSettings:
       validation fold (kept in the checkpoint);
     - ``skip_air``: run only the windows that touch the body (``body_box``: parts above -500 HU, grown by
       ``body_margin_mm``); inside that box the logits are those of the whole grid, outside it background.
-      "box_grid": a fresh window grid laid over that box instead (``grid_region``): fewer windows, but they move,
-      so the logits inside the box differ from the whole grid's; outside it background.
+      "box_grid": a fresh window grid laid over that box instead (``grid_region``) where it runs fewer windows than
+      those (else as true): the windows move, so the logits inside the box differ from the whole grid's.
     """
 
     sw_overlap: float = 0.5
@@ -148,14 +148,19 @@ class Predictor:
         body = None
         if s.skip_air:
             body = body_box(image, body_threshold(self.plan.intensity), self.plan.target_spacing, s.body_margin_mm)
-        if s.skip_air == "box_grid" and body is not None:  # a fresh grid over the box; background around it
-            shape = tuple(image.shape[1:])
-            region = (slice(None), *grid_region(body, shape, self.plan.patch_size))
-            inner = self._sliding_window(image[region], tta, None)
-            output = air_logits(inner.shape[0], shape, inner.device)
-            output[region] = inner
-            self.counts["windows_total"] = len(window_locations(shape, self.plan.patch_size, s.sw_overlap, s.sw_steps))
-            return output
+        if s.skip_air == "box_grid" and body is not None:  # a fresh grid over the box, where it runs fewer windows
+            shape, patch = tuple(image.shape[1:]), self.plan.patch_size
+            region = grid_region(body, shape, patch)
+            grid = window_locations(shape, patch, s.sw_overlap, s.sw_steps)
+            shifted = tuple(slice(b.start + max(p - n, 0) // 2, b.stop + max(p - n, 0) // 2)  # as the padded grid
+                            for b, p, n in zip(body, patch, shape))
+            fresh = window_locations([r.stop - r.start for r in region], patch, s.sw_overlap, s.sw_steps)
+            if len(fresh) < int(windows_touching(grid, shifted).sum()):
+                inner = self._sliding_window(image[(slice(None), *region)], tta, None)
+                output = air_logits(inner.shape[0], shape, inner.device)
+                output[(slice(None), *region)] = inner
+                self.counts["windows_total"] = len(grid)
+                return output
         return self._sliding_window(image, tta, body)
 
     def _sliding_window(self, image: torch.Tensor, tta: bool, body) -> torch.Tensor:

@@ -161,3 +161,23 @@ def test_skip_air_accepts_box_grid_only_as_a_string_choice():
     for bad in ("yes", 1, None):
         with pytest.raises(ValueError, match="skip_air"):
             InferenceSettings(skip_air=bad)
+
+
+def test_box_grid_keeps_the_whole_grids_windows_where_a_fresh_grid_saves_none():
+    from lightning_flare.network import PlainConvUNet
+    from lightning_flare.plan import Plan
+    from lightning_flare.predictor import InferenceSettings, Predictor
+
+    torch.manual_seed(0)
+    net = PlainConvUNet(features_per_stage=[4, 8, 16, 32], deep_supervision=False).eval()
+    hu = np.full((40, 40, 16), -1000.0)
+    hu[6:34, 6:34, 2:14] = 40.0  # the box (grown by one voxel) spans nearly the whole field of view
+    plan = Plan((8.0, 8.0, 8.0), (16, 16, 16), STATS)
+    settings = dict(sw_batch_size=2, autocast=False, sw_channels_last=False, body_margin_mm=8.0)
+    results = []
+    for mode in (True, "box_grid"):
+        predictor = Predictor(net, plan, InferenceSettings(skip_air=mode, **settings), device="cpu")
+        results.append((predictor.logits(_normalised(hu)), dict(predictor.counts)))
+    (touching, touching_counts), (boxed, boxed_counts) = results
+    assert boxed_counts == touching_counts
+    torch.testing.assert_close(boxed, touching, rtol=0, atol=0)
