@@ -68,3 +68,19 @@ def windows_touching(locations: np.ndarray, box: tuple[slice, slice, slice] | No
     for axis, extent in enumerate(box):
         keep &= (locations[:, axis] < extent.stop) & (locations[:, axis + 3] > extent.start)
     return keep
+
+
+def grid_region(box: tuple[slice, slice, slice], shape: Sequence[int],
+                patch_size: Sequence[int]) -> tuple[slice, slice, slice]:
+    """The region a fresh window grid is laid over for ``skip_air: box_grid``: ``box``, widened about its centre
+    (within the volume) to at least one window along every axis, or the whole axis where the volume is shorter."""
+    region = []
+    for extent, size, patch in zip(box, shape, patch_size):
+        start, stop, size, patch = int(extent.start), int(extent.stop), int(size), int(patch)
+        if size <= patch:
+            start, stop = 0, size
+        elif stop - start < patch:
+            start = min(max(start - (patch - (stop - start)) // 2, 0), size - patch)
+            stop = start + patch
+        region.append(slice(start, stop))
+    return tuple(region)

@@ -114,19 +114,29 @@ def gaussian_window(patch_size: Sequence[int], sigma_scale: float = 1 / 8) -> to
     return torch.clamp(window, min=float(window[window > 0].min())).float()
 
 
-class _SlicingGridSampler(tio.GridSampler):
-    """GridSampler whose windows are plain tensor slices (TorchIO's crop deep-copies the whole subject);
-    ``steps='nnunet'`` replaces TorchIO's window grid by nnU-Net's."""
+def window_locations(shape: Sequence[int], patch_size: Sequence[int], overlap: float = 0.5,
+                     steps: str = "torchio") -> np.ndarray:
+    """Corners (i0, j0, k0, i1, j1, k1) of the window grid over a volume of ``shape`` (an axis shorter than the
+    window counts as the window: ``sliding_window_logits`` pads it): TorchIO's grid or nnU-Net's ('nnunet')."""
+    patch = [int(p) for p in patch_size]
+    shape = [max(int(s), p) for s, p in zip(shape, patch)]
+    if steps == "nnunet":
+        starts = [nnunet_steps(s, p, 1 - overlap) for s, p in zip(shape, patch)]
+        return np.array([(i, j, k, i + patch[0], j + patch[1], k + patch[2])
+                         for i in starts[0] for j in starts[1] for k in starts[2]], dtype=np.int64)
+    if steps != "torchio":
+        raise ValueError(f"sw_steps must be 'torchio' or 'nnunet', got {steps!r}")
+    return np.asarray(tio.GridSampler._get_patches_locations(tuple(shape), tuple(patch), grid_overlap(patch, overlap)),
+                      dtype=np.int64)
 
-    def __init__(self, subject, patch_size, patch_overlap, steps: str = "torchio", step: float = 0.5):
-        super().__init__(subject, patch_size, patch_overlap)
-        if steps == "nnunet":
-            shape, patch = subject.spatial_shape, [int(p) for p in self.patch_size]
-            starts = [nnunet_steps(int(s), p, step) for s, p in zip(shape, patch)]
-            self.locations = np.array([(i, j, k, i + patch[0], j + patch[1], k + patch[2])
-                                       for i in starts[0] for j in starts[1] for k in starts[2]], dtype=np.int64)
-        elif steps != "torchio":
-            raise ValueError(f"sw_steps must be 'torchio' or 'nnunet', got {steps!r}")
+
+class _SlicingGridSampler(tio.GridSampler):
+    """GridSampler whose windows are plain tensor slices (TorchIO's crop deep-copies the whole subject), on the
+    grid of ``window_locations`` (``steps='nnunet'``: nnU-Net's)."""
+
+    def __init__(self, subject, patch_size, overlap: float = 0.5, steps: str = "torchio"):
+        super().__init__(subject, patch_size, grid_overlap(patch_size, overlap))
+        self.locations = window_locations(subject.spatial_shape, patch_size, overlap, steps)
 
     def __len__(self) -> int:
         return len(self.locations)
@@ -139,6 +149,13 @@ class _SlicingGridSampler(tio.GridSampler):
 
 
 AIR_LOGIT = 20.0  # background's lead where no window ran (softmax: tumour probability ~2e-9)
+
+
+def air_logits(num_classes: int, shape: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """Logits (C, x, y, z) of voxels no window covers: background (class 0) by ``AIR_LOGIT``."""
+    output = torch.full((num_classes, *shape), -AIR_LOGIT, dtype=torch.float32, device=device)
+    output[0] = 0.0
+    return output
 
 
 class DeviceGridAggregator(tio.inference.GridAggregator):
@@ -224,7 +241,7 @@ def sliding_window_logits(
             padding += [extra // 2, extra - extra // 2]
         image = F.pad(image, padding)
     subject = tio.Subject(image=tio.ScalarImage(tensor=image.float()))
-    sampler = _SlicingGridSampler(subject, patch_size, grid_overlap(patch_size, overlap), steps, 1 - overlap)
+    sampler = _SlicingGridSampler(subject, patch_size, overlap, steps)
     total = len(sampler.locations)
     if body is not None:  # only windows that touch the body: inside it every voxel keeps all its windows
         shifted = tuple(slice(b.start + p // 2, b.stop + p // 2) for b, p in zip(body, pad))

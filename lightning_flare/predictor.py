@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .body_box import body_box, body_threshold
+from .body_box import body_box, body_threshold, grid_region, windows_touching
 from .device import synchronize
 from .healthy_decision import check_setting, chosen_mass_threshold, decide, decision_line
-from .inference import check_autocast_setting, sliding_window_logits, use_channels_last, window_batch_size
+from .inference import (air_logits, check_autocast_setting, sliding_window_logits, use_channels_last, window_batch_size,
+                        window_locations)
 from .io import Geometry
 from .plan import Plan
 from .postprocessing import keep_largest_component, remove_small_components
@@ -42,6 +43,8 @@ class InferenceSettings:
       component"): true, false, or "auto": as chosen on the validation fold (kept in the checkpoint);
     - ``skip_air``: run only the windows that touch the body (``body_box``: parts above -500 HU, grown by
       ``body_margin_mm``); inside that box the logits are those of the whole grid, outside it background.
+      "box_grid": a fresh window grid laid over that box instead (``grid_region``) where it runs fewer windows than
+      those (else as true): the windows move, so the logits inside the box differ from the whole grid's.
     """
 
     sw_overlap: float = 0.5
@@ -54,7 +57,7 @@ class InferenceSettings:
     min_component_ml: float | str = 0.0
     healthy_decision: bool | float | str = "off"  # YAML's off is false: read as "off"
     largest_component: bool | str = False
-    skip_air: bool = False
+    skip_air: bool | str = False
     body_margin_mm: float = 20.0
 
     def __post_init__(self) -> None:
@@ -66,8 +69,8 @@ class InferenceSettings:
         if self.sw_steps not in ("torchio", "nnunet"):
             raise ValueError(f"inference.sw_steps must be 'torchio' or 'nnunet', got {self.sw_steps!r}")
         use_channels_last(self.sw_channels_last, "cpu")
-        if not isinstance(self.skip_air, bool):
-            raise ValueError(f"inference.skip_air must be true or false, got {self.skip_air!r}")
+        if not (isinstance(self.skip_air, bool) or self.skip_air == "box_grid"):
+            raise ValueError(f"inference.skip_air must be true, false or 'box_grid', got {self.skip_air!r}")
         if isinstance(self.body_margin_mm, bool) or not isinstance(self.body_margin_mm, (int, float)) or self.body_margin_mm < 0:
             raise ValueError(f"inference.body_margin_mm must be a distance in mm (>= 0), got {self.body_margin_mm!r}")
         if not isinstance(self.tta, bool):
@@ -190,6 +193,23 @@ class Predictor:
         body = None
         if s.skip_air:
             body = body_box(image, body_threshold(self.plan.intensity), self.plan.target_spacing, s.body_margin_mm)
+        if s.skip_air == "box_grid" and body is not None:  # a fresh grid over the box, where it runs fewer windows
+            shape, patch = tuple(image.shape[1:]), self.plan.patch_size
+            region = grid_region(body, shape, patch)
+            grid = window_locations(shape, patch, s.sw_overlap, s.sw_steps)
+            shifted = tuple(slice(b.start + max(p - n, 0) // 2, b.stop + max(p - n, 0) // 2)  # as the padded grid
+                            for b, p, n in zip(body, patch, shape))
+            fresh = window_locations([r.stop - r.start for r in region], patch, s.sw_overlap, s.sw_steps)
+            if len(fresh) < int(windows_touching(grid, shifted).sum()):
+                inner = self._sliding_window(image[(slice(None), *region)], tta, None)
+                output = air_logits(inner.shape[0], shape, inner.device)
+                output[(slice(None), *region)] = inner
+                self.counts["windows_total"] = len(grid)
+                return output
+        return self._sliding_window(image, tta, body)
+
+    def _sliding_window(self, image: torch.Tensor, tta: bool, body) -> torch.Tensor:
+        s = self.settings
         with self.full_resolution_net() as net:
             return sliding_window_logits(net, image, self.plan.patch_size, s.sw_overlap,
                                          window_batch_size(s.sw_batch_size, self.device), s.autocast,

@@ -95,3 +95,89 @@ def test_predictor_skip_air_setting_checks_its_values():
         InferenceSettings(skip_air="yes")
     with pytest.raises(ValueError, match="body_margin_mm"):
         InferenceSettings(body_margin_mm=-1)
+
+
+def test_grid_region_widens_a_small_box_to_one_window_within_the_volume():
+    from lightning_flare.body_box import grid_region
+
+    region = grid_region((slice(10, 30), slice(0, 6), slice(90, 100)), shape=(100, 50, 100), patch_size=(16, 16, 16))
+    assert region[0] == slice(10, 30)  # wider than a window: the box itself
+    assert region[1] == slice(0, 16)  # at the volume's start: widened inwards
+    assert region[2] == slice(84, 100)  # at its end
+    assert grid_region((slice(40, 46), slice(2, 8), slice(0, 4)), (100, 50, 10), (16, 16, 16)) == (
+        slice(35, 51), slice(0, 16), slice(0, 10))  # about the centre; a volume shorter than the window: all of it
+
+
+@pytest.mark.parametrize("steps", ["torchio", "nnunet"])
+def test_window_locations_are_the_samplers_grid(steps):
+    import torchio as tio
+
+    from lightning_flare.inference import _SlicingGridSampler, grid_overlap, window_locations
+
+    subject = tio.Subject(image=tio.ScalarImage(tensor=torch.zeros(1, 70, 40, 16)))
+    sampler = _SlicingGridSampler(subject, (32, 16, 16), 0.5, steps)
+    assert np.array_equal(window_locations((70, 40, 16), (32, 16, 16), 0.5, steps), sampler.locations)
+    if steps == "torchio":
+        assert np.array_equal(sampler.locations, tio.GridSampler(subject, (32, 16, 16), grid_overlap((32, 16, 16), 0.5)).locations)
+    assert len(window_locations((8, 40, 16), (32, 16, 16), 0.5, steps)) == len(window_locations((32, 40, 16), (32, 16, 16), 0.5, steps))
+
+
+@pytest.mark.parametrize("steps", ["torchio", "nnunet"])
+def test_box_grid_runs_a_fresh_grid_over_the_body_box(steps):
+    from lightning_flare.body_box import grid_region
+    from lightning_flare.inference import AIR_LOGIT, sliding_window_logits
+    from lightning_flare.network import PlainConvUNet
+    from lightning_flare.plan import Plan
+    from lightning_flare.predictor import InferenceSettings, Predictor
+
+    torch.manual_seed(0)
+    net = PlainConvUNet(features_per_stage=[4, 8, 16, 32], deep_supervision=False).eval()
+    hu = np.full((96, 80, 24), -1000.0)
+    hu[40:66, 30:46, 4:20] = 40.0  # the body, in the middle of a field of view mostly of air
+    image = _normalised(hu)
+    plan = Plan((8.0, 8.0, 8.0), (16, 16, 16), STATS)  # 8 mm voxels: the predictor's margin of 8 mm is one voxel
+    settings = dict(sw_batch_size=2, autocast=False, sw_channels_last=False, sw_steps=steps, body_margin_mm=8.0)
+    runs = {}
+    for mode in (False, True, "box_grid"):
+        predictor = Predictor(net, plan, InferenceSettings(skip_air=mode, **settings), device="cpu")
+        runs[mode] = (predictor.logits(image), dict(predictor.counts))
+    box = body_box(image, body_threshold(STATS), plan.target_spacing, 8.0)
+    region = (slice(None), *grid_region(box, image.shape[1:], plan.patch_size))
+    (full, full_counts), (touching, touching_counts), (boxed, boxed_counts) = runs[False], runs[True], runs["box_grid"]
+    assert boxed_counts["windows_total"] == touching_counts["windows_total"] == full_counts["windows"]
+    assert 0 < boxed_counts["windows"] < touching_counts["windows"] < full_counts["windows"]
+    alone = sliding_window_logits(net, image[region], (16, 16, 16), 0.5, 2, autocast=False, channels_last=False, steps=steps)
+    torch.testing.assert_close(boxed[region], alone, rtol=0, atol=0)  # the grid over the box, as on a crop of it
+    outside = torch.ones(boxed.shape[1:], dtype=torch.bool)
+    outside[region[1:]] = False
+    assert outside.any() and bool((boxed[0][outside] == 0).all()) and bool((boxed[1][outside] == -AIR_LOGIT).all())
+    assert boxed.shape == full.shape and torch.isfinite(boxed).all()
+
+
+def test_skip_air_accepts_box_grid_only_as_a_string_choice():
+    from lightning_flare.predictor import InferenceSettings
+
+    assert InferenceSettings(skip_air="box_grid").skip_air == "box_grid"
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="skip_air"):
+            InferenceSettings(skip_air=bad)
+
+
+def test_box_grid_keeps_the_whole_grids_windows_where_a_fresh_grid_saves_none():
+    from lightning_flare.network import PlainConvUNet
+    from lightning_flare.plan import Plan
+    from lightning_flare.predictor import InferenceSettings, Predictor
+
+    torch.manual_seed(0)
+    net = PlainConvUNet(features_per_stage=[4, 8, 16, 32], deep_supervision=False).eval()
+    hu = np.full((40, 40, 16), -1000.0)
+    hu[6:34, 6:34, 2:14] = 40.0  # the box (grown by one voxel) spans nearly the whole field of view
+    plan = Plan((8.0, 8.0, 8.0), (16, 16, 16), STATS)
+    settings = dict(sw_batch_size=2, autocast=False, sw_channels_last=False, body_margin_mm=8.0)
+    results = []
+    for mode in (True, "box_grid"):
+        predictor = Predictor(net, plan, InferenceSettings(skip_air=mode, **settings), device="cpu")
+        results.append((predictor.logits(_normalised(hu)), dict(predictor.counts)))
+    (touching, touching_counts), (boxed, boxed_counts) = results
+    assert boxed_counts == touching_counts
+    torch.testing.assert_close(boxed, touching, rtol=0, atol=0)
