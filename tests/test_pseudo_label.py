@@ -22,8 +22,9 @@ from lightning_flare.predictor import InferenceSettings, Predictor
 from lightning_flare.preprocessing import preprocess_image
 from lightning_flare.pseudo_filter import Thresholds, label_components, merge_labels, score_components
 from lightning_flare.pseudo_label import PseudoLabelError, main, read_config, run_round
+from lightning_flare.pseudo_source import read_source
 from lightning_flare.pseudo_teacher import TeacherOutput, file_sha256, resample_difference, teacher_passes
-from lightning_flare.raw_dataset import kfold_splits
+from lightning_flare.raw_dataset import DatasetError, kfold_splits
 from lightning_flare.resample import resample_to_mask
 
 NET = {"in_channels": 1, "num_classes": 2, "features_per_stage": [4, 8, 16], "strides": [1, 2, 2],
@@ -173,6 +174,26 @@ def make_source(root, tiny_dataset, declare_ignore=False, broken=False):
         sitk.WriteImage(out, str(root / "labelsTr" / "SYN_001.nii.gz"))
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
+
+
+def test_the_source_is_read_by_raw_dataset(tiny_dataset, tmp_path):
+    """Unlabelled scans, partially labelled cases and the ignore label are RawDataset's; its errors name dataset.json."""
+    root = make_source(tmp_path / "source", tiny_dataset, declare_ignore=True)
+    source = read_source(root)
+    assert [c.case_id for c in source.unlabelled] == ["UNL_000", "UNL_001"] and source.partially_labelled == {"SYN_001"}
+    assert (source.ignore_label, source.num_classes, source.tumour) == (2, 2, 1)  # ignore K = number of classes
+    assert [c.case_id for c in source.labelled] == LABELLED and all(c.label is None for c in source.unlabelled)
+    meta = json.loads((root / "dataset.json").read_text())
+    for change, words in (({"labels": {**meta["labels"], "ignore": 3}}, "label 'ignore' is 3"),
+                          ({"partially_labelled": ["UNL_000"]}, "'partially_labelled' lists 'UNL_000'"),
+                          ({"labels": {"background": 0, "liver": 1, "tumor": 2}}, "exactly one tumour class")):
+        (root / "dataset.json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(DatasetError, match=f"dataset.json: .*{words}"):
+            read_source(root)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    shutil.copy(root / "imagesTr" / "SYN_000_0000.nii.gz", root / "imagesUnlabelled")
+    with pytest.raises(DatasetError, match=r"imagesUnlabelled: case ids also in imagesTr: \['SYN_000'\]"):
+        read_source(root)
 
 
 def read(path) -> np.ndarray:
