@@ -189,12 +189,12 @@ class FlareSegmentationModule(L.LightningModule):
         return None
 
     def _pseudo_dice_update(self, batch: VolumeItem) -> None:
-        """nnU-Net-style pseudo Dice: a few patch-size windows (centred on tumour voxels when there are some),
-        counted on the batch's device; only the chosen window centres come to the host."""
-        image, label = batch.image, batch.label
+        """nnU-Net-style pseudo Dice: patch-size windows (centred on tumour voxels, not ignored ones, when there are
+        some) counted on the batch's device, a declared ignore region left out; only the window centres reach the host."""
+        image, label, ignore = batch.image, batch.label, self.plan.ignore_label
         patch = np.asarray(self.plan.patch_size)
         rng = np.random.default_rng([self.current_epoch, int(batch.index)])
-        foreground = torch.nonzero(label > 0)
+        foreground = torch.nonzero(without_ignored(label, label, ignore)[1] > 0)
         shape = np.asarray(label.shape)
         with self.predictor().full_resolution_net() as net:
             for _ in range(int(self.hparams.pseudo_val_patches)):
@@ -209,8 +209,8 @@ class FlareSegmentationModule(L.LightningModule):
                 x = torch.nn.functional.pad(x, [v for d in reversed(pad) for v in (0, d)])
                 with autocast_context(self.device, self.inference.autocast, self.trainer_precision()):
                     logits = net(x[None].to(self.device))
-                ref = label[window] > 0
-                pred = logits[0].argmax(0)[tuple(slice(0, s) for s in ref.shape)] > 0
+                pred = logits[0].argmax(0)[tuple(slice(0, s) for s in label[window].shape)]
+                pred, ref = (mask > 0 for mask in without_ignored(pred, label[window], ignore))
                 counts = torch.stack([(pred & ref).sum(), (pred & ~ref).sum(), (~pred & ref).sum()])
                 self._pseudo_counts += counts.to(self._pseudo_counts.device)
 
@@ -249,8 +249,8 @@ class FlareSegmentationModule(L.LightningModule):
         if batch.error is not None:
             raise ValueError(batch.error)
         decision: dict = {}
-        mask = self.predict_original_grid(batch, decision)  # on the host
-        label = to_host(batch.label)  # the host/device boundary
+        prediction = self.predict_original_grid(batch, decision)  # on the host
+        mask, label = without_ignored(prediction, to_host(batch.label), self.plan.ignore_label)  # scored as validation
         spacing = batch.geometry.spacing
         self.test_metrics.update(mask, label, spacing, batch.index)
         voxel_ml = float(np.prod(spacing)) / 1000.0
@@ -258,7 +258,7 @@ class FlareSegmentationModule(L.LightningModule):
                                "reference_ml": float((label > 0).sum()) * voxel_ml,
                                "predicted_ml": float((mask > 0).sum()) * voxel_ml,
                                **case_report_fields(mask, label, spacing, decision)})
-        return {"prediction": mask}  # for CasePanelLogger
+        return {"prediction": prediction}  # for CasePanelLogger (as predicted, the ignore region too)
 
     def on_test_epoch_start(self) -> None:
         self.test_rows = []

@@ -99,10 +99,13 @@ def training_target(settings: PartialLabelSettings, target: torch.Tensor, logits
     return ignore_confident_background(target, logits, partial, ignore_label, settings.threshold)
 
 
-def without_ignored(prediction: np.ndarray, label: np.ndarray, ignore_label: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Validation masks with the ignore region left out of the scores (nnU-Net's evaluation ignores it too): both
-    set to background where ``label`` is ``ignore_label``; unchanged without one."""
+def without_ignored(prediction: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor, ignore_label: int | None):
+    """Masks with the ignore region left out of the scores (validation, patch pseudo-Dice, test; nnU-Net's evaluation
+    ignores it too): both set to background where ``label`` is ``ignore_label``; unchanged without one. NumPy arrays
+    or torch tensors (on their device), of the same shape; dtypes kept."""
     if ignore_label is None:
         return prediction, label
     ignored = label == ignore_label
+    if isinstance(label, torch.Tensor):
+        return prediction.masked_fill(ignored, 0), label.masked_fill(ignored, 0)
     return np.where(ignored, 0, prediction).astype(prediction.dtype), np.where(ignored, 0, label).astype(label.dtype)

@@ -16,9 +16,9 @@ Config keys (YAML; relative paths are relative to the working directory): ``teac
 (required); ``previous`` (a previous round's output folder); ``min_mean_prob`` (0.75), ``min_agreement`` (0.5),
 ``min_volume_ml`` (0.1); ``tta`` (true: the main pass mirrors and is compared with the pass without; false: one
 pass, no mirror agreement); ``ignore_dropped`` (true: dropped components become the ignore label, the dataset's or
-one added as highest class + 1; false: background); ``num_folds`` (5), ``split_seed`` (12345); ``device`` ("auto");
-``inference`` (``model.inference`` settings of the predictor, except tta and min_component_ml); ``teacher_sha256``
-(checked when given: round.yaml records it)."""
+one added as the number of classes, 2; false: background); ``num_folds`` (5), ``split_seed`` (12345); ``device``
+("auto"); ``inference`` (``model.inference`` settings of the predictor, except tta and min_component_ml);
+``teacher_sha256`` (checked when given: round.yaml records it)."""
 from __future__ import annotations
 
 import argparse
@@ -227,7 +227,9 @@ def run_round(config: RoundConfig, overwrite: bool = False, log: Callable[[str],
     if predictor.plan.num_classes != 2 or predictor.plan.labels.get("background") != 0:
         raise PseudoLabelError(f"{config.teacher}: pseudo-labelling needs a two-class teacher (background 0, tumour), "
                                f"the checkpoint's labels are {predictor.plan.labels}")
-    ignore = (source.ignore_label if source.ignore_label is not None else source.tumour + 1) if config.ignore_dropped else None
+    # the dataset's ignore label, else nnU-Net's: the number of classes (what raw_dataset requires of a declared one)
+    ignore = None if not config.ignore_dropped else \
+        source.ignore_label if source.ignore_label is not None else source.num_classes
     record = {**asdict(config), "teacher": str(Path(config.teacher).resolve()), "teacher_sha256": sha,
               "source": str(source.root.resolve()), "output": str(staged.final),
               "previous": str(Path(config.previous).resolve()) if config.previous else None,

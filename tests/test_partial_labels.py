@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import tiny_cli_args
 
+from lightning_flare.io import Geometry
 from lightning_flare.loss import DiceCELoss
 from lightning_flare.module import FlareSegmentationModule
 from lightning_flare.partial_labels import (PartialLabelSettings, ignore_confident_background, training_target,
@@ -17,6 +18,7 @@ from lightning_flare.partial_labels import (PartialLabelSettings, ignore_confide
 from lightning_flare.plan import IntensityStats, Plan
 from lightning_flare.preprocessing import CachedCase
 from lightning_flare.sampling import PatchSampler, build_patch_loader
+from lightning_flare.volumes import VolumeItem
 
 PLAN = Plan((1, 1, 1), (4, 1, 1), IntensityStats(-100, 200, 50, 30))
 # 2 samples x 4 voxels, 2 classes; tumour probability sigmoid(fg - bg) per voxel: 0.88, 0.88, 0.27, 0.62
@@ -71,6 +73,8 @@ def test_validation_scores_leave_a_declared_ignore_region_out():
     p, lab = without_ignored(prediction, label, 2)
     assert p.tolist() == [1, 0, 0, 1] and lab.tolist() == [1, 0, 0, 0] and p.dtype == np.uint8
     assert without_ignored(prediction, label, None) == (prediction, label)
+    p, lab = without_ignored(torch.from_numpy(prediction).long(), torch.from_numpy(label), 2)  # tensors: the same
+    assert p.tolist() == [1, 0, 0, 1] and lab.tolist() == [1, 0, 0, 0] and p.dtype == torch.int64
 
 
 def _entry(tmp_path, case_id: str, seed: int) -> CachedCase:
@@ -130,6 +134,23 @@ def test_training_step_loss_ignores_confident_unmarked_voxels():
     warm = FlareSegmentationModule(FixedLogits(), partial_labels={"mode": "ignore_confident", "warmup_epochs": 1})
     warm.plan = PLAN
     torch.testing.assert_close(warm.training_step(batch, 0), DiceCELoss(ignore_label=2)(LOGITS, TARGET))
+
+
+def test_pseudo_dice_and_test_scores_leave_a_declared_ignore_region_out():
+    """FixedLogits predicts tumour at voxels 0, 1, 3; the label has tumour at 1 and the ignore value 2 at 0: the
+    ignore voxel counts as neither (without the ignore label it would be a true positive)."""
+    declared = Plan((1, 1, 1), (4, 1, 1), PLAN.intensity, ignore_label=2)
+    label = torch.tensor([2, 1, 0, 0], dtype=torch.uint8).reshape(4, 1, 1)
+    module = FlareSegmentationModule(FixedLogits(), inference={"autocast": False}, pseudo_val_patches=2)
+    module.plan = declared
+    module._pseudo_dice_update(VolumeItem(0, "a", image=torch.zeros(1, 4, 1, 1), label=label, spacing=(1, 1, 1)))
+    assert module._pseudo_counts.tolist() == [2, 2, 0]  # TP, FP, FN of two windows: voxel 1; voxel 3; none
+    module.predict_original_grid = lambda item, decision=None: np.array([1, 1, 0, 1], np.uint8).reshape(4, 1, 1)
+    module.test_step(VolumeItem(0, "a", label=label, geometry=Geometry((4, 1, 1), (10.0, 10, 10), (0, 0, 0),
+                                                                       (1, 0, 0, 0, 1, 0, 0, 0, 1))), 0)
+    indices, dsc, _ = module.test_metrics.per_case()
+    assert float(dsc[0]) == pytest.approx(2 / 3)  # 2 * 1 / (2 + 1); with the ignore voxel as tumour 0.8
+    assert (module.test_rows[0]["reference_ml"], module.test_rows[0]["predicted_ml"]) == (1.0, 2.0)
 
 
 def test_fit_with_partial_labels_from_the_yaml_keys(tmp_path):

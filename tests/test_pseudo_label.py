@@ -1,9 +1,10 @@
 """Pseudo-labelling rounds: the component filter and the merge on hand-made arrays, the teacher's passes against the
 predictor's masks, and whole rounds (a random-weight checkpoint, or a stand-in teacher with hand-made outputs) on a
-tiny synthetic dataset with unlabelled and partially labelled scans."""
+tiny synthetic dataset with unlabelled and partially labelled scans; a student's seconds-long fit on a round's output."""
 import csv
 import dataclasses
 import json
+import math
 import shutil
 
 import numpy as np
@@ -13,17 +14,18 @@ import torch
 import yaml
 from scipy import ndimage
 
-from conftest import ROOT
+from conftest import ROOT, tiny_cli_args
 from lightning_flare import pseudo_label
 from lightning_flare.network import PlainConvUNet
 from lightning_flare.plan import IntensityStats, Plan
 from lightning_flare.predict import load_predictor
 from lightning_flare.predictor import InferenceSettings, Predictor
-from lightning_flare.preprocessing import preprocess_image
+from lightning_flare.preprocessing import PreprocessedCache, preprocess_image
 from lightning_flare.pseudo_filter import Thresholds, label_components, merge_labels, score_components
 from lightning_flare.pseudo_label import PseudoLabelError, main, read_config, run_round
+from lightning_flare.pseudo_source import read_source
 from lightning_flare.pseudo_teacher import TeacherOutput, file_sha256, resample_difference, teacher_passes
-from lightning_flare.raw_dataset import kfold_splits
+from lightning_flare.raw_dataset import DatasetError, kfold_splits, load_raw_dataset
 from lightning_flare.resample import resample_to_mask
 
 NET = {"in_channels": 1, "num_classes": 2, "features_per_stage": [4, 8, 16], "strides": [1, 2, 2],
@@ -175,6 +177,26 @@ def make_source(root, tiny_dataset, declare_ignore=False, broken=False):
     return root
 
 
+def test_the_source_is_read_by_raw_dataset(tiny_dataset, tmp_path):
+    """Unlabelled scans, partially labelled cases and the ignore label are RawDataset's; its errors name dataset.json."""
+    root = make_source(tmp_path / "source", tiny_dataset, declare_ignore=True)
+    source = read_source(root)
+    assert [c.case_id for c in source.unlabelled] == ["UNL_000", "UNL_001"] and source.partially_labelled == {"SYN_001"}
+    assert (source.ignore_label, source.num_classes, source.tumour) == (2, 2, 1)  # ignore K = number of classes
+    assert [c.case_id for c in source.labelled] == LABELLED and all(c.label is None for c in source.unlabelled)
+    meta = json.loads((root / "dataset.json").read_text())
+    for change, words in (({"labels": {**meta["labels"], "ignore": 3}}, "label 'ignore' is 3"),
+                          ({"partially_labelled": ["UNL_000"]}, "'partially_labelled' lists 'UNL_000'"),
+                          ({"labels": {"background": 0, "liver": 1, "tumor": 2}}, "exactly one tumour class")):
+        (root / "dataset.json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(DatasetError, match=f"dataset.json: .*{words}"):
+            read_source(root)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    shutil.copy(root / "imagesTr" / "SYN_000_0000.nii.gz", root / "imagesUnlabelled")
+    with pytest.raises(DatasetError, match=r"imagesUnlabelled: case ids also in imagesTr: \['SYN_000'\]"):
+        read_source(root)
+
+
 def read(path) -> np.ndarray:
     return np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(path))), (2, 1, 0))  # (x, y, z)
 
@@ -247,6 +269,38 @@ def test_round_folder_with_hand_made_teacher_outputs(teachers, tiny_dataset, tmp
     assert unl["dropped_reasons"] == ("component 2: mirror_agreement 0 < min_agreement 0.5; "
                                       "component 3: mean_prob 0.55 < min_mean_prob 0.75")
     assert rows["UNL_001"]["components_found"] == "0" and rows["UNL_001"]["healthy"] == "True"
+
+
+def test_a_student_fits_on_a_round_s_output(teachers, tiny_dataset, tmp_path, monkeypatch):
+    """A seconds-long fit on a round's output folder: the ignore label the round added reaches the plan, the loss
+    and the checkpoint; the linked images go through verify and the cache (entries reused, made from the sources)."""
+    import cli
+
+    source = make_source(tmp_path / "source", tiny_dataset)  # declares no ignore label: the round adds one
+
+    def passes(predictor, image, spacing, size, tta):  # one component, probability too low: dropped -> ignore
+        mask = box(size, slice(5, 9), slice(5, 9), slice(2, 4))
+        return TeacherOutput(probability=np.where(mask, 0.55, 0.05).astype(np.float32), mask=mask, plain_mask=mask)
+
+    monkeypatch.setattr(pseudo_label, "teacher_passes", passes)
+    out = tmp_path / "Dataset903_Round1"
+    assert main(["--teacher", str(teachers[0]), "--source", str(source), "--output", str(out), *NO_AUTOCAST]) == 0
+    assert load_raw_dataset(out).ignore_label == 2 and (read(out / "labelsTr" / "UNL_000.nii.gz") == 2).any()
+    result = cli.main(["fit", *tiny_cli_args(out, tmp_path / "cache", tmp_path / "student"), "--trainer.max_epochs", "1",
+                       "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0",
+                       "--data.intensity_stats", json.dumps(dataclasses.asdict(PLAN.intensity))])  # no fingerprint
+    plan = result.model.plan
+    assert plan.ignore_label == 2 and result.model.loss.ignore_label == 2
+    assert math.isfinite(float(result.trainer.callback_metrics["train/loss"]))
+    checkpoint = torch.load(tmp_path / "student" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["plan"]["ignore_label"] == 2
+    cache = PreprocessedCache(tmp_path / "cache", plan, out.name)
+    cases = {c.case_id: c for c in load_raw_dataset(out).cases("Tr")}
+    assert cases["UNL_000"].image.is_symlink() and cache.is_complete("UNL_000", cases["UNL_000"])  # reused as is
+    entry = cache.entry("UNL_000")
+    assert set(np.unique(np.load(entry.label)).tolist()) == {0, 2} and entry.load_meta()["num_foreground"] == 0
+    original = sitk.ReadImage(str(source / "imagesUnlabelled" / "UNL_000_0000.nii.gz"))
+    np.testing.assert_array_equal(np.load(entry.image), preprocess_image(original, plan))
 
 
 def test_round_is_reproducible_from_its_round_yaml(teachers, tiny_dataset, tmp_path):
