@@ -253,7 +253,7 @@ def compare_preprocessing(info: dict, pre_dir: Path) -> dict:
         outside += int((differ & (seg < 0)).sum())
     line = (f"nnU-Net's preprocessing vs our cache: {same_shape}/{len(info['cache'])} cases of the same shape, "
             f"max |image difference| {image_diff:.3g}, {label_diff} tumour voxels differ ({outside} of them nnU-Net's "
-            "-1, outside its nonzero mask: background in its training)")
+            "-1, outside its nonzero mask)")
     if cropped:
         line += f"; different shapes (nnU-Net's nonzero crop?): {', '.join(cropped)}"
     print(line)
@@ -534,6 +534,9 @@ def differences(args, info: dict) -> list[str]:
                "ours none (outside the s/it clock on both sides)")
     out.append("checkpoints: nnU-Net writes checkpoint_best on every new best EMA pseudo Dice and a progress plot per "
                "epoch, ours last.ckpt per epoch (both outside the s/it clock, inside the training wall)")
+    out.append("data loading: nnU-Net's augmentation workers start before its first epoch and run on across epochs "
+               "(up to 6 batches buffered during its end-of-epoch work, outside the clock); ours' queue starts its "
+               "worker in each epoch (inside the clock): 'after epoch 1' leaves out the first epoch's start")
     out.append("case sampling: ours draws cases as concatenated random permutations (each case about equally often "
                "per epoch), nnU-Net uniformly with replacement; nnU-Net's augmentation workers are unseeded")
     out.append(f"torch: ours {info['torch']} (--ours-python), nnU-Net {__import__('torch').__version__} (this venv)")
