@@ -1,0 +1,37 @@
+"""benchmarks/partial_labels.py: the goal checks of issue 16 on hand-made rows."""
+import importlib.util
+import math
+from pathlib import Path
+
+SPEC = importlib.util.spec_from_file_location("partial_labels_demo", Path(__file__).parents[1] / "benchmarks" / "partial_labels.py")
+demo = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(demo)
+
+
+def _row(arm, dsc, recall, fp, fp_alone, lesion_dsc=0.8, lesion_dsc_alone=0.8):
+    return {"arm": arm, "dsc": dsc, "nsd": dsc, "dsc_lesion_cases": lesion_dsc, "lesion_recall": recall,
+            "lesion_precision": 0.5, "healthy_fp_rate": fp, "healthy_fp_rate_components_only": fp_alone,
+            "dsc_lesion_cases_components_only": lesion_dsc_alone, "wall_s": 10.0}
+
+
+def test_goals_met_and_missed_by_hand():
+    rows = {"a": _row("a", 0.60, 0.50, 0.50, 0.50),
+            "b": _row("b", 0.64, 0.55, 0.25, 0.50, lesion_dsc=0.795),  # half the FP rate at 0.005 DSC: met
+            "c": _row("c", 0.66, 0.66, 0.30, 0.50)}  # recall +0.16: met; FP 0.30 > 0.25: missed
+    lines = demo.goal_lines(rows)
+    assert lines[0].endswith("met") and "0.660 >= (a) 0.500 + 0.15" in lines[0]
+    assert lines[1].endswith("met") and "0.6600" in lines[1]  # best of (b), (c) = 0.66 >= 0.60 + 0.05
+    assert lines[2].endswith("MISSED")  # (a): 0.5 > 0.25
+    assert lines[3].endswith("met")
+    assert lines[4].endswith("MISSED")
+    rows["c"]["lesion_recall"] = 0.64  # +0.14 < 0.15
+    rows["b"]["dsc"] = rows["c"]["dsc"] = 0.64  # +0.04 < 0.05
+    lines = demo.goal_lines(rows)
+    assert lines[0].endswith("MISSED") and lines[1].endswith("MISSED")
+
+
+def test_undefined_scores_read_missed_and_print_na():
+    rows = {k: _row(k, 0.6, 0.5, None, None) for k in "abc"}
+    assert all(line.endswith("MISSED") for line in demo.goal_lines(rows)[2:])
+    assert "n/a" in demo.format_rows(rows)
+    assert math.isnan(demo._defined(rows["a"])["healthy_fp_rate"])
