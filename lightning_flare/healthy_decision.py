@@ -24,7 +24,8 @@ probability map is needed (0.4 GB for a FLARE scan; ``resample_to_mask`` avoids 
 are in ml, so they hardly depend on the grid anyway.
 
 The operating point (``choose_mass_threshold``) is chosen on validation cases, healthy and lesion cases together,
-AFTER ``min_component_ml`` (that choice is unchanged; the decision is chosen on the masks it leaves): the largest
+AFTER ``min_component_ml`` and ``largest_component`` (those choices are unchanged; the decision is chosen on the
+masks they leave, as ``Predictor.mask`` applies them before it): the largest
 mean FLARE DSC over all cases, subject to losing at most ``max_lesion_dsc_loss`` (0.01) of the mean DSC of the
 lesion cases, ties to the smaller threshold, and off unless it beats no decision. Candidates come from the observed
 masses: the midpoint between consecutive distinct positive masses, and twice the largest (empties every case).
@@ -83,18 +84,31 @@ def declared_healthy(mass_ml: float, threshold_ml: float | None) -> bool:
 
 
 def validation_row(prediction: np.ndarray, probability: np.ndarray, reference: np.ndarray,
-                   spacing_mm: Sequence[float], candidates_ml: Sequence[float]) -> np.ndarray:
+                   spacing_mm: Sequence[float], candidates_ml: Sequence[float],
+                   ignored: np.ndarray | None = None) -> np.ndarray:
     """One validation case: [healthy (1/0), mass after removal at each candidate min_component_ml ...,
-    FLARE DSC after removal at each candidate ...] (components labelled once)."""
+    FLARE DSC after removal at each candidate ..., FLARE DSC of the largest component alone after removal at each
+    candidate ...] (components labelled once; the last block is what the predictor's ``largest_component`` leaves
+    before the decision).
+
+    ``ignored``: a declared ignore region (``reference`` background there). The masses are those of the whole
+    prediction, as ``decide`` computes them at test / predict time (no ignore region known there); only the DSCs
+    leave the region out, as test scores do."""
     components, volumes, masses, _ = component_table(prediction > 0, probability, spacing_mm)
+    known = None if ignored is None else ~np.asarray(ignored, bool)
     row = [float(not (reference > 0).any())]
-    dscs = []
+    dscs, largest_dscs = [], []
+    largest = 1 + int(np.argmax(volumes[1:])) if len(volumes) > 1 else 0  # keep_largest_component's (most voxels)
     for threshold in candidates_ml:
         keep = volumes >= threshold
         keep[0] = False
         row.append(float(masses[keep].max()) if keep.any() else 0.0)
-        dscs.append(flare_dsc(keep[components], reference))
-    return np.asarray(row + dscs)
+        only = np.zeros_like(keep)
+        only[largest] = keep[largest]
+        for flags, out in ((keep, dscs), (only, largest_dscs)):
+            kept = flags[components]
+            out.append(flare_dsc(kept if known is None else kept & known, reference))
+    return np.asarray(row + dscs + largest_dscs)
 
 
 def candidate_thresholds(masses: Sequence[float]) -> list[float]:
@@ -158,15 +172,20 @@ def choose_mass_threshold(masses: Sequence[float], dsc_kept: Sequence[float], he
     return record
 
 
-def choose_from_rows(rows: np.ndarray, candidates_ml: Sequence[float], after_min_component_ml: float) -> dict:
-    """``choose_mass_threshold`` on ``validation_row`` rows, at the column of ``after_min_component_ml``."""
+def choose_from_rows(rows: np.ndarray, candidates_ml: Sequence[float], after_min_component_ml: float,
+                     largest_component: bool = False) -> dict:
+    """``choose_mass_threshold`` on ``validation_row`` rows, at the column of ``after_min_component_ml``; the DSCs
+    of the largest component alone when ``largest_component`` (the predictor keeps only it before the decision)."""
     candidates = [float(c) for c in candidates_ml]
     if float(after_min_component_ml) not in candidates:
         raise ValueError(f"after_min_component_ml {after_min_component_ml!r} is not among the scored candidates {candidates}")
-    rows = np.asarray(rows, float).reshape(-1, 1 + 2 * len(candidates))
+    n = len(candidates)
+    rows = np.asarray(rows, float).reshape(-1, 1 + 3 * n)
     k = candidates.index(float(after_min_component_ml))
-    record = choose_mass_threshold(rows[:, 1 + k], rows[:, 1 + len(candidates) + k], rows[:, 0] > 0.5)
+    dsc = rows[:, 1 + (2 if largest_component else 1) * n + k]
+    record = choose_mass_threshold(rows[:, 1 + k], dsc, rows[:, 0] > 0.5)
     record["after_min_component_ml"] = float(after_min_component_ml)
+    record["after_largest_component"] = bool(largest_component)
     return record
 
 
@@ -198,9 +217,11 @@ def decide(logits: torch.Tensor, spacing_mm: Sequence[float], min_component_ml: 
 
 
 def case_report_fields(mask: np.ndarray, reference: np.ndarray, spacing_mm: Sequence[float], decision: Mapping) -> dict:
-    """A test case's report fields beyond DSC/NSD: lesion counts (``lesion_metrics``), the predicted volume of
-    small-component removal alone (``predicted_ml_components_only``), its FLARE DSC where the decision emptied the
-    mask (``dsc_components_only``; elsewhere it equals the case's DSC) and the decision's ``decision_mass_ml``."""
+    """A test case's report fields beyond DSC/NSD: lesion counts (``lesion_metrics``), the predicted volume before
+    the decision (``predicted_ml_components_only``: small-component removal and, when on, the largest component), its
+    FLARE DSC where the decision emptied the mask (``dsc_components_only``; elsewhere it equals the case's DSC) and
+    the decision's ``decision_mass_ml``. ``mask``, ``reference`` and ``decision["components_only_mask"]`` come with
+    a declared ignore region already left out (``module.test_step``)."""
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     before = decision.get("components_only_mask")
     extras: dict[str, Any] = {**lesion_counts(mask, reference),

@@ -67,18 +67,25 @@ def flare_dsc(prediction: np.ndarray, reference: np.ndarray) -> float:
 
 
 def case_scores(prediction: np.ndarray, reference: np.ndarray, spacing_mm: Sequence[float],
-                candidates_ml: Sequence[float], largest_only: bool = False) -> list[float]:
+                candidates_ml: Sequence[float], largest_only: bool = False,
+                ignored: np.ndarray | None = None) -> list[float]:
     """FLARE DSC of one case after removing components below each candidate volume (labelled once); with
-    ``largest_only``, of its largest component alone (``keep_largest_component``) below each candidate."""
+    ``largest_only``, of its largest component alone (``keep_largest_component``) below each candidate.
+
+    ``ignored``: a declared ignore region (bool, ``reference`` background there). The components are those of the
+    whole ``prediction``, as the predictor postprocesses it at test / predict time (it knows no ignore region);
+    only the score leaves the region out, as ``test`` does after postprocessing."""
     components, volumes = component_volumes(prediction, spacing_mm)
     if largest_only and len(volumes) > 2:  # every other component can never be kept
         largest = 1 + int(np.argmax(volumes[1:]))
         volumes = np.where(np.arange(len(volumes)) == largest, volumes, -np.inf)
+    known = None if ignored is None else ~np.asarray(ignored, bool)
     scores = []
     for threshold in candidates_ml:
         keep = volumes >= threshold
         keep[0] = False
-        scores.append(flare_dsc(keep[components], reference))
+        kept = keep[components]
+        scores.append(flare_dsc(kept if known is None else kept & known, reference))
     return scores
 
 
@@ -100,17 +107,23 @@ def choose_threshold(scores: dict[float, float], min_gain: float = 1e-6) -> floa
     return chosen if best > scores.get(0.0, -np.inf) + min_gain else 0.0
 
 
-
 def choose_largest_component(scores: dict[float, float], largest_scores: dict[float, float],
-                             min_gain: float = 1e-6) -> dict:
+                             min_gain: float = 1e-6, fixed_ml: float | None = None) -> dict:
     """nnU-Net's choice of "remove all but the largest component" (``determine_postprocessing``): kept only
     when its best mean validation DSC (over the thresholds, ``largest_scores``) beats the best without it
-    (``scores`` at ``choose_threshold(scores)``) by ``min_gain``. Returns the postprocessing entries:
-    ``largest_component_only``, ``min_component_ml`` (the threshold that goes with the choice),
-    ``val_dsc_postprocessed`` and the scores with the largest component only, by threshold."""
-    plain = choose_threshold(scores, min_gain)
-    best = max(largest_scores.values())
-    threshold = min(t for t, s in largest_scores.items() if s >= best - 1e-12)
+    (``scores`` at ``choose_threshold(scores)``) by ``min_gain``. ``fixed_ml``: a fixed ``min_component_ml`` (not
+    "auto"): both arms are compared at that threshold, the one the predictor applies (it must be scored). Returns
+    the postprocessing entries: ``largest_component_only``, ``min_component_ml`` (the threshold that goes with the
+    choice), ``val_dsc_postprocessed`` and the scores with the largest component only, by threshold."""
+    if fixed_ml is not None:
+        fixed_ml = float(fixed_ml)
+        if fixed_ml not in scores or fixed_ml not in largest_scores:
+            raise ValueError(f"min_component_ml {fixed_ml:g} is not among the scored candidates {sorted(scores)}")
+        plain, best, threshold = fixed_ml, largest_scores[fixed_ml], fixed_ml
+    else:
+        plain = choose_threshold(scores, min_gain)
+        best = max(largest_scores.values())
+        threshold = min(t for t, s in largest_scores.items() if s >= best - 1e-12)
     chosen = best > scores[plain] + min_gain
     return {"largest_component_only": bool(chosen), "min_component_ml": threshold if chosen else plain,
             "val_dsc_postprocessed": round(best if chosen else scores[plain], 6),

@@ -112,14 +112,41 @@ def _validation_cases():
 
 def test_validation_rows_and_the_choice_after_min_component_ml():
     rows = [validation_row(p, q, r, SPACING, (0.0, 2.0)) for p, q, r in _validation_cases()]
-    # [healthy, mass at 0 ml, mass at 2 ml, DSC at 0 ml, DSC at 2 ml]
-    np.testing.assert_allclose(rows, [[1, 0.6, 0.0, 0.0, 1.0], [0, 7.2, 7.2, 1.0, 1.0]], rtol=1e-6)
+    # [healthy, mass at 0 ml, mass at 2 ml, DSC at 0 ml, DSC at 2 ml, largest component alone: DSC at 0 / 2 ml]
+    np.testing.assert_allclose(rows, [[1, 0.6, 0.0, 0.0, 1.0, 0.0, 1.0], [0, 7.2, 7.2, 1.0, 1.0, 1.0, 1.0]], rtol=1e-6)
     after_none = choose_from_rows(np.asarray(rows), (0.0, 2.0), after_min_component_ml=0.0)
     assert after_none["mass_ml"] == pytest.approx((0.6 + 7.2) / 2) and after_none["after_min_component_ml"] == 0.0
     after_removal = choose_from_rows(np.asarray(rows), (0.0, 2.0), after_min_component_ml=2.0)
     assert after_removal["mass_ml"] is None and after_removal["reason"] == "no_gain"  # removal fixed it already
     with pytest.raises(ValueError, match=r"after_min_component_ml 1.0 is not among the scored candidates \[0.0, 2.0\]"):
         choose_from_rows(np.asarray(rows), (0.0, 2.0), after_min_component_ml=1.0)
+
+
+def test_the_choice_follows_the_largest_component_and_masses_ignore_no_region():
+    """A lesion case with a 2-ml false positive beside its 8-ml lesion: the predictor's largest component removes it
+    before the decision, so the decision is scored on those DSCs. An ignore region (the false positive's voxels)
+    leaves the DSC but not the mass, which ``decide`` computes on the whole prediction at test / predict time."""
+    lesion = np.zeros((8, 8, 8), np.uint8)
+    lesion[2:4, 2:4, 2:4] = 1  # 8 ml at 0.9
+    pred, prob = lesion.copy(), lesion * np.float32(0.9)
+    pred[7, 7, 6:8], prob[7, 7, 6:8] = 1, 0.95  # a 2-ml false positive, 1.9 ml of mass
+    healthy_pred, healthy_prob = np.zeros_like(pred), np.zeros_like(prob)
+    healthy_pred[0, 0, 0], healthy_prob[0, 0, 0] = 1, 0.6
+    row = validation_row(pred, prob, lesion, SPACING, (0.0,))
+    np.testing.assert_allclose(row, [0, 7.2, 16 / 18, 1.0], rtol=1e-6)
+    rows = np.asarray([row, validation_row(healthy_pred, healthy_prob, np.zeros_like(pred), SPACING, (0.0,))])
+    assert choose_from_rows(rows, (0.0,), 0.0)["val_dsc_off"] == pytest.approx((16 / 18 + 0) / 2)
+    after_largest = choose_from_rows(rows, (0.0,), 0.0, largest_component=True)
+    assert after_largest["val_dsc_off"] == pytest.approx(0.5) and after_largest["after_largest_component"] is True
+    assert after_largest["val_dsc"] == pytest.approx(1.0)  # the healthy case emptied at 0.6 < threshold
+    ignored = np.zeros(pred.shape, bool)
+    ignored[7, 7, :] = True
+    masked = validation_row(pred, prob, lesion, SPACING, (0.0,), ignored)
+    np.testing.assert_allclose(masked, [0, 7.2, 1.0, 1.0], rtol=1e-6)  # the FP is not scored; the mass is the same
+    fp_only = np.zeros_like(pred)
+    fp_only[7, 7, 6:8] = 1
+    masked = validation_row(fp_only, prob, np.zeros_like(pred), SPACING, (0.0,), ignored)
+    np.testing.assert_allclose(masked, [1, 1.9, 1.0, 1.0], rtol=1e-6)  # healthy outside the region, mass kept
 
 
 def test_metric_matches_the_pure_choice():

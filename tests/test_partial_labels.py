@@ -171,3 +171,56 @@ def test_fit_with_partial_labels_from_the_yaml_keys(tmp_path):
     assert 0 <= float(result.trainer.callback_metrics["train/ignored_fraction"]) <= 1
     checkpoint = torch.load(tmp_path / "out" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["hyper_parameters"]["partial_labels"]["mode"] == "ignore_confident"
+
+
+def _line_logits(probability):
+    """(2, n, 1, 1) logits whose tumour probability along x is ``probability`` (background logit 0)."""
+    p = torch.tensor(probability, dtype=torch.float32).clamp(1e-6, 1 - 1e-6)
+    return torch.stack([torch.zeros_like(p), torch.log(p / (1 - p))]).reshape(2, len(probability), 1, 1)
+
+
+def test_validation_postprocesses_the_whole_prediction_then_leaves_the_ignore_region_out(monkeypatch):
+    """As test / predict do (Predictor.mask knows no ignore region): the largest component lies in the ignore region
+    (voxels 0-2), a 1-ml one on the labelled lesion (voxel 5). Keeping the largest component of the whole mask
+    leaves nothing outside the region: DSC 0, as test scores it (masked first, validation scored 1). The healthy
+    decision's mass is that of the whole prediction (2.7 ml, what ``decide`` sees at predict time), not 0.8."""
+    import lightning_flare.predictor as predictor_file
+
+    logits = _line_logits([0.9, 0.9, 0.9, 0.1, 0.1, 0.8, 0.1, 0.1])
+    monkeypatch.setattr(predictor_file, "sliding_window_logits", lambda net, image, *a, **k: logits.clone())
+    label = torch.tensor([2, 2, 2, 0, 0, 1, 0, 0], dtype=torch.uint8).reshape(8, 1, 1)
+    module = FlareSegmentationModule(FixedLogits(), inference={"autocast": False, "largest_component": True})
+    module.plan = Plan((10, 10, 10), (8, 1, 1), PLAN.intensity, ignore_label=2)
+    out = module.validation_step(VolumeItem(0, "a", image=torch.zeros(1, 8, 1, 1), label=label,
+                                            spacing=(10.0, 10.0, 10.0)), 0)
+    assert out["prediction"].flatten().tolist() == [0] * 8  # as predicted and kept, the ignore region left out
+    _, dsc, _ = module.val_metrics.per_case()
+    assert float(dsc[0]) == 0.0
+    # the same case through the test order (postprocess, then leave the region out)
+    from lightning_flare.postprocessing import flare_dsc, keep_largest_component
+
+    kept = keep_largest_component((logits.argmax(0)).numpy().astype(np.uint8))
+    assert flare_dsc(*without_ignored(kept, label.numpy(), 2)) == 0.0
+    assert module.largest_component_scores.compute()[0.0] == 0.0
+    assert module.postprocessing_scores.compute()[0.0] == 1.0  # all components kept: voxel 5 matches
+    row = module.healthy_scores.compute()[0].numpy()
+    assert row[0] == 0.0 and row[1] == pytest.approx(2.7, rel=1e-5)  # a lesion case; mass after 0 ml: 3 x 0.9
+
+
+def test_test_rows_leave_the_ignore_region_out_of_the_mask_before_the_decision():
+    """``predicted_ml_components_only`` / ``dsc_components_only`` are scored like ``predicted_ml`` / ``dsc``."""
+    declared = Plan((1, 1, 1), (4, 1, 1), PLAN.intensity, ignore_label=2)
+    label = torch.tensor([2, 1, 0, 0], dtype=torch.uint8).reshape(4, 1, 1)
+    module = FlareSegmentationModule(FixedLogits(), inference={"autocast": False})
+    module.plan = declared
+
+    def emptied(item, decision=None):  # the healthy decision emptied a mask of voxels 0 (ignored) and 1
+        decision.update(healthy=True, mass_ml=0.5, components_only_mask=np.array([1, 1, 0, 0], np.uint8).reshape(4, 1, 1))
+        return np.zeros((4, 1, 1), np.uint8)
+
+    module.predict_original_grid = emptied
+    module.test_step(VolumeItem(0, "a", label=label, geometry=Geometry((4, 1, 1), (10.0, 10, 10), (0, 0, 0),
+                                                                       (1, 0, 0, 0, 1, 0, 0, 0, 1))), 0)
+    row = module.test_rows[0]
+    assert row["predicted_ml_components_only"] == 1.0  # voxel 1 only (2.0 with the ignored voxel)
+    assert row["dsc_components_only"] == 1.0  # voxel 1 against the lesion at voxel 1 (0.667 with voxel 0)

@@ -175,3 +175,36 @@ def test_predictor_applies_the_checkpoint_choice(monkeypatch):
         predictor = predictor_file.Predictor(net, plan, settings, None if chosen is None else {"largest_component_only": chosen}, "cpu")
         voxels[(setting, chosen)] = int(predictor.mask(torch.zeros(1, 8, 8, 8), (1.0, 1.0, 1.0), (8, 8, 8)).sum())
     assert voxels == {(False, True): 9, ("auto", False): 9, ("auto", True): 8, (True, None): 8}
+
+
+def test_scores_postprocess_the_whole_prediction_and_leave_an_ignore_region_out():
+    """Components of the whole prediction (as the predictor's), scored outside the ignore region (as test)."""
+    pred = np.zeros((8, 1, 1), np.uint8)
+    pred[0:3] = 1  # 3 ml, inside the ignore region
+    pred[5] = 1  # 1 ml on the lesion
+    ref, ignored = np.zeros_like(pred), np.zeros(pred.shape, bool)
+    ref[5], ignored[0:3] = 1, True
+    assert case_scores(pred, ref, SPACING, (0.0, 2.0), ignored=ignored) == [1.0, 0.0]  # 2 ml removes voxel 5
+    assert case_scores(pred, ref, SPACING, (0.0,), largest_only=True, ignored=ignored) == [0.0]  # largest: ignored
+    assert case_scores(pred, ref, SPACING, (0.0,), largest_only=True) == [0.0]
+    metric = LargestComponentScores((0.0,))
+    metric.update(pred, ref, SPACING, ignored)
+    assert metric.compute() == {0.0: 0.0}
+
+
+def test_largest_component_at_a_fixed_min_component_ml():
+    """With a fixed min_component_ml both arms are compared where the predictor applies them."""
+    cases = _two_lesion_cases()
+    scores = score_thresholds(cases, (0.0, 3.0))
+    largest = {t: float(np.mean([case_scores(p, r, s, (t,), largest_only=True)[0] for p, r, s in cases]))
+               for t in (0.0, 3.0)}
+    assert choose_largest_component(scores, largest)["largest_component_only"] is False  # auto: 3 ml alone is best
+    fixed = choose_largest_component(scores, largest, fixed_ml=0.0)  # 0 ml is applied: largest-only beats it
+    assert fixed["largest_component_only"] is True and fixed["min_component_ml"] == 0.0
+    assert fixed["val_dsc_postprocessed"] == pytest.approx(0.933333)
+    assert choose_largest_component(scores, largest, fixed_ml=3.0)["largest_component_only"] is False
+    with pytest.raises(ValueError, match=r"min_component_ml 0.3 is not among the scored candidates \[0.0, 3.0\]"):
+        choose_largest_component(scores, largest, fixed_ml=0.3)
+    assert ComponentThresholdScores((0.0, 1.0), also_ml=0.3).candidates == (0.0, 1.0, 0.3)
+    assert LargestComponentScores((0.0, 1.0), also_ml=1.0).candidates == (0.0, 1.0)
+    assert ComponentThresholdScores((0.0, 1.0), also_ml="auto").candidates == (0.0, 1.0)

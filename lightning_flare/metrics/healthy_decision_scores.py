@@ -15,8 +15,9 @@ from ..postprocessing import CANDIDATES_ML
 
 class HealthyDecisionScores(Metric):
     """One ``healthy_decision.validation_row`` per validation case (healthy flag, and per candidate
-    ``min_component_ml``: the largest component's probability mass and the FLARE DSC); ``choose`` picks the
-    operating point after the ``min_component_ml`` in force and says in the log when its outcome changes."""
+    ``min_component_ml``: the largest component's probability mass and the FLARE DSC, also of the largest component
+    alone); ``choose`` picks the operating point after the ``min_component_ml`` and ``largest_component`` in force
+    and says in the log when its outcome changes."""
 
     full_state_update = False
 
@@ -28,18 +29,22 @@ class HealthyDecisionScores(Metric):
         self.add_state("rows", default=[], dist_reduce_fx="cat")  # flat float32 rows (an empty rank: no row)
         self._last_outcome: tuple | None = None
 
-    def update(self, prediction, probability, reference, spacing_mm: Sequence[float]) -> None:
+    def update(self, prediction, probability, reference, spacing_mm: Sequence[float], ignored=None) -> None:
+        """``ignored``: the case's declared ignore region (``healthy_decision.validation_row``), or None."""
         prediction, probability, reference = to_host(prediction), to_host(probability), to_host(reference)
-        row = validation_row(prediction, probability, reference, spacing_mm, self.candidates)
+        ignored = None if ignored is None else to_host(ignored)
+        row = validation_row(prediction, probability, reference, spacing_mm, self.candidates, ignored)
         self.rows.append(torch.tensor(row, dtype=torch.float32, device=self.device))
 
     def compute(self) -> torch.Tensor:
         rows = dim_zero_cat(self.rows) if len(self.rows) else torch.zeros(0)
-        return rows.reshape(-1, 1 + 2 * len(self.candidates))
+        return rows.reshape(-1, 1 + 3 * len(self.candidates))
 
-    def choose(self, after_min_component_ml: float) -> dict:
-        """The decision record for the checkpoint (``healthy_decision.choose_from_rows``); resets the states."""
-        record = choose_from_rows(to_host(self.compute()).astype(float), self.candidates, after_min_component_ml)
+    def choose(self, after_min_component_ml: float, largest_component: bool = False) -> dict:
+        """The decision record for the checkpoint (``healthy_decision.choose_from_rows``: after the
+        ``min_component_ml`` and the ``largest_component`` in force); resets the states."""
+        record = choose_from_rows(to_host(self.compute()).astype(float), self.candidates, after_min_component_ml,
+                                  largest_component)
         self.reset()
         outcome = (record["reason"], record["mass_ml"])
         if outcome != self._last_outcome:  # a new threshold or reason, not every epoch's numbers
