@@ -148,8 +148,8 @@ class Prediction:
 class Predictor:
     """``net`` + ``plan`` + ``settings`` -> logits on the plan's grid, masks on the original grid.
 
-    ``postprocessing`` is the checkpoint's validation choice (read when ``min_component_ml`` or
-    ``largest_component`` is "auto");
+    ``postprocessing`` is the checkpoint's validation choice (read when ``min_component_ml``,
+    ``largest_component`` or ``healthy_decision`` is "auto");
     ``precision`` the trainer's ("bf16-mixed", ...), which ``autocast`` true / "auto" follow on CUDA."""
 
     def __init__(self, net: nn.Module, plan: Plan, settings: InferenceSettings = InferenceSettings(),
@@ -228,7 +228,8 @@ class Predictor:
         or, not ``preprocessed``, the raw HU volume (preprocessed here, on the device). Stage seconds go to
         ``timings`` (device work is waited for before each clock is read). With the healthy-scan decision on,
         ``decision`` receives its features (``healthy_decision.decide``) and, when it emptied a mask,
-        ``components_only_mask``: the mask of small-component removal alone."""
+        ``components_only_mask``: the mask before the decision (small-component removal and, when on, the largest
+        component). The order is that validation chose them in: min_component_ml, largest component, decision."""
         timings = {} if timings is None else timings
         if not preprocessed:
             start = time.perf_counter()

@@ -4,8 +4,9 @@ Rows are dicts with the keys of ``COLUMNS`` (``case, dsc, nsd, reference_ml, pre
 healthy_false_positive``) and optionally ``missing`` (no prediction for that label: scored 0) and the
 ``EXTRA_COLUMNS`` (the module's test rows carry them all; a CSV gets them when any row has them):
 
-- ``predicted_ml_components_only`` / ``dsc_components_only``: the prediction of small-component removal alone,
-  before the healthy-scan decision (equal to ``predicted_ml`` / ``dsc`` where the decision is off or kept the mask);
+- ``predicted_ml_components_only`` / ``dsc_components_only``: the prediction before the healthy-scan decision
+  (small-component removal and, when on, the largest component; a declared ignore region left out as for
+  ``predicted_ml`` / ``dsc``, which they equal where the decision is off or kept the mask);
 - ``lesions_reference``, ``lesions_detected``, ``components_predicted``, ``components_true_positive``: lesion-wise
   counts (``lesion_metrics``: 26-connected components; detected = overlapped by any predicted voxel);
 - ``decision_mass_ml``: the healthy-scan decision's feature (probability mass of the most probable component).
@@ -189,6 +190,8 @@ def _healthy_and_lesion_lines(summary: dict) -> list[str]:
                      f"{_fraction(summary['lesion_precision'])} ({counts['components_true_positive']} of "
                      f"{counts['components_predicted']} predicted components overlap a lesion)")
     return lines
+
+
 def format_volume_ratio(ratio: dict) -> str:
     """The summary line of the predicted / reference volumes over the lesion cases (``volume_ratio_summary``)."""
     if not ratio["lesion_cases"]:
