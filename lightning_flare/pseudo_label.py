@@ -106,7 +106,10 @@ class RoundConfig:
         missing = sorted({"teacher", "source", "output"} - set(values))
         if missing:
             raise PseudoLabelError(f"{source}: {', '.join(missing)} required (or pass --{missing[0]})")
-        return cls(**dict(values))
+        try:
+            return cls(**dict(values))
+        except PseudoLabelError as err:  # a bad value: say where it came from
+            raise PseudoLabelError(f"{source}: {err}") from err
 
 
 def read_config(path: str | None, overrides: Mapping[str, Any] = {}, sets: Sequence[str] = ()) -> RoundConfig:

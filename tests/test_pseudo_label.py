@@ -382,6 +382,9 @@ def test_config_errors_name_the_problem(teachers, tmp_path):
         read_config(None, {"teacher": "t", "source": "s"})
     with pytest.raises(PseudoLabelError, match="min_agreement must be a number"):
         read_config(None, {"teacher": "t", "source": "s", "output": "o"}, ["min_agreement=2"])
+    config.write_text("teacher: t\nsource: s\noutput: o\ntta: maybe\n")
+    with pytest.raises(PseudoLabelError, match=r"round.yaml: tta must be true or false, got 'maybe'"):
+        read_config(str(config))
     shipped = read_config(str(ROOT / "configs" / "pseudo_round.yaml"), {"teacher": "t", "source": "s", "output": "o"})
     assert (shipped.thresholds, shipped.tta, shipped.ignore_dropped) == (Thresholds(0.75, 0.5, 0.1), True, True)
     assert shipped.settings.autocast == "auto" and shipped.settings.sw_overlap == 0.5
