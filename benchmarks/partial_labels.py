@@ -45,11 +45,16 @@ def _fit_and_test(name: str, out: Path, extra: list[str]) -> dict:
     cli.main(["fit", *common])
     fit_s = time.perf_counter() - started
     test = cli.main(["test", *common, "--ckpt_path", str(root / "checkpoints" / "last.ckpt")])
-    from lightning_flare.report import build_summary, headline_metrics
+    return {"arm": name, "fit_s": fit_s, **arm_summary(test.model.test_results)}
 
-    results = test.model.test_results
-    summary = {**results["summary"], **headline_metrics(build_summary(results["cases"]))}
-    return {"arm": name, "fit_s": fit_s, **summary}
+
+def arm_summary(results: dict) -> dict:
+    """The test's DSC / NSD summary and every headline key, None where undefined (``headline_metrics`` would leave
+    those out, and ``goal_lines`` reads each key)."""
+    from lightning_flare.report import HEADLINE_KEYS, build_summary
+
+    summary = build_summary(results["cases"])
+    return {**results["summary"], **{k: summary.get(k) for k in HEADLINE_KEYS}}
 
 
 def _defined(row: dict) -> dict:

@@ -35,3 +35,13 @@ def test_undefined_scores_read_missed_and_print_na():
     assert all(line.endswith("MISSED") for line in demo.goal_lines(rows)[2:])
     assert "n/a" in demo.format_rows(rows)
     assert math.isnan(demo._defined(rows["a"])["healthy_fp_rate"])
+
+
+def test_an_arm_without_healthy_test_cases_keeps_the_keys_as_none():
+    cases = [{"case": "a", "dsc": 0.8, "nsd": 0.9, "reference_ml": 2.0, "predicted_ml": 1.5,
+              "healthy_false_positive": False}]
+    row = demo.arm_summary({"summary": {"dsc": 0.8, "nsd": 0.9}, "cases": cases})
+    assert row["healthy_fp_rate"] is None and row["healthy_fp_rate_components_only"] is None
+    assert row["dsc_lesion_cases"] == 0.8 and row["lesion_recall"] is None  # rows without lesion counts
+    rows = {k: {"arm": k, **row, "wall_s": 1.0} for k in "abc"}
+    assert all(line.endswith("MISSED") for line in demo.goal_lines(rows))  # no KeyError
