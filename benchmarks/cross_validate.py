@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_table  # noqa: E402
 
+from lightning_flare.io import write_text  # noqa: E402
 from lightning_flare.metrics.functional import volume_ratio_summary  # noqa: E402
 from lightning_flare.postprocessing import choose_largest_component, choose_threshold  # noqa: E402
 
@@ -224,7 +225,7 @@ def main(argv: Sequence[str] | None = None, run: Callable[[Sequence[str]], None]
     summary = summarize(folds)
     summary.update(name=name, config=str(config), overrides=overrides, load_average=os.getloadavg()[0])
     root.mkdir(parents=True, exist_ok=True)
-    (root / "cv_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text(root / "cv_summary.json", json.dumps(summary, indent=1) + "\n")  # atomic (tmp file + rename)
     print(format_summary(summary, name))
     print(f"Summary: {root / 'cv_summary.json'}")
     return 0

@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nCPU: {cpu_model()}; test set: {source / 'imagesTs'} (complete labels)")
     print(format_rows(rows))
     print("\n".join(goal_lines(rows)))
-    (out / "partial_labels_summary.json").write_text(json.dumps(rows, indent=1))
+    from lightning_flare.io import write_text
+
+    write_text(out / "partial_labels_summary.json", json.dumps(rows, indent=1) + "\n")  # atomic
     return 0
 
 
