@@ -19,7 +19,7 @@ from .inference import (air_logits, check_autocast_setting, sliding_window_logit
                         window_locations)
 from .io import Geometry
 from .plan import Plan
-from .postprocessing import keep_largest_component, remove_small_components
+from .postprocessing import choose_threshold, keep_largest_component, remove_small_components
 from .preprocessing import preprocess_tensor
 from .resample import probability_axis, resample_to_mask
 
@@ -96,9 +96,25 @@ class InferenceSettings:
 
 
 def chosen_min_component_ml(settings: InferenceSettings, postprocessing: Mapping[str, Any] | None) -> float:
-    """``settings.min_component_ml``, or for "auto" the volume chosen on the validation fold (0 before any)."""
+    """``settings.min_component_ml``, or for "auto" the volume chosen on the validation fold (0 before any).
+
+    The choice's ``min_component_ml`` goes with its ``largest_component_only`` (``choose_largest_component``).
+    Where ``settings.largest_component`` is fixed (true / false) and differs from that choice, the volume is the
+    best one of the arm applied, from the validation scores kept beside it (the same rule: ties to the smaller)."""
     value = settings.min_component_ml
-    return float((postprocessing or {}).get("min_component_ml", 0.0)) if value == "auto" else float(value)
+    if value != "auto":
+        return float(value)
+    choice = postprocessing or {}
+    largest = settings.largest_component
+    if largest != "auto" and bool(choice.get("largest_component_only", False)) != bool(largest):
+        key = "val_dsc_largest_component_by_min_component_ml" if largest else "val_dsc_by_min_component_ml"
+        scores = {float(t): float(v) for t, v in (choice.get(key) or {}).items()}
+        if scores:
+            if not largest:
+                return float(choose_threshold(scores))
+            best = max(scores.values())
+            return float(min(t for t, v in scores.items() if v >= best - 1e-12))
+    return float(choice.get("min_component_ml", 0.0))
 
 
 def chosen_largest_component(settings: InferenceSettings, postprocessing: Mapping[str, Any] | None) -> bool:

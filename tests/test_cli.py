@@ -80,7 +80,13 @@ def test_test_reports_healthy_decision_and_lesion_scores(trained):
     postprocessing = torch.load(ckpt, map_location="cpu", weights_only=True)["postprocessing"]
     record = postprocessing["healthy_decision"]
     assert record["reason"] in ("chosen", "no_healthy_cases", "no_lesion_cases", "no_gain")
-    assert record["after_min_component_ml"] == postprocessing["min_component_ml"]  # demo.yaml: min_component_ml auto
+    # demo.yaml: min_component_ml auto, largest_component false: the volume applied without the largest component
+    from lightning_flare.predictor import InferenceSettings, chosen_min_component_ml
+
+    applied = chosen_min_component_ml(InferenceSettings(min_component_ml="auto"), postprocessing)
+    assert record["after_min_component_ml"] == applied
+    if not postprocessing["largest_component_only"]:
+        assert applied == postprocessing["min_component_ml"]
     assert (record["mass_ml"] is None) == (record["reason"] != "chosen")
     runs = {}
     for setting in ("off", "1e9"):

@@ -208,3 +208,23 @@ def test_largest_component_at_a_fixed_min_component_ml():
     assert ComponentThresholdScores((0.0, 1.0), also_ml=0.3).candidates == (0.0, 1.0, 0.3)
     assert LargestComponentScores((0.0, 1.0), also_ml=1.0).candidates == (0.0, 1.0)
     assert ComponentThresholdScores((0.0, 1.0), also_ml="auto").candidates == (0.0, 1.0)
+
+
+def test_min_component_ml_auto_follows_the_largest_component_arm_applied():
+    """The choice's min_component_ml goes with its largest_component_only; a fixed largest_component setting that
+    differs from it gets the best volume of its own arm (min_component_ml auto with the default false: demo.yaml)."""
+    from lightning_flare.predictor import InferenceSettings, chosen_min_component_ml
+
+    scores, largest = {0.0: 0.8, 2.0: 0.9}, {0.0: 0.95, 2.0: 0.7}
+    choice = {"min_component_ml": 0.0, **choose_largest_component(scores, largest),
+              "val_dsc_by_min_component_ml": {str(t): v for t, v in scores.items()}}
+    assert choice["largest_component_only"] is True and choice["min_component_ml"] == 0.0  # the joint choice
+    assert chosen_min_component_ml(InferenceSettings(min_component_ml="auto", largest_component="auto"), choice) == 0.0
+    # largest_component false (the default): the largest-only arm is not applied, so its 0 ml is not the best volume
+    assert chosen_min_component_ml(InferenceSettings(min_component_ml="auto"), choice) == 2.0
+    assert chosen_min_component_ml(InferenceSettings(min_component_ml="auto", largest_component=True), choice) == 0.0
+    plain = {"min_component_ml": 2.0, **choose_largest_component(scores, {0.0: 0.7, 1.0: 0.85})}
+    assert plain["largest_component_only"] is False
+    assert chosen_min_component_ml(InferenceSettings(min_component_ml="auto", largest_component=True), plain) == 1.0
+    assert chosen_min_component_ml(InferenceSettings(min_component_ml="auto"), {"min_component_ml": 0.5}) == 0.5  # old
+    assert chosen_min_component_ml(InferenceSettings(min_component_ml=0.25), choice) == 0.25
