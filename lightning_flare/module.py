@@ -20,9 +20,9 @@ from .plan import Plan
 from .metrics.postprocessing_scores import ComponentThresholdScores, LargestComponentScores
 from .metrics.healthy_decision_scores import HealthyDecisionScores
 from .healthy_decision import case_report_fields, tumour_probability
-from .postprocessing import choose_largest_component, choose_threshold, keep_largest_component, remove_small_components
-from .predictor import (InferenceSettings, Prediction, Predictor, chosen_largest_component, chosen_min_component_ml,
-                        postprocessing_logs, postprocessing_summary)
+from .postprocessing import keep_largest_component, remove_small_components
+from .predictor import (InferenceSettings, Prediction, Predictor, chosen_min_component_ml, postprocessing_logs,
+                        postprocessing_summary, scored_ml, validation_choice)
 from .report import build_summary, headline_metrics, log_case_volumes
 from .volumes import VolumeItem
 
@@ -77,10 +77,8 @@ class FlareSegmentationModule(L.LightningModule):
         self._last_full = {"val/dsc": 0.0, "val/nsd": 0.0}
         if val_tta is not None and not isinstance(val_tta, bool):
             raise ValueError(f"val_tta must be true, false or null (= tta), got {val_tta!r}")
-        # largest_component auto with a fixed min_component_ml: that volume is scored too (the largest-component choice)
-        fixed_ml = self.inference.min_component_ml if self.inference.largest_component == "auto" else "auto"
-        self.postprocessing_scores = ComponentThresholdScores(also_ml=fixed_ml)  # candidates scored on every full validation
-        self.largest_component_scores = LargestComponentScores(also_ml=fixed_ml)  # the same, largest component only
+        self.postprocessing_scores = ComponentThresholdScores(also_ml=scored_ml(self.inference))  # on every full validation
+        self.largest_component_scores = LargestComponentScores(also_ml=scored_ml(self.inference))  # largest component only
         self.postprocessing: dict | None = None  # the latest validation choice, kept in the checkpoint
         self.healthy_scores = HealthyDecisionScores(also_ml=self.inference.min_component_ml)  # healthy-scan decision
 
@@ -174,14 +172,11 @@ class FlareSegmentationModule(L.LightningModule):
             return None
         if self._full_validation_epoch():
             logits = self.predict_logits(batch.image, tta=self.hparams.get("val_tta"))
-            # the host/device boundary: prediction and label come to the host once; the scores and the component
-            # postprocessing are NumPy / SciPy (the metric's surfel search runs on its own device, the module's)
-            prediction, label = to_host(logits.argmax(0).to(torch.uint8)), to_host(batch.label)
-            # a dataset's ignore label: postprocessing runs on the whole prediction, as test / predict run it (they
-            # know no ignore region); the scores leave the region out afterwards (both masks background there)
-            ignore = self.plan.ignore_label
-            ignored = None if ignore is None else label == ignore
-            label = without_ignored(label, label, ignore)[1]
+            # prediction and label come to the host once (scores, postprocessing: NumPy / SciPy; the surfel search on
+            # the module's device); an ignore region: postprocessed whole (as Predictor.mask), left out of the scores
+            prediction, raw = to_host(logits.argmax(0).to(torch.uint8)), to_host(batch.label)
+            ignored = None if self.plan.ignore_label is None else raw == self.plan.ignore_label
+            label = without_ignored(raw, raw, self.plan.ignore_label)[1]
             self.postprocessing_scores.update(prediction, label, batch.spacing, ignored)
             self.healthy_scores.update(prediction, to_host(tumour_probability(logits)), label, batch.spacing, ignored)
             self.largest_component_scores.update(prediction, label, batch.spacing, ignored)
@@ -189,8 +184,7 @@ class FlareSegmentationModule(L.LightningModule):
                 prediction = remove_small_components(prediction, batch.spacing, self.min_component_ml())
             if self.inference.largest_component is True:
                 prediction = keep_largest_component(prediction)
-            if ignored is not None:
-                prediction = np.where(ignored, 0, prediction).astype(prediction.dtype)
+            prediction = without_ignored(prediction, raw, self.plan.ignore_label)[0]
             self.val_metrics.update(prediction, label, batch.spacing, batch.index)
             return {"prediction": torch.from_numpy(prediction)}  # for ValidationImageLogger, CasePanelLogger
         self._pseudo_dice_update(batch)
@@ -229,20 +223,11 @@ class FlareSegmentationModule(L.LightningModule):
             self.log("val/volume_ratio_median", float(result["volume_ratio_median"]))  # lesion cases, predicted / reference
             log_case_volumes(self.trainer, "val/volumes", self.val_metrics)  # W&B table: volumes per case
             self.val_metrics.reset()
-            scores = self.postprocessing_scores.compute()
+            self.postprocessing = validation_choice(self.inference, self.postprocessing_scores.compute(),
+                                                    self.largest_component_scores.compute(), self.healthy_scores.choose,
+                                                    self.current_epoch)
             self.postprocessing_scores.reset()
-            chosen = choose_threshold(scores)
-            self.postprocessing = {"min_component_ml": chosen, "epoch": int(self.current_epoch),
-                                   "val_dsc_by_min_component_ml": {str(t): round(v, 6) for t, v in scores.items()}}
-            # largest_component auto with a fixed min_component_ml: compared at that volume, the one applied with it
-            fixed_ml = None if self.inference.min_component_ml == "auto" or self.inference.largest_component != "auto" \
-                else float(self.inference.min_component_ml)
-            self.postprocessing.update(choose_largest_component(scores, self.largest_component_scores.compute(),
-                                                                fixed_ml=fixed_ml))
             self.largest_component_scores.reset()
-            # after the min_component_ml and the largest component in force, as Predictor.mask applies them
-            self.postprocessing["healthy_decision"] = self.healthy_scores.choose(
-                self.min_component_ml(), chosen_largest_component(self.inference, self.postprocessing))
             for key, value in postprocessing_logs(self.postprocessing).items():
                 self.log(key, value)
         else:
@@ -264,11 +249,10 @@ class FlareSegmentationModule(L.LightningModule):
             raise ValueError(batch.error)
         decision: dict = {}
         prediction = self.predict_original_grid(batch, decision)  # on the host
-        raw_label = to_host(batch.label)
-        mask, label = without_ignored(prediction, raw_label, self.plan.ignore_label)  # scored as validation
-        if decision.get("components_only_mask") is not None:  # the mask before the decision: its region left out too
-            decision["components_only_mask"] = without_ignored(decision["components_only_mask"], raw_label,
-                                                               self.plan.ignore_label)[0]
+        raw = to_host(batch.label)
+        mask, label = without_ignored(prediction, raw, self.plan.ignore_label)  # scored as validation
+        if decision.get("components_only_mask") is not None:  # the mask before the decision: the same region out
+            decision["components_only_mask"] = without_ignored(decision["components_only_mask"], raw, self.plan.ignore_label)[0]
         spacing = batch.geometry.spacing
         self.test_metrics.update(mask, label, spacing, batch.index)
         voxel_ml = float(np.prod(spacing)) / 1000.0

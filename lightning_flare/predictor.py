@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from .inference import (air_logits, check_autocast_setting, sliding_window_logit
                         window_locations)
 from .io import Geometry
 from .plan import Plan
-from .postprocessing import choose_threshold, keep_largest_component, remove_small_components
+from .postprocessing import choose_largest_component, choose_threshold, keep_largest_component, remove_small_components
 from .preprocessing import preprocess_tensor
 from .resample import probability_axis, resample_to_mask
 
@@ -131,6 +131,28 @@ def postprocessing_summary(settings: InferenceSettings, postprocessing: Mapping[
     return (f"Postprocessing: components below {chosen_min_component_ml(settings, postprocessing):g} ml removed{largest}"
             + (f" ({', '.join(auto)} auto: chosen on the validation fold)" if auto else "")
             + "\n" + decision_line(settings.healthy_decision, postprocessing))
+
+
+def scored_ml(settings: InferenceSettings) -> float | str:
+    """A fixed ``min_component_ml`` the validation scores beside the candidates where ``validation_choice`` compares
+    the largest-component arms at it (``largest_component`` "auto"); "auto": only the candidates."""
+    return settings.min_component_ml if settings.largest_component == "auto" else "auto"
+
+
+def validation_choice(settings: InferenceSettings, scores: Mapping[float, float], largest_scores: Mapping[float, float],
+                      choose_decision: Callable[[float, bool], dict], epoch: int) -> dict:
+    """The postprocessing dict of a full validation (the checkpoint's ``postprocessing``): ``min_component_ml``
+    (``choose_threshold``), the largest-component choice (at a fixed ``min_component_ml`` when ``largest_component``
+    is "auto": the volume applied with it) and the healthy-scan decision, ``choose_decision(min_component_ml,
+    largest_component)`` after those two in force, in ``Predictor.mask``'s order."""
+    choice = {"min_component_ml": choose_threshold(dict(scores)), "epoch": int(epoch),
+              "val_dsc_by_min_component_ml": {str(t): round(v, 6) for t, v in scores.items()}}
+    fixed = scored_ml(settings)
+    choice.update(choose_largest_component(dict(scores), dict(largest_scores),
+                                           fixed_ml=None if fixed == "auto" else float(fixed)))
+    choice["healthy_decision"] = choose_decision(chosen_min_component_ml(settings, choice),
+                                                 chosen_largest_component(settings, choice))
+    return choice
 
 
 def postprocessing_logs(choice: Mapping[str, Any]) -> dict[str, float]:

@@ -228,3 +228,23 @@ def test_min_component_ml_auto_follows_the_largest_component_arm_applied():
     assert chosen_min_component_ml(InferenceSettings(min_component_ml="auto", largest_component=True), plain) == 1.0
     assert chosen_min_component_ml(InferenceSettings(min_component_ml="auto"), {"min_component_ml": 0.5}) == 0.5  # old
     assert chosen_min_component_ml(InferenceSettings(min_component_ml=0.25), choice) == 0.25
+
+
+def test_validation_choice_orders_the_choices_as_the_predictor_applies_them():
+    """min_component_ml, then the largest component (at a fixed volume when only largest_component is auto), then
+    the healthy decision after the two in force."""
+    from lightning_flare.predictor import InferenceSettings, scored_ml, validation_choice
+
+    scores, largest = {0.0: 0.8, 2.0: 0.9, 0.5: 0.8}, {0.0: 0.85, 2.0: 0.7, 0.5: 0.85}
+    seen = []
+    decide = lambda ml, largest_only: seen.append((ml, largest_only)) or {"mass_ml": None, "val_dsc": 0.0}  # noqa: E731
+    auto = validation_choice(InferenceSettings(min_component_ml="auto", largest_component="auto"), scores, largest,
+                             decide, 3)
+    assert (auto["min_component_ml"], auto["largest_component_only"], auto["epoch"]) == (2.0, False, 3)
+    fixed = validation_choice(InferenceSettings(min_component_ml=0.5, largest_component="auto"), scores, largest, decide, 3)
+    assert fixed["largest_component_only"] is True and fixed["min_component_ml"] == 0.5  # 0.85 > 0.8 at 0.5 ml
+    default = validation_choice(InferenceSettings(min_component_ml="auto"), scores, largest, decide, 3)
+    assert default["largest_component_only"] is False
+    assert seen == [(2.0, False), (0.5, True), (2.0, False)]
+    assert scored_ml(InferenceSettings(min_component_ml=0.5, largest_component="auto")) == 0.5
+    assert scored_ml(InferenceSettings(min_component_ml=0.5)) == "auto"
