@@ -17,7 +17,7 @@ Config keys (YAML; relative paths are relative to the working directory): ``teac
 ``min_volume_ml`` (0.1); ``tta`` (true: the main pass mirrors and is compared with the pass without; false: one
 pass, no mirror agreement); ``ignore_dropped`` (true: dropped components become the ignore label, the dataset's or
 one added as the number of classes, 2; false: background); ``num_folds`` (5), ``split_seed`` (12345); ``device``
-("auto"); ``inference`` (``model.inference`` settings of the predictor, except tta and min_component_ml);
+("auto"); ``inference`` (``model.inference`` settings of the predictor, except those in ``ROUND_DECIDES``);
 ``teacher_sha256`` (checked when given: round.yaml records it)."""
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ from .raw_dataset import Case
 
 TEACHER_MASKS = "teacher_masks"
 
+
+# inference settings a round replaces with its own rules (the teacher's mask is the argmax, filtered per component)
+ROUND_DECIDES = {"tta": "the top-level tta", "min_component_ml": "min_volume_ml",
+                 "largest_component": "every component is filtered on its own", "healthy_decision": "a scan without a kept component is healthy"}
 
 class PseudoLabelError(ValueError):
     """A round that cannot run; the message names the file or setting and the problem."""
@@ -77,9 +81,9 @@ class RoundConfig:
                 raise PseudoLabelError(f"{name} is required (a path), got {getattr(self, name)!r}")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.num_folds, self.split_seed)):
             raise PseudoLabelError(f"num_folds and split_seed must be integers, got {self.num_folds!r}, {self.split_seed!r}")
-        blocked = sorted({"tta", "min_component_ml"} & set(self.inference or {}))
+        blocked = sorted(set(ROUND_DECIDES) & set(self.inference or {}))
         if blocked:
-            raise PseudoLabelError(f"inference.{blocked[0]} is the round's to decide (top-level tta; min_volume_ml)")
+            raise PseudoLabelError(f"inference.{blocked[0]} is the round's to decide ({ROUND_DECIDES[blocked[0]]})")
         self.thresholds  # validates them
         self.settings
 
@@ -236,7 +240,7 @@ def run_round(config: RoundConfig, overwrite: bool = False, log: Callable[[str],
     record = {**asdict(config), "teacher": str(Path(config.teacher).resolve()), "teacher_sha256": sha,
               "source": str(source.root.resolve()), "output": str(staged.final),
               "previous": str(Path(config.previous).resolve()) if config.previous else None,
-              "inference": {k: v for k, v in config.settings.to_dict().items() if k not in ("tta", "min_component_ml")}}
+              "inference": {k: v for k, v in config.settings.to_dict().items() if k not in ROUND_DECIDES}}
     jobs = [(c, "partial") for c in source.labelled if c.case_id in source.partially_labelled]
     jobs += [(c, "unlabelled") for c in source.unlabelled]
     log(f"pseudo-labelling {len(jobs)} case(s) of {source.root} with {config.teacher} -> {staged.final}")

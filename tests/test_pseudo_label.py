@@ -378,6 +378,9 @@ def test_config_errors_name_the_problem(teachers, tmp_path):
         read_config(str(config))
     with pytest.raises(PseudoLabelError, match="inference.tta is the round's to decide"):
         read_config(None, {"teacher": "t", "source": "s", "output": "o"}, ["inference.tta=true"])
+    for key in ("largest_component=true", "healthy_decision=auto"):  # the teacher would not apply them
+        with pytest.raises(PseudoLabelError, match=f"inference.{key.split('=')[0]} is the round's to decide"):
+            read_config(None, {"teacher": "t", "source": "s", "output": "o"}, [f"inference.{key}"])
     with pytest.raises(PseudoLabelError, match="output required"):
         read_config(None, {"teacher": "t", "source": "s"})
     with pytest.raises(PseudoLabelError, match="min_agreement must be a number"):
