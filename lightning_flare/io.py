@@ -83,7 +83,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str | N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = suffix if suffix is not None else "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{HOST}-{os.getpid()}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -96,7 +96,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str | N
     return path
 
 
-_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
 _TEMPORARY = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[a-z0-9_]+\.tmp")
 
 
@@ -106,13 +106,14 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     removed = []
     for tmp in Path(folder).glob(".*.tmp*"):
         match = _TEMPORARY.match(tmp.name)
-        if match and match["host"] == _HOST and not _alive(int(match["pid"])):
+        if match and match["host"] == HOST and not pid_alive(int(match["pid"])):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (a writer whose temporaries must be kept)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -12,14 +12,12 @@ import json
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 from typing import Sequence
 
-from .io import write_text
+from .io import HOST, pid_alive, write_text
 from .raw_dataset import DatasetError, kfold_splits
 
-_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
 REPORT_COLUMNS = ("case", "kind", "components_found", "kept", "dropped", "given", "voxels_added", "voxels_ignored",
                   "healthy", "dropped_reasons")
 
@@ -32,7 +30,7 @@ class StagedFolder:
     def __init__(self, final: str | Path, overwrite: bool = False):
         self.final = Path(final).absolute()
         self.overwrite = overwrite
-        self.tmp = self.final.parent / f".{self.final.name}.partial-{_HOST}-{os.getpid()}"
+        self.tmp = self.final.parent / f".{self.final.name}.partial-{HOST}-{os.getpid()}"
 
     def check(self) -> None:
         """The errors ``__enter__`` raises, before any work."""
@@ -44,10 +42,10 @@ class StagedFolder:
     def __enter__(self) -> Path:
         self.check()
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        pattern = re.compile(rf"^\.{re.escape(self.final.name)}\.(partial|old)-{re.escape(_HOST)}-(\d+)$")
+        pattern = re.compile(rf"^\.{re.escape(self.final.name)}\.(partial|old)-{re.escape(HOST)}-(\d+)$")
         for stale in self.final.parent.iterdir():
             match = pattern.match(stale.name)
-            if match and not _alive(int(match[2])):
+            if match and not pid_alive(int(match[2])):
                 shutil.rmtree(stale, ignore_errors=True)
         self.tmp.mkdir()
         return self.tmp
@@ -57,23 +55,13 @@ class StagedFolder:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
         if self.final.exists():  # overwrite: the old folder moves aside, then goes
-            old = self.final.parent / f".{self.final.name}.old-{_HOST}-{os.getpid()}"
+            old = self.final.parent / f".{self.final.name}.old-{HOST}-{os.getpid()}"
             os.rename(self.final, old)
             os.rename(self.tmp, self.final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(self.tmp, self.final)
         return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def link(target: Path, path: Path) -> None:

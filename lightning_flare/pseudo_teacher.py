@@ -19,7 +19,7 @@ from scipy.special import expit
 
 from .device import to_host
 from .predictor import Predictor
-from .resample import _linear_weights, _nearest_indices, probability_axis
+from .resample import probability_axis, z_weights
 
 
 @dataclass
@@ -46,11 +46,7 @@ def resample_difference(logits: torch.Tensor, new_shape: Sequence[int], nearest_
     logits = logits.float()
     difference = (logits[1] - logits[0])[None]
     size_z = difference.shape[-1]
-    if nearest_axis == 2:
-        i0 = i1 = _nearest_indices(size_z, new_shape[2])
-        w = np.zeros(new_shape[2], np.float32)
-    else:
-        i0, i1, w = _linear_weights(size_z, new_shape[2])
+    i0, i1, w = z_weights(size_z, new_shape[2], nearest=nearest_axis == 2)
     out = np.empty(new_shape, np.float32)
     for start in range(0, new_shape[2], slab):
         stop = min(start + slab, new_shape[2])

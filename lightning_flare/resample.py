@@ -180,6 +180,14 @@ def _linear_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray
     return i0, i1, (src - i0).astype(np.float32)
 
 
+
+def z_weights(size_in: int, size_out: int, nearest: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights along the slab axis: ``out = in[i0] * (1 - w) + in[i1] * w`` (nearest: w = 0)."""
+    if nearest:
+        i = _nearest_indices(size_in, size_out)
+        return i, i, np.zeros(size_out, np.float32)
+    return _linear_weights(size_in, size_out)
+
 def probability_axis(spacing: Sequence[float], new_spacing: Sequence[float], method: str = "nnunet",
                      anisotropy_threshold: float = 3.0) -> int | None:
     """Axis that nnU-Net resamples probabilities along with nearest neighbour (its separate z), or None."""
@@ -202,11 +210,7 @@ def resample_to_mask(probabilities: torch.Tensor, new_shape: Sequence[int], slab
                                  slab, nearest_axis=2)
         return np.ascontiguousarray(np.moveaxis(moved, 2, nearest_axis))
     channels, _, _, size_z = probabilities.shape
-    if nearest_axis == 2:
-        i0 = i1 = _nearest_indices(size_z, new_shape[2])
-        w = np.zeros(new_shape[2], np.float32)
-    else:
-        i0, i1, w = _linear_weights(size_z, new_shape[2])
+    i0, i1, w = z_weights(size_z, new_shape[2], nearest=nearest_axis == 2)
     mask = np.empty(new_shape, np.uint8)
     probabilities = probabilities.float()
     if channels == 2:  # argmax of two classes = sign of their difference (linear maps commute with it)
