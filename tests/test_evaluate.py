@@ -237,3 +237,52 @@ def test_metric_keeps_case_volumes_and_the_median_ratio():
     assert table["columns"] == ["case", "dsc", "reference_ml", "predicted_ml", "volume_ratio"]
     assert [r[0] for r in table["data"]] == ["a", "b", "c"] and table["data"][1][4] == pytest.approx(1.5)
     assert math.isnan(table["data"][2][4])
+
+
+@pytest.fixture
+def ignore_folders(tmp_path):
+    """A raw-dataset layout (dataset.json beside labelsTr) whose labels mark slab x 8..11 as nnU-Net's ignore label 2."""
+    gt_dir, pred_dir = tmp_path / "raw" / "labelsTr", tmp_path / "pred"
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "tumour": 1, "ignore": 2}}))
+    label = cube(2, 6)
+    label[8:12] = 2
+    healthy = np.zeros(SHAPE, np.uint8)
+    healthy[8:12] = 2
+    inside = cube(2, 6)
+    inside[9:11, 3:7, 3:7] = 1  # a false positive, but in the unknown region
+    outside_k = cube(2, 6)
+    outside_k[0, 0, 0] = 2  # the ignore label predicted where the label is known
+    cases = {"tumour": (label, inside), "healthy": (healthy, healthy.clip(0, 1)), "k_inside": (label, label),
+             "k_outside": (label, outside_k)}
+    for case, (gt, pred) in cases.items():
+        write_mask(gt_dir / f"{case}.nii.gz", gt)
+        write_mask(pred_dir / f"{case}.nii.gz", pred)
+    return pred_dir, gt_dir
+
+
+def test_ignore_label_is_left_out_of_scores_and_volumes(ignore_folders):
+    pred_dir, gt_dir = ignore_folders
+    by_case = {r["case"]: r for r in evaluate_folders(pred_dir, gt_dir, ignore_label=2)[0]}
+    assert (by_case["tumour"]["dsc"], by_case["tumour"]["nsd"]) == (1.0, 1.0)
+    assert by_case["tumour"]["reference_ml"] == by_case["tumour"]["predicted_ml"] == pytest.approx(64 * VOXEL_ML)
+    assert by_case["healthy"]["reference_ml"] == by_case["healthy"]["predicted_ml"] == 0
+    assert by_case["healthy"]["healthy_false_positive"] is False and by_case["healthy"]["dsc"] == 1.0
+    assert (by_case["k_inside"]["dsc"], by_case["k_inside"]["nsd"]) == (1.0, 1.0)  # a predicted K there: left out
+    assert (by_case["k_outside"]["dsc"], by_case["k_outside"]["nsd"]) == (0.0, 0.0)  # a value outside {0, 1}
+    unaware = {r["case"]: r for r in evaluate_folders(pred_dir, gt_dir)[0]}
+    assert unaware["tumour"]["dsc"] < 1 and unaware["healthy"]["reference_ml"] > 0  # K counted as tumour before
+
+
+@pytest.mark.parametrize("how", ["beside_labels", "dataset_json", "ignore_label"])
+def test_cli_reads_the_ignore_label(ignore_folders, tmp_path, how):
+    pred_dir, gt_dir = ignore_folders
+    extra = {"beside_labels": [], "dataset_json": ["--dataset-json", str(gt_dir.parent / "dataset.json")],
+             "ignore_label": ["--ignore-label", "2"]}[how]
+    if how == "dataset_json":  # labels elsewhere: dataset.json is not beside them
+        gt_dir = gt_dir.rename(tmp_path / "labels")
+    elif how == "ignore_label":
+        (gt_dir.parent / "dataset.json").unlink()
+    assert main(["--pred", str(pred_dir), "--gt", str(gt_dir), *extra]) == 0
+    summary = json.loads((pred_dir / "metrics_summary.json").read_text())
+    assert summary["healthy_cases"] == 1 and summary["healthy_cases_with_false_positives"] == 0
