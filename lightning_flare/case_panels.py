@@ -1,7 +1,9 @@
 """W&B panels of real cases: for up to ``num_cases`` cases, an axial slice through the reference tumour's centre of
 mass as three side-by-side pictures (CT | reference | prediction against the reference), so that over- and
 under-segmentation show without opening a file. RGB composites made with NumPy, logged through the trainer's
-loggers that can log images (W&B)."""
+loggers that can log images (W&B). A plan's ignore label (nnU-Net's unknown region) is drawn grey, not as tumour,
+and left out of the slice choice and the volumes, as the scores leave it out. The panels of one log call are padded
+(black, bottom and right) to one size: W&B warns about images of differing sizes in one call."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -12,8 +14,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 from .device import to_host
+from .partial_labels import without_ignored
 
-GREEN, RED, YELLOW = (0, 200, 0), (230, 0, 0), (255, 210, 0)
+GREEN, RED, YELLOW, GREY = (0, 200, 0), (230, 0, 0), (255, 210, 0), (128, 128, 160)
 GAP = 4  # black columns between the three pictures
 
 
@@ -42,15 +45,23 @@ def tint(grey: np.ndarray, colours: Sequence[tuple[np.ndarray, tuple[int, int, i
 
 
 def composite(slice_hu: np.ndarray, reference: np.ndarray, prediction: np.ndarray, level: float = 40.0,
-              width: float = 400.0) -> np.ndarray:
+              width: float = 400.0, ignored: np.ndarray | None = None) -> np.ndarray:
     """(y, 3 x + 2 GAP, 3) uint8: the CT slice, the reference in green, and the prediction against the reference
-    (yellow: both, red: predicted only = over-segmentation, green: reference only = missed). Inputs are (x, y)."""
+    (yellow: both, red: predicted only = over-segmentation, green: reference only = missed). Inputs are (x, y);
+    ``ignored`` (bool): the ignore region, grey in the reference and prediction pictures and tumour in neither."""
     grey = ct_window(slice_hu, level, width).T  # image rows = y, columns = x
-    ref, pred = (np.asarray(m).T > 0 for m in (reference, prediction))
-    pictures = [tint(grey, []), tint(grey, [(ref, GREEN)]),
-                tint(grey, [(ref & pred, YELLOW), (pred & ~ref, RED), (ref & ~pred, GREEN)])]
+    unknown = np.zeros(grey.shape, bool) if ignored is None else np.asarray(ignored, bool).T
+    ref, pred = ((np.asarray(m).T > 0) & ~unknown for m in (reference, prediction))
+    pictures = [tint(grey, []), tint(grey, [(ref, GREEN), (unknown, GREY)]),
+                tint(grey, [(ref & pred, YELLOW), (pred & ~ref, RED), (ref & ~pred, GREEN), (unknown, GREY)])]
     gap = np.zeros((grey.shape[0], GAP, 3), np.uint8)
     return np.concatenate([pictures[0], gap, pictures[1], gap, pictures[2]], axis=1)
+
+
+def same_size(pictures: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The (rows, columns, 3) pictures padded with black at the bottom and right to the largest rows and columns."""
+    rows, columns = max(p.shape[0] for p in pictures), max(p.shape[1] for p in pictures)
+    return [np.pad(p, ((0, rows - p.shape[0]), (0, columns - p.shape[1]), (0, 0))) for p in pictures]
 
 
 def caption(case_id: str, z: int, reference: np.ndarray, prediction: np.ndarray, spacing: Sequence[float]) -> str:
@@ -97,7 +108,8 @@ class CasePanelLogger(Callback):
             return
         stats = pl_module.plan.intensity  # batch: a cached case on the plan's grid (volumes.VolumeItem)
         hu = to_host(batch.image[0].float()) * stats.std + stats.mean
-        self._add(hu, to_host(batch.label), to_host(outputs["prediction"]), batch.case_id, batch.spacing)
+        self._add(hu, to_host(batch.label), to_host(outputs["prediction"]), batch.case_id, batch.spacing,
+                  pl_module.plan.ignore_label)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._whole:
@@ -119,16 +131,21 @@ class CasePanelLogger(Callback):
             hu = to_array(read_image(batch.source))
         else:
             hu = to_host(batch.image[0].float())
-        self._add(hu, to_host(batch.label), to_host(outputs["prediction"]), batch.case_id, batch.geometry.spacing)
+        self._add(hu, to_host(batch.label), to_host(outputs["prediction"]), batch.case_id, batch.geometry.spacing,
+                  pl_module.plan.ignore_label)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(trainer, "test/panels")
 
     # ------------------------------------------------------------------------------------------------ common
-    def _add(self, hu: np.ndarray, reference: np.ndarray, prediction: np.ndarray, case_id: str, spacing: Any) -> None:
+    def _add(self, hu: np.ndarray, reference: np.ndarray, prediction: np.ndarray, case_id: str, spacing: Any,
+             ignore_label: int | None = None) -> None:
+        ignored = None if ignore_label is None else reference == ignore_label
+        prediction, reference = without_ignored(prediction, reference, ignore_label)
         z = centre_slice(reference, prediction)
-        self._panels.append((composite(hu[:, :, z], reference[:, :, z], prediction[:, :, z], self.level, self.width),
-                             caption(case_id, z, reference, prediction, spacing)))
+        picture = composite(hu[:, :, z], reference[:, :, z], prediction[:, :, z], self.level, self.width,
+                            None if ignored is None else ignored[:, :, z])
+        self._panels.append((picture, caption(case_id, z, reference, prediction, spacing)))
 
     def _log(self, trainer: L.Trainer, key: str) -> None:
         panels, self._panels = self._panels, []
@@ -136,5 +153,5 @@ class CasePanelLogger(Callback):
             return
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(key=key, images=[p for p, _ in panels], caption=[c for _, c in panels],
+                logger.log_image(key=key, images=same_size([p for p, _ in panels]), caption=[c for _, c in panels],
                                  step=trainer.global_step)

@@ -1,6 +1,7 @@
 """W&B panels of real cases (lightning_flare.case_panels): the slice, the composite, and the panels in an offline
 W&B run's records at validation and test."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from conftest import tiny_cli_args
 from wandb_records import history_keys, read_finished_run
 
 import cli
-from lightning_flare.case_panels import GAP, GREEN, RED, YELLOW, CasePanelLogger, caption, centre_slice, composite
+from lightning_flare.case_panels import GAP, GREEN, GREY, RED, YELLOW, CasePanelLogger, caption, centre_slice, composite
 
 
 def test_centre_slice_is_the_reference_centre_of_mass_else_the_prediction():
@@ -39,6 +40,36 @@ def test_composite_shows_ct_reference_and_prediction_against_reference():
     assert pred[1, 0].tolist() == half(RED)  # predicted only
     assert pred[1, 2].tolist() == half(GREEN)  # missed
     assert pred[0, 2].tolist() == [0, 0, 0]
+
+
+def test_ignore_label_is_grey_not_tumour_and_left_out_of_slice_and_volumes():
+    hu = np.full((4, 3, 6), -1000.0)
+    reference, prediction = np.zeros((4, 3, 6), np.uint8), np.zeros((4, 3, 6), np.uint8)
+    reference[0, 0, 1] = 1
+    reference[1:4, :, 4:6] = 2  # nnU-Net's ignore label of a two-class plan: 18 voxels, unknown
+    prediction[0, 0, 1] = prediction[3, 2, 5] = 1  # the second inside the unknown region
+    panel = CasePanelLogger(num_cases=1)
+    panel._add(hu, reference, prediction, "STS_1", (10.0, 10.0, 10.0), ignore_label=2)
+    picture, text = panel._panels[0]
+    assert text.startswith("STS_1 z=1: reference 1.0 ml, predicted 1.0 ml (x1.00)")  # z: the tumour, not the K block
+    out = composite(hu[:, :, 5], reference[:, :, 5], prediction[:, :, 5], ignored=reference[:, :, 5] == 2)
+    ref, pred = out[:, 4 + GAP:8 + GAP], out[:, 8 + 2 * GAP:]
+    half = [round(0.5 * c) for c in GREY]
+    assert ref[2, 3].tolist() == pred[2, 3].tolist() == half  # grey: neither reference nor a false positive
+    assert ref[0, 0].tolist() == pred[0, 0].tolist() == [0, 0, 0]
+
+
+def test_panels_of_one_call_have_one_size():
+    class Recorder:
+        def log_image(self, key, images, caption, step):
+            self.images = images
+
+    panel, recorder = CasePanelLogger(num_cases=3), Recorder()
+    for shape in [(5, 3, 2), (2, 7, 2), (4, 4, 2)]:
+        panel._add(np.zeros(shape), np.zeros(shape, np.uint8), np.ones(shape, np.uint8), "case", (1.0, 1.0, 1.0))
+    panel._log(SimpleNamespace(is_global_zero=True, loggers=[recorder], global_step=0), "val/panels")
+    assert {image.shape for image in recorder.images} == {(7, 3 * 5 + 2 * GAP, 3)}
+    assert recorder.images[0][3:].max() == 0 and recorder.images[0][:3].max() > 0  # padded below with black
 
 
 def test_caption_gives_volumes_and_ratio():
