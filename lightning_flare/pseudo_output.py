@@ -24,7 +24,8 @@ REPORT_COLUMNS = ("case", "kind", "components_found", "kept", "dropped", "given"
 
 class StagedFolder:
     """``with StagedFolder(final, overwrite) as tmp:`` build in ``tmp``; on success ``tmp`` becomes ``final``
-    (an existing ``final`` is replaced only with ``overwrite``), on an exception ``tmp`` is removed. Temporary
+    (an existing ``final`` is replaced only with ``overwrite``; when moving ``tmp`` into place fails, the old
+    ``final`` is put back), on an exception ``tmp`` is removed. Temporary
     folders of killed runs (same host, dead pid) are removed on entry."""
 
     def __init__(self, final: str | Path, overwrite: bool = False):
@@ -54,13 +55,24 @@ class StagedFolder:
         if kind is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        if self.final.exists():  # overwrite: the old folder moves aside, then goes
-            old = self.final.parent / f".{self.final.name}.old-{HOST}-{os.getpid()}"
-            os.rename(self.final, old)
+        old = self.final.parent / f".{self.final.name}.old-{HOST}-{os.getpid()}"
+        moved = False
+        try:
+            if self.final.exists():  # overwrite: the old folder moves aside, then goes
+                os.rename(self.final, old)
+                moved = True
             os.rename(self.tmp, self.final)
+        except BaseException as err:  # the old output back in its place, the new one gone
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if moved:
+                try:
+                    os.rename(old, self.final)
+                except OSError as restore:
+                    raise OSError(f"{self.final}: replacing it failed ({err}) and so did putting the old folder "
+                                  f"back ({restore}); it is at {old}") from err
+            raise
+        if moved:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.tmp, self.final)
         return False
 
 

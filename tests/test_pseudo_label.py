@@ -371,6 +371,38 @@ def test_an_existing_output_needs_overwrite(teachers, tiny_dataset, tmp_path, ca
     assert (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("existing", [True, False])
+def test_a_failed_move_into_place_keeps_the_old_output(tmp_path, monkeypatch, existing):
+    """--overwrite: old -> .old-*, new -> final; when the second rename fails the old folder is put back and the
+    new one removed (without an old folder: the new one removed), and the error comes through."""
+    import os
+
+    from lightning_flare.pseudo_output import StagedFolder
+
+    out = tmp_path / "round1"
+    if existing:
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".partial-" in str(src):
+            raise OSError("disk says no")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="disk says no"):
+        with StagedFolder(out, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["round1"] if existing else [])
+    if existing:
+        assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    monkeypatch.setattr(os, "rename", real_rename)
+    with StagedFolder(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round1"] and [p.name for p in out.iterdir()] == ["new.txt"]
+
+
 def test_config_errors_name_the_problem(teachers, tmp_path):
     config = tmp_path / "round.yaml"
     config.write_text(yaml.safe_dump({"teacher": str(teachers[0]), "source": "s", "output": "o", "min_prob": 0.9}))
