@@ -14,12 +14,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.special import expit
 
-from .device import to_host
 from .predictor import Predictor
-from .resample import probability_axis, z_weights
+from .resample import probability_axis, resample_slabs
 
 
 @dataclass
@@ -35,26 +33,11 @@ def resample_difference(logits: torch.Tensor, new_shape: Sequence[int], nearest_
                         slab: int = 16) -> np.ndarray:
     """float32 (host) ``logits[1] - logits[0]`` of (2, x, y, z) logits resampled to ``new_shape``, computed in the
     same operations as ``resample_to_mask``'s two-class path (whose mask is this array > 0)."""
-    new_shape = tuple(int(s) for s in new_shape)
     if logits.shape[0] != 2:
         raise ValueError(f"pseudo-labelling needs a two-class teacher (background, tumour), got {logits.shape[0]} classes")
-    if nearest_axis is not None and nearest_axis != 2:  # make the nearest axis the slab axis
-        order = [a for a in range(3) if a != nearest_axis] + [nearest_axis]
-        moved = resample_difference(logits.permute(0, *(a + 1 for a in order)), [new_shape[a] for a in order],
-                                    nearest_axis=2, slab=slab)
-        return np.ascontiguousarray(np.moveaxis(moved, 2, nearest_axis))
     logits = logits.float()
-    difference = (logits[1] - logits[0])[None]
-    size_z = difference.shape[-1]
-    i0, i1, w = z_weights(size_z, new_shape[2], nearest=nearest_axis == 2)
-    out = np.empty(new_shape, np.float32)
-    for start in range(0, new_shape[2], slab):
-        stop = min(start + slab, new_shape[2])
-        weight = torch.from_numpy(w[start:stop]).to(difference.device)
-        z = difference[..., i0[start:stop]] * (1 - weight) + difference[..., i1[start:stop]] * weight
-        planes = F.interpolate(z.permute(3, 0, 1, 2), size=new_shape[:2], mode="bilinear", align_corners=False)
-        out[:, :, start:stop] = to_host(planes[:, 0].permute(1, 2, 0))
-    return out
+    return resample_slabs((logits[1] - logits[0])[None], new_shape, lambda planes: planes[:, 0], np.float32, slab,
+                          nearest_axis)
 
 
 def teacher_passes(predictor: Predictor, image: torch.Tensor, spacing: Sequence[float], size: Sequence[int],

@@ -6,7 +6,7 @@ Arrays are (x, y, z) like TorchIO / SimpleITK sizes. Output shapes follow nnU-Ne
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -194,6 +194,29 @@ def probability_axis(spacing: Sequence[float], new_spacing: Sequence[float], met
     return _separate_axis(spacing, new_spacing, anisotropy_threshold) if method == "nnunet" else None
 
 
+def resample_slabs(values: torch.Tensor, new_shape: Sequence[int], reduce: Callable[[torch.Tensor], torch.Tensor],
+                   dtype: type, slab: int = 16, nearest_axis: int | None = None) -> np.ndarray:
+    """Linear resampling of float (C, x, y, z) ``values`` to ``new_shape`` (nearest neighbour along
+    ``nearest_axis``), slab by slab along the last axis (``nearest_axis`` moved there): each slab's
+    (slab, C, x, y) planes go through ``reduce`` to (slab, x, y) and into a host array of ``dtype``.
+    Peak extra memory: ``C * x * y * slab`` floats."""
+    new_shape = tuple(int(s) for s in new_shape)
+    if nearest_axis is not None and nearest_axis != 2:  # make the nearest axis the slab axis
+        order = [a for a in range(3) if a != nearest_axis] + [nearest_axis]
+        moved = resample_slabs(values.permute(0, *(a + 1 for a in order)), [new_shape[a] for a in order], reduce,
+                               dtype, slab, nearest_axis=2)
+        return np.ascontiguousarray(np.moveaxis(moved, 2, nearest_axis))
+    i0, i1, w = z_weights(values.shape[-1], new_shape[2], nearest=nearest_axis == 2)
+    out = np.empty(new_shape, dtype)
+    for start in range(0, new_shape[2], slab):
+        stop = min(start + slab, new_shape[2])
+        weight = torch.from_numpy(w[start:stop]).to(values.device)
+        z = values[..., i0[start:stop]] * (1 - weight) + values[..., i1[start:stop]] * weight
+        planes = F.interpolate(z.permute(3, 0, 1, 2), size=new_shape[:2], mode="bilinear", align_corners=False)
+        out[:, :, start:stop] = to_host(reduce(planes).permute(1, 2, 0))
+    return out
+
+
 def resample_to_mask(probabilities: torch.Tensor, new_shape: Sequence[int], slab: int = 16,
                      nearest_axis: int | None = None) -> np.ndarray:
     """argmax of the linear resampling of (C, x, y, z) logits or probabilities to ``new_shape``, in slabs.
@@ -203,26 +226,12 @@ def resample_to_mask(probabilities: torch.Tensor, new_shape: Sequence[int], slab
     resampled with nearest neighbour instead (nnU-Net's order_z 0 for anisotropic spacing, see
     ``probability_axis``). Two classes: the sign of the resampled difference decides (half the work).
     """
-    new_shape = tuple(int(s) for s in new_shape)
-    if nearest_axis is not None and nearest_axis != 2:  # make the nearest axis the slab axis
-        order = [a for a in range(3) if a != nearest_axis] + [nearest_axis]
-        moved = resample_to_mask(probabilities.permute(0, *(a + 1 for a in order)), [new_shape[a] for a in order],
-                                 slab, nearest_axis=2)
-        return np.ascontiguousarray(np.moveaxis(moved, 2, nearest_axis))
-    channels, _, _, size_z = probabilities.shape
-    i0, i1, w = z_weights(size_z, new_shape[2], nearest=nearest_axis == 2)
-    mask = np.empty(new_shape, np.uint8)
     probabilities = probabilities.float()
-    if channels == 2:  # argmax of two classes = sign of their difference (linear maps commute with it)
-        probabilities = (probabilities[1] - probabilities[0])[None]
-    for start in range(0, new_shape[2], slab):
-        stop = min(start + slab, new_shape[2])
-        weight = torch.from_numpy(w[start:stop]).to(probabilities.device)
-        z = probabilities[..., i0[start:stop]] * (1 - weight) + probabilities[..., i1[start:stop]] * weight
-        planes = F.interpolate(z.permute(3, 0, 1, 2), size=new_shape[:2], mode="bilinear", align_corners=False)
-        labels = (planes[:, 0] > 0) if channels == 2 else planes.argmax(1)  # (slab, x, y)
-        mask[:, :, start:stop] = to_host(labels.permute(1, 2, 0).to(torch.uint8))
-    return mask
+    if probabilities.shape[0] == 2:  # argmax of two classes = sign of their difference (linear maps commute with it)
+        return resample_slabs((probabilities[1] - probabilities[0])[None], new_shape,
+                              lambda planes: (planes[:, 0] > 0).to(torch.uint8), np.uint8, slab, nearest_axis)
+    return resample_slabs(probabilities, new_shape, lambda planes: planes.argmax(1).to(torch.uint8), np.uint8, slab,
+                          nearest_axis)
 
 
 def resample_probabilities(probabilities: torch.Tensor, new_shape: Sequence[int], chunk_classes: int = 1) -> torch.Tensor:
