@@ -120,8 +120,9 @@ def nnunet_rows(args, folders: dict, name: str) -> list[dict]:
     plans = load_json(str(pre / f"{te.PLANS}.json"))
     plans["continue_training"] = False
     info = json.loads((Path(args.workdir) / "info.json").read_text())
-    spec = {"epochs": 1, "iterations_per_epoch": 1, "lr": info["model"]["lr"], "weight_decay": info["model"]["weight_decay"],
-            "oversample": info["data"]["oversample_foreground"], "augmentation": args.augmentation}
+    spec = {"epochs": 1, "iterations_per_epoch": 1, "lr": info["model"]["lr"],
+            "weight_decay": info["model"]["weight_decay"], "oversample": info["data"]["oversample_foreground"],
+            "augmentation": args.augmentation}
     trainer = te.make_trainer_class(spec)(plans, te.CONFIGURATION, args.fold, load_json(str(pre / "dataset.json")),
                                           torch.device("cpu"))
     trainer.print_to_log_file = lambda *a, **k: None
@@ -147,7 +148,7 @@ def nnunet_rows(args, folders: dict, name: str) -> list[dict]:
 
 
 # ============================================================================================== set-up and report
-def prepare_nnunet(args) -> tuple[dict, str]:
+def prepare_nnunet(args) -> tuple[dict, str, dict]:
     """Our plan written as nnU-Net's plans, and nnU-Net's preprocessing of it, in ``args.workdir`` (reused)."""
     import train_equal as te
 
@@ -180,7 +181,8 @@ def summary(rows: list[dict], n_scales: int) -> dict:
             continue
         s = {"patches": len(sel), "outside_mean": statistics.fmean(r["outside"] for r in sel),
              "outside_any": statistics.fmean(r["outside"] > 0 for r in sel),
-             "image_mean": statistics.fmean(r["mean"] for r in sel), "image_std": statistics.fmean(r["std"] for r in sel)}
+             "image_mean": statistics.fmean(r["mean"] for r in sel),
+             "image_std": statistics.fmean(r["std"] for r in sel)}
         for k in range(n_scales):
             s[f"tumour_{k}"] = statistics.fmean(r[f"tumour_{k}"] for r in sel)
             s[f"any_{k}"] = statistics.fmean(r[f"any_{k}"] for r in sel)
@@ -200,11 +202,13 @@ def main(argv=None) -> int:
     print(f"CPU: {cpu_model()}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
     folders, name, info = prepare_nnunet(args)
     plan = info["plan"]
+    data = info["data"]
     plan_args = {"target_spacing": plan["target_spacing"], "patch_size": plan["patch_size"],
-                 "batch_size": info["data"]["batch_size"], "oversample_foreground": info["data"]["oversample_foreground"],
-                 "iterations_per_epoch": info["data"]["iterations_per_epoch"]}
+                 "batch_size": data["batch_size"], "oversample_foreground": data["oversample_foreground"],
+                 "iterations_per_epoch": data["iterations_per_epoch"]}
     rows = {"nnU-Net": nnunet_rows(args, folders, name)}
     from lightning_flare.network import PlainConvUNet
+
     n_scales = len(PlainConvUNet(**info["net"]).output_scales())
     rows["ours"] = ours_rows(args, {**plan_args, "net": info["net"]})
     result = {side: summary(r, n_scales) for side, r in rows.items()}
