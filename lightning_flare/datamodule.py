@@ -208,7 +208,7 @@ class FlareDataModule(L.LightningDataModule):
                                   self.seed, rank)
         self.batch_augmentation = split.batch_augmentation
         sampler = PatchSampler(split.sampler_patch_size, self.batch_size, self.oversample_foreground,
-                               split.worker_transform, margin=split.sampler_margin)
+                               split.worker_transform, margin=split.sampler_margin, context=split.sampler_context)
         return build_patch_loader(entries, sampler, plan.target_spacing, self.iterations_per_epoch, self.num_workers,
                                   self.seed, rank, world, self.queue_length,
                                   partial_ids=self.dataset.partially_labelled)

@@ -36,6 +36,20 @@ def crop_with_padding(array: np.ndarray, start: Sequence[int], size: Sequence[in
     return out
 
 
+def random_start(shape: Sequence[int], patch_size: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """First voxel of a uniform random patch, nnU-Net's ``get_bbox`` for the patch the network gets: per axis
+    uniform in ``[0, shape - patch]``, so the patch stays inside the image and covers its borders; along an axis
+    shorter than the patch, the patch is centred (``-ceil(d / 2)`` or ``-floor(d / 2)``, d = patch - shape) and
+    padded on both sides. (Uniform centres over all voxels would leave ~40 % of a 64 x 64 x 32 patch of a
+    90 x 88 x 63 image outside it, zero-filled: the normalised CT's foreground mean, labelled background.)"""
+    start = []
+    for s, p in zip(shape, patch_size):
+        need = max(int(p) - int(s), 0)
+        low, high = -((need + 1) // 2), int(s) - int(p) + (need + 1) // 2
+        start.append(rng.integers(low, high + 1))
+    return np.asarray(start, int)
+
+
 @dataclass
 class Patch:
     """One training patch, on the cached (plan's) grid."""
@@ -50,15 +64,19 @@ class Patch:
 
 class PatchSampler:
     """nnU-Net's rule: in each batch of ``batch_size`` the last ``round(batch_size * oversample)`` patches are
-    centred on a random foreground voxel, the others on a uniformly random voxel (so border voxels can be
-    centres; the outside is padded with 0). Cases without foreground fall back to uniform.
+    centred on a random foreground voxel (the outside is padded with 0), the others are uniform random crops
+    (``random_start``: inside the image, which they reach to its borders, as nnU-Net's ``get_bbox`` places
+    the final patch). Cases without foreground fall back to uniform.
 
     ``transform`` augments each patch; it gets a crop enlarged by ``margin`` voxels per side, which is
-    centre-cropped back to ``patch_size`` afterwards (so rotations do not pull in padding).
+    centre-cropped back to ``patch_size`` afterwards (so rotations do not pull in padding). ``context``: voxels per
+    side of the returned patch that a later step crops away (the batched augmentation's crop): the uniform crops
+    place the rest, the network's patch, inside the image.
     """
 
     def __init__(self, patch_size: Sequence[int], batch_size: int, oversample_foreground: float = 0.33,
-                 transform: Callable[[tio.Subject], tio.Subject] | None = None, margin: Sequence[int] | int = 0):
+                 transform: Callable[[tio.Subject], tio.Subject] | None = None, margin: Sequence[int] | int = 0,
+                 context: Sequence[int] | int = 0):
         self.patch_size = np.asarray([int(p) for p in patch_size])
         if len(self.patch_size) != 3 or self.patch_size.min() < 1:
             raise ValueError(f"patch_size must be 3 positive integers, got {patch_size}")
@@ -70,6 +88,9 @@ class PatchSampler:
         self.num_forced = int(round(batch_size * oversample_foreground))
         self.transform = transform
         self.margin = np.broadcast_to(np.asarray(margin, int), (3,)).copy()
+        self.context = np.broadcast_to(np.asarray(context, int), (3,)).copy()
+        if np.any(self.context < 0) or np.any(self.patch_size - 2 * self.context < 1):
+            raise ValueError(f"context must leave a patch inside patch_size {patch_size}, got {context}")
 
     def is_forced(self, draw: int) -> bool:
         """Whether the patch at position ``draw`` of the (per-rank) stream is foreground-centred."""
@@ -83,7 +104,8 @@ class PatchSampler:
         if forced:
             centre = np.asarray(foreground[rng.integers(len(foreground))], int)
         else:
-            centre = np.array([rng.integers(s) for s in image.shape])
+            inner = self.patch_size - 2 * self.context
+            centre = random_start(image.shape, inner, rng) - self.context + self.patch_size // 2
         size = self.patch_size + 2 * self.margin
         start = centre - size // 2
         affine = np.diag([*spacing, 1.0])

@@ -274,6 +274,7 @@ def test_factories():
     assert plan.worker_transform is None and plan.sampler_margin == (0, 0, 0)
     assert plan.sampler_patch_size == tuple(p + 2 * m for p, m in zip((16, 16, 12), margin))
     assert plan.batch_augmentation.spatial and plan.batch_augmentation.crop == margin
+    assert plan.sampler_context == margin  # the uniform crops place the network's patch, not the enlarged one
     assert plan.batch_augmentation.seed != plan_gpu_augmentation("nnunet", (16, 16, 12), seed=0, rank=0).batch_augmentation.seed
     plan = plan_gpu_augmentation("nnunet", (16, 16, 12), gpu_spatial=False)
     assert plan.worker_transform is not None and plan.sampler_margin == margin and plan.sampler_patch_size == (16, 16, 12)

@@ -59,16 +59,26 @@ def test_batch_of_two_has_exactly_one_forced_patch(tmp_path):
         assert batch["foreground_forced"].tolist() == [False, True]
 
 
-def test_uniform_centres_reach_the_border_and_pad(tmp_path):
-    entry = _entry(tmp_path, shape=(10, 9, 8))
-    loader = _queue(entry, batch_size=2, patches=2 * 200, oversample=0.0, patch=(6, 6, 6))
-    starts = []
+def test_uniform_patches_stay_inside_and_reach_the_borders(tmp_path):
+    """nnU-Net's get_bbox for the final patch: random crops lie inside the image (no zero filling) and reach every
+    border; along an axis shorter than the patch the patch is centred (start -ceil(d/2) or -floor(d/2))."""
+    entry = _entry(tmp_path, shape=(10, 9, 5))
+    loader = _queue(entry, batch_size=2, patches=2 * 200, oversample=0.0, patch=(6, 6, 8), margin=2)
+    starts, images = [], []
     for batch in loader:
         starts.append(batch["location"][:, :3].numpy())
+        images.append(batch["image"])
     starts = np.concatenate(starts)
-    centres = starts + 3
-    assert centres.min(0).tolist() == [0, 0, 0]
-    assert centres.max(0).tolist() == [9, 8, 7]
+    assert starts.min(0).tolist() == [0, 0, -2]  # z: 5 voxels in an 8-voxel patch, d = 3
+    assert starts.max(0).tolist() == [4, 3, -1]
+    assert (np.concatenate([batch["location"][:, 3:].numpy() - batch["location"][:, :3].numpy()
+                            for batch in loader]) == [6, 6, 8]).all()
+    image = np.load(entry.image)
+    for batch in loader:  # the x / y extent is all image: no zero-filled voxels there
+        for b in range(2):
+            x0, y0, z0 = batch["location"][b, :3].tolist()
+            np.testing.assert_array_equal(batch["image"][b, 0, :, :, -z0:-z0 + 5].numpy(),
+                                          image[x0:x0 + 6, y0:y0 + 6, :])
 
 
 def test_case_without_foreground_falls_back_to_uniform(tmp_path):
@@ -138,3 +148,16 @@ def test_optimizer_and_scheduler_follow_the_recipe():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([1e-3 * (1 - e / 2000) ** 0.9 for e in range(3)])
+
+
+def test_uniform_patches_with_context_place_the_inner_patch_inside(tmp_path):
+    """GPU spatial mode: the workers cut patch + 2 * context and the batch augmentation crops the context away;
+    the uniform rule applies to that inner patch (the network's), so it reaches the borders and stays inside."""
+    entry = _entry(tmp_path, shape=(10, 9, 8))
+    sampler = PatchSampler((10, 10, 10), 2, 0.0, context=2)
+    loader = build_patch_loader([entry], sampler, (1, 1, 1), 200)
+    inner = np.concatenate([batch["location"][:, :3].numpy() + 2 for batch in loader])
+    assert inner.min(0).tolist() == [0, 0, 0]
+    assert inner.max(0).tolist() == [4, 3, 2]
+    with pytest.raises(ValueError, match="context"):
+        PatchSampler((6, 6, 6), 2, context=3)

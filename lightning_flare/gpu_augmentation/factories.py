@@ -34,6 +34,7 @@ class AugmentationPlan:
     sampler_patch_size: tuple[int, int, int]  # PatchSampler(patch_size=...): what the workers cut and return
     sampler_margin: tuple[int, int, int]  # PatchSampler(margin=...)
     batch_augmentation: BatchAugmentation | None  # on the device, after the transfer ('gpu'); None on 'cpu'
+    sampler_context: tuple[int, int, int] = (0, 0, 0)  # PatchSampler(context=...): what batch_augmentation crops
 
 
 GpuAugmentationPlan = AugmentationPlan  # its name when only the 'gpu' split had one
@@ -78,7 +79,7 @@ def plan_gpu_augmentation(name: str, patch_size: Sequence[int], gpu_spatial: boo
     if gpu_spatial:
         enlarged = tuple(p + 2 * m for p, m in zip(patch, margin))
         return AugmentationPlan(None, enlarged, zero,  # type: ignore[arg-type]
-                                BatchAugmentation(spatial=True, crop=margin, seed=batch_seed, spec=spec))
+                                BatchAugmentation(spatial=True, crop=margin, seed=batch_seed, spec=spec), margin)
     worker = spec_transforms(spec[:1], copy=True, crop=margin)["rotation_scaling"]
     return AugmentationPlan(worker, patch, margin,  # type: ignore[arg-type]
                             BatchAugmentation(spatial=False, seed=batch_seed, spec=spec))
