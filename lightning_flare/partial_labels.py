@@ -99,6 +99,23 @@ def training_target(settings: PartialLabelSettings, target: torch.Tensor, logits
     return ignore_confident_background(target, logits, partial, ignore_label, settings.threshold)
 
 
+def unmarked_components(prediction: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """bool mask of the predicted components (26-connected, ``prediction > 0``) that touch no marked voxel
+    (``label`` > 0) of a partially labelled case: unmarked lesions or false positives, the label cannot say which.
+    Validation leaves them out of its scores (as the round's merge rule treats them: unknown), so that a partially
+    labelled validation case neither rewards removing a found unmarked lesion (the choice of ``min_component_ml``,
+    the healthy-scan decision) nor penalises finding it (val/dsc); components over a marked lesion are scored whole
+    (its excess is over-segmentation: the marked lesion is complete)."""
+    from scipy import ndimage
+
+    prediction = np.asarray(prediction)
+    components, count = ndimage.label(prediction > 0, structure=np.ones((3,) * prediction.ndim, bool))
+    if count == 0:
+        return np.zeros(np.shape(prediction), bool)
+    touched = np.unique(components[np.asarray(label) > 0])
+    return (components > 0) & ~np.isin(components, touched[touched > 0])
+
+
 def without_ignored(prediction: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor, ignore_label: int | None):
     """Masks with the ignore region left out of the scores (validation, patch pseudo-Dice, test; nnU-Net's evaluation
     ignores it too): both set to background where ``label`` is ``ignore_label``; unchanged without one. NumPy arrays

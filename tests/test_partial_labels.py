@@ -14,7 +14,7 @@ from lightning_flare.io import Geometry
 from lightning_flare.loss import DiceCELoss
 from lightning_flare.module import FlareSegmentationModule
 from lightning_flare.partial_labels import (PartialLabelSettings, ignore_confident_background, training_target,
-                                            without_ignored)
+                                            unmarked_components, without_ignored)
 from lightning_flare.plan import IntensityStats, Plan
 from lightning_flare.preprocessing import CachedCase
 from lightning_flare.sampling import PatchSampler, build_patch_loader
@@ -224,3 +224,39 @@ def test_test_rows_leave_the_ignore_region_out_of_the_mask_before_the_decision()
     row = module.test_rows[0]
     assert row["predicted_ml_components_only"] == 1.0  # voxel 1 only (2.0 with the ignored voxel)
     assert row["dsc_components_only"] == 1.0  # voxel 1 against the lesion at voxel 1 (0.667 with voxel 0)
+
+
+def test_unmarked_components_are_those_touching_no_marked_voxel():
+    prediction = np.array([1, 1, 0, 1, 0, 1, 1, 0], np.uint8).reshape(8, 1, 1)
+    label = np.array([0, 1, 0, 0, 0, 0, 0, 1], np.uint8).reshape(8, 1, 1)  # marked at 1 and 7 (7 missed)
+    got = unmarked_components(prediction, label)
+    assert got.ravel().tolist() == [False, False, False, True, False, True, True, False]
+    assert not unmarked_components(np.zeros((3, 3, 3), np.uint8), np.ones((3, 3, 3), np.uint8)).any()
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_partial_validation_cases_leave_unmarked_components_out_of_the_scores(monkeypatch, partial):
+    """A partially labelled validation case: the marked lesion (voxels 0-1) found, and a 1-voxel component at voxel 5
+    (an unmarked lesion or a false positive: the label cannot say). Scored as complete, removing it (min_component_ml
+    above 1 ml) looks like a gain (DSC 0.8 -> 1.0), which is what chose 4 ml in the partial-label demonstration and
+    removed true small lesions at test. Left out (partial), it changes no score; the healthy decision's mass is still
+    that of the whole prediction."""
+    import lightning_flare.predictor as predictor_file
+
+    logits = _line_logits([0.9, 0.9, 0.1, 0.1, 0.1, 0.8, 0.1, 0.1])
+    monkeypatch.setattr(predictor_file, "sliding_window_logits", lambda net, image, *a, **k: logits.clone())
+    label = torch.tensor([1, 1, 0, 0, 0, 0, 0, 0], dtype=torch.uint8).reshape(8, 1, 1)
+    module = FlareSegmentationModule(FixedLogits(), inference={"autocast": False})
+    module.plan = Plan((10, 10, 10), (8, 1, 1), PLAN.intensity)
+    out = module.validation_step(VolumeItem(0, "a", image=torch.zeros(1, 8, 1, 1), label=label,
+                                            spacing=(10.0, 10.0, 10.0), partial=partial), 0)
+    scores = module.postprocessing_scores.compute()
+    _, dsc, _ = module.val_metrics.per_case()
+    if partial:
+        assert scores[0.0] == pytest.approx(1.0) and scores[2.0] == pytest.approx(1.0)
+        assert float(dsc[0]) == pytest.approx(1.0) and out["prediction"].flatten().tolist() == [1, 1] + [0] * 6
+    else:
+        assert scores[0.0] == pytest.approx(0.8) and scores[2.0] == pytest.approx(1.0)
+        assert float(dsc[0]) == pytest.approx(0.8)
+    row = module.healthy_scores.compute()[0].numpy()
+    assert row[0] == 0.0 and row[1] == pytest.approx(1.8, rel=1e-5)  # the marked lesion's mass, 2 x 0.9 ml
