@@ -157,9 +157,11 @@ def choose_min_mean_prob(components: Sequence[tuple[ComponentScore, bool]], thre
     """``min_mean_prob`` chosen on fully labelled validation cases that the teacher predicted: ``components`` are
     their components' scores with whether each overlaps a reference lesion (true) or not (a false positive).
 
-    The loosest (smallest) threshold, among the components' own mean probabilities, at which the components kept
-    (mean probability at least the threshold, and the other thresholds of ``thresholds`` passed) have a precision
-    (true / kept) of at least ``precision_target`` and number at least ``min_components``; when none qualifies,
+    The loosest (smallest) threshold at which the components kept (mean probability at least the threshold, and
+    the other thresholds of ``thresholds`` passed) have a precision (true / kept) of at least ``precision_target``
+    and number at least ``min_components``. Candidates: the midpoint below each distinct mean probability of those
+    components, between it and the next lower one (0.5 below the lowest: an argmax component of a two-class
+    teacher has a mean probability above 0.5), as ``healthy_decision`` takes midpoints; when none qualifies,
     ``thresholds.min_mean_prob`` stays. Returns ``min_mean_prob``, ``reason`` ("chosen", "no_components",
     "too_few_components", "target_not_reached"), the kept count and precision at the chosen or kept threshold, and
     ``table``: per candidate ``[threshold, kept, true]`` (ascending)."""
@@ -168,9 +170,10 @@ def choose_min_mean_prob(components: Sequence[tuple[ComponentScore, bool]], thre
     others = Thresholds(0.0, thresholds.min_agreement, thresholds.min_volume_ml)
     eligible = [(s.mean_prob, bool(true)) for s, true in components if not failed_thresholds(s, others)]
     table = []
-    for t in sorted({p for p, _ in eligible}):
-        kept = [true for p, true in eligible if p >= t]
-        table.append([float(t), len(kept), int(sum(kept))])
+    values = sorted({p for p, _ in eligible})
+    for lower, value in zip([0.5] + values[:-1], values):
+        kept = [true for p, true in eligible if p >= value]
+        table.append([float((lower + value) / 2), len(kept), int(sum(kept))])
 
     def at(t: float) -> tuple[int, float | None]:
         kept = [true for p, true in eligible if p >= t]

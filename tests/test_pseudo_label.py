@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -113,17 +114,19 @@ def _component(mean_prob, agreement=0.9, volume_ml=1.0):
 
 def test_min_mean_prob_is_the_loosest_with_the_target_precision_on_validation():
     """Hand-made validation components (score, overlaps a reference lesion): false positives at 0.6 and 0.8; the
-    loosest threshold keeping precision >= 0.8 is 0.7 (4 true of 5 kept); >= 0.95 needs 0.85 (all 3 true)."""
+    loosest threshold keeping precision >= 0.8 keeps 0.7 and up (4 true of 5), the midpoint 0.65 below 0.7;
+    >= 0.95 keeps 0.85 and up (all 3 true): 0.825."""
     found = [(_component(0.6), False), (_component(0.7), True), (_component(0.8), False), (_component(0.85), True),
              (_component(0.9), True), (_component(0.95), True),
              (_component(0.55, agreement=0.1), True), (_component(0.65, volume_ml=0.01), False)]  # fail other thresholds
     base = Thresholds(0.75, 0.5, 0.1)
     chosen = choose_min_mean_prob(found, base, precision_target=0.8)
-    assert (chosen["min_mean_prob"], chosen["reason"], chosen["kept"], chosen["precision"]) == (0.7, "chosen", 5, 0.8)
+    assert chosen["min_mean_prob"] == pytest.approx(0.65) and (chosen["reason"], chosen["kept"], chosen["precision"]) == \
+        ("chosen", 5, 0.8)
     assert chosen["eligible_components"] == 6 and chosen["false_positives"] == 2
-    assert chosen["table"][:2] == [[0.6, 6, 4], [0.7, 5, 4]]
+    assert np.allclose(chosen["table"][:2], [[0.55, 6, 4], [0.65, 5, 4]])
     strict = choose_min_mean_prob(found, base, precision_target=0.95)
-    assert (strict["min_mean_prob"], strict["kept"], strict["precision"]) == (0.85, 3, 1.0)
+    assert strict["min_mean_prob"] == pytest.approx(0.825) and (strict["kept"], strict["precision"]) == (3, 1.0)
     # at least 4 kept components: 0.85 keeps 3, so no threshold qualifies: the config's 0.75 stays (4 kept, 3 true)
     kept = choose_min_mean_prob(found, base, precision_target=0.95, min_components=4)
     assert (kept["min_mean_prob"], kept["reason"], kept["kept"], kept["precision"]) == (0.75, "target_not_reached", 4, 0.75)
@@ -447,8 +450,8 @@ def test_a_changed_teacher_or_a_round_as_source_is_refused(teachers, tiny_datase
 
 
 def test_choose_on_validation_applies_and_reports_the_chosen_threshold(teachers, tiny_dataset, tmp_path, monkeypatch):
-    """The round labels with the threshold chosen on validation (0.65 here: a 0.7 component is kept that the
-    config's 0.75 would drop); the report holds the choice, round.yaml the config as given."""
+    """The round labels with the threshold chosen on validation (0.625 here, below the 0.65 component: a 0.7
+    component is kept that the config's 0.75 would drop); the report holds the choice, round.yaml the config."""
     source = make_source(tmp_path / "source", tiny_dataset)
     found = [(_component(p), p >= 0.65) for p in (0.6, 0.65, 0.8, 0.9, 0.95)]
     seen = {}
@@ -469,6 +472,31 @@ def test_choose_on_validation_applies_and_reports_the_chosen_threshold(teachers,
                  "--set", "min_validation_components=4"]) == 0
     report = json.loads((out / "pseudo_label_report.json").read_text())
     choice = report["threshold_choice"]
-    assert (choice["min_mean_prob"], choice["reason"], choice["kept"]) == (0.65, "chosen", 4) and seen["fold"] == 0
+    assert choice["min_mean_prob"] == pytest.approx(0.625) and (choice["reason"], choice["kept"]) == ("chosen", 4)
+    assert seen["fold"] == 0
     assert report["totals"]["kept"] == 3 and report["totals"]["dropped"] == 0  # the 0.7 components kept everywhere
     assert yaml.safe_load((out / "round.yaml").read_text())["min_mean_prob"] == 0.75
+
+
+def test_validation_components_are_the_fully_labelled_fold_cases_with_their_truth(teachers, tiny_dataset, tmp_path,
+                                                                                   monkeypatch):
+    """The fold's validation cases without the partially labelled ones, each component true when it overlaps the
+    reference label: the teacher's mask is a box over each case's lesion plus one box in a corner (air)."""
+    source_root = make_source(tmp_path / "source", tiny_dataset)
+    source = read_source(source_root)
+    val = [c for c in kfold_splits(LABELLED)[1]["val"] if c != "SYN_001"]  # SYN_001: partially labelled
+    sizes = []
+
+    def passes(predictor, image, spacing, size, tta):
+        sizes.append(tuple(size))
+        reference = read(source_root / "labelsTr" / f"{val[len(sizes) - 1]}.nii.gz") > 0
+        mask = ndimage.binary_dilation(reference) | box(size, slice(0, 2), slice(0, 2), slice(0, 2))
+        return TeacherOutput(probability=mask.astype(np.float32) * 0.9, mask=mask, plain_mask=mask)
+
+    monkeypatch.setattr(pseudo_label, "teacher_passes", passes)
+    config = pseudo_label.RoundConfig(teacher="t", source=str(source_root), output="o", validation_fold=1)
+    found = pseudo_label.validation_components(types.SimpleNamespace(plan=PLAN), config, source, log=lambda line: None)
+    assert len(sizes) == len(val)
+    truths = [t for _, t in found]
+    lesions = sum(label_components(read(source_root / "labelsTr" / f"{c}.nii.gz") > 0)[1] for c in val)
+    assert lesions > 0 and truths.count(False) == len(val) and truths.count(True) == lesions
