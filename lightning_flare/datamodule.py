@@ -237,7 +237,8 @@ class FlareDataModule(L.LightningDataModule):
                         "generalisation, and an 'auto' postprocessing would be chosen on training cases; train the "
                         "final model with --trainer.limit_val_batches 0 and the postprocessing cross-validation chose")
         _, val_cases = self._fold_cases()
-        return self._volume_loader(CachedVolumes(self._cache(plan, val_cases), plan.target_spacing))
+        return self._volume_loader(CachedVolumes(self._cache(plan, val_cases), plan.target_spacing,
+                                                 self.dataset.partially_labelled))
 
     def test_dataloader(self) -> DataLoader:
         plan = self.resolve_plan()

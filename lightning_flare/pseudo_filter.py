@@ -150,3 +150,44 @@ def merge_labels(components: np.ndarray, scores: Sequence[ComponentScore], tumou
         region = out[box]  # a view
         region[(components[box] == score.index) & (region == 0)] = value
     return out
+
+
+def choose_min_mean_prob(components: Sequence[tuple[ComponentScore, bool]], thresholds: Thresholds,
+                         precision_target: float, min_components: int = 1) -> dict:
+    """``min_mean_prob`` chosen on fully labelled validation cases that the teacher predicted: ``components`` are
+    their components' scores with whether each overlaps a reference lesion (true) or not (a false positive).
+
+    The loosest (smallest) threshold at which the components kept (mean probability at least the threshold, and
+    the other thresholds of ``thresholds`` passed) have a precision (true / kept) of at least ``precision_target``
+    and number at least ``min_components``. Candidates: the midpoint below each distinct mean probability of those
+    components, between it and the next lower one (0.5 below the lowest: an argmax component of a two-class
+    teacher has a mean probability above 0.5), as ``healthy_decision`` takes midpoints; when none qualifies,
+    ``thresholds.min_mean_prob`` stays. Returns ``min_mean_prob``, ``reason`` ("chosen", "no_components",
+    "too_few_components", "target_not_reached"), the kept count and precision at the chosen or kept threshold, and
+    ``table``: per candidate ``[threshold, kept, true]`` (ascending)."""
+    if not 0 < precision_target <= 1:
+        raise ValueError(f"precision_target must be in (0, 1], got {precision_target!r}")
+    others = Thresholds(0.0, thresholds.min_agreement, thresholds.min_volume_ml)
+    eligible = [(s.mean_prob, bool(true)) for s, true in components if not failed_thresholds(s, others)]
+    table = []
+    values = sorted({p for p, _ in eligible})
+    for lower, value in zip([0.5] + values[:-1], values):
+        kept = [true for p, true in eligible if p >= value]
+        table.append([float((lower + value) / 2), len(kept), int(sum(kept))])
+
+    def at(t: float) -> tuple[int, float | None]:
+        kept = [true for p, true in eligible if p >= t]
+        return len(kept), (sum(kept) / len(kept) if kept else None)
+
+    record = {"min_mean_prob": float(thresholds.min_mean_prob), "precision_target": float(precision_target),
+              "min_components": int(min_components), "validation_components": len(components),
+              "eligible_components": len(eligible), "false_positives": sum(not t for _, t in eligible), "table": table}
+    for t, kept, true in table:  # ascending: the first that qualifies is the loosest
+        if kept >= min_components and true / kept >= precision_target - 1e-12:
+            record.update(min_mean_prob=t, reason="chosen", kept=kept, precision=true / kept)
+            return record
+    kept, precision = at(thresholds.min_mean_prob)
+    reason = "no_components" if not eligible else "too_few_components" if len(eligible) < min_components else \
+        "target_not_reached"
+    record.update(reason=reason, kept=kept, precision=precision)
+    return record

@@ -18,14 +18,23 @@ Config keys (YAML; relative paths are relative to the working directory): ``teac
 pass, no mirror agreement); ``ignore_dropped`` (true: dropped components become the ignore label, the dataset's or
 one added as the number of classes, 2; false: background); ``num_folds`` (5), ``split_seed`` (12345); ``device``
 ("auto"); ``inference`` (``model.inference`` settings of the predictor, except those in ``ROUND_DECIDES``);
-``teacher_sha256`` (checked when given: round.yaml records it)."""
+``teacher_sha256`` (checked when given: round.yaml records it).
+
+``choose_on: validation`` chooses ``min_mean_prob`` instead of taking it from the config: the teacher also predicts
+the fully labelled (not partially labelled) validation cases of ``validation_fold`` (the source's splits_final.json,
+else ``num_folds`` / ``split_seed`` splits: the teacher's fold, which it did not train on); a component of those
+counts as true when it overlaps a reference lesion, and the loosest threshold whose kept components reach
+``precision_target`` (0.95) with at least ``min_validation_components`` (5) kept is used
+(``pseudo_filter.choose_min_mean_prob``); otherwise the config's ``min_mean_prob`` stays. The choice (and the
+precision table it was read from) is in pseudo_label_report.json ``threshold_choice``; round.yaml keeps the config,
+so a rerun chooses again, identically."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -36,11 +45,11 @@ from .io import Geometry, from_array, read_image, to_array, write_image, write_t
 from .predict import load_predictor
 from .predictor import InferenceSettings, Predictor
 from .preprocessing import preprocess_image
-from .pseudo_filter import Thresholds, merge_labels, score_components
+from .pseudo_filter import Thresholds, choose_min_mean_prob, merge_labels, score_components
 from .pseudo_output import StagedFolder, fold_splits, link, output_meta, write_json, write_report
 from .pseudo_source import Source, read_source
 from .pseudo_teacher import file_sha256, teacher_passes
-from .raw_dataset import Case
+from .raw_dataset import Case, select_fold
 
 TEACHER_MASKS = "teacher_masks"
 
@@ -48,6 +57,9 @@ TEACHER_MASKS = "teacher_masks"
 # inference settings a round replaces with its own rules (the teacher's mask is the argmax, filtered per component)
 ROUND_DECIDES = {"tta": "the top-level tta", "min_component_ml": "min_volume_ml",
                  "largest_component": "every component is filtered on its own", "healthy_decision": "a scan without a kept component is healthy"}
+
+CHOOSE_ON = ("none", "validation")
+
 
 class PseudoLabelError(ValueError):
     """A round that cannot run; the message names the file or setting and the problem."""
@@ -71,8 +83,21 @@ class RoundConfig:
     device: str = "auto"
     inference: dict = field(default_factory=dict)
     teacher_sha256: str | None = None
+    choose_on: str = "none"  # "validation": min_mean_prob chosen on the fully labelled validation cases
+    precision_target: float = 0.95
+    min_validation_components: int = 5
+    validation_fold: int = 0
 
     def __post_init__(self) -> None:
+        if self.choose_on not in CHOOSE_ON:
+            raise PseudoLabelError(f"choose_on must be one of {list(CHOOSE_ON)}, got {self.choose_on!r}")
+        if isinstance(self.precision_target, bool) or not isinstance(self.precision_target, (int, float)) \
+                or not 0 < self.precision_target <= 1:
+            raise PseudoLabelError(f"precision_target must be a number in (0, 1], got {self.precision_target!r}")
+        for name in ("min_validation_components", "validation_fold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise PseudoLabelError(f"{name} must be an integer >= 0, got {value!r}")
         for name in ("tta", "ignore_dropped"):
             if not isinstance(getattr(self, name), bool):
                 raise PseudoLabelError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -185,6 +210,32 @@ def _read_mask(path: Path, geometry: Geometry, allowed: set[int], what: str) -> 
     return array
 
 
+def validation_components(predictor: Predictor, config: RoundConfig, source: Source,
+                          log: Callable[[str], None] = print) -> list:
+    """The teacher's components on the fully labelled validation cases of ``config.validation_fold`` (scored with
+    the round's passes), each with whether it overlaps a reference lesion."""
+    try:
+        _, val = select_fold(source.dataset, source.labelled, config.validation_fold, config.num_folds, config.split_seed)
+    except ValueError as err:
+        raise PseudoLabelError(f"choose_on validation: {err}") from err
+    cases = [c for c in val if c.case_id not in source.partially_labelled]
+    log(f"choosing min_mean_prob on {len(cases)} fully labelled validation case(s) of fold {config.validation_fold}")
+    found = []
+    for case in cases:
+        image = read_image(case.image)
+        geometry = Geometry.of(image)
+        allowed = {0, source.tumour} | ({source.ignore_label} if source.ignore_label is not None else set())
+        reference = _read_mask(case.label, geometry, allowed, "label") == source.tumour
+        tensor = torch.from_numpy(preprocess_image(image, predictor.plan))[None]
+        with torch.inference_mode():
+            teacher = teacher_passes(predictor, tensor, geometry.spacing, geometry.size, tta=config.tta)
+        components, scores = score_components(teacher.mask, teacher.probability, geometry.spacing, config.thresholds,
+                                              plain=teacher.plain_mask)
+        for score in scores:
+            found.append((score, bool(reference[components == score.index].any())))
+    return found
+
+
 def label_case(predictor: Predictor, case: Case, kind: str, config: RoundConfig, source: Source, ignore: int | None,
                previous_dir: Path | None, folder: Path) -> dict:
     """Teacher, filter and merge for one case; writes its label and teacher mask into ``folder``; its report."""
@@ -234,6 +285,13 @@ def run_round(config: RoundConfig, overwrite: bool = False, log: Callable[[str],
     if predictor.plan.num_classes != 2 or predictor.plan.labels.get("background") != 0:
         raise PseudoLabelError(f"{config.teacher}: pseudo-labelling needs a two-class teacher (background 0, tumour), "
                                f"the checkpoint's labels are {predictor.plan.labels}")
+    choice = None
+    if config.choose_on == "validation":
+        choice = choose_min_mean_prob(validation_components(predictor, config, source, log), config.thresholds,
+                                      config.precision_target, config.min_validation_components)
+        log(f"min_mean_prob {choice['min_mean_prob']:.4g} ({choice['reason']}: {choice['kept']} of "
+            f"{choice['eligible_components']} validation component(s) kept, precision {choice['precision']})")
+    labelling = config if choice is None else replace(config, min_mean_prob=choice["min_mean_prob"])
     # the dataset's ignore label, else nnU-Net's: the number of classes (what raw_dataset requires of a declared one)
     ignore = None if not config.ignore_dropped else \
         source.ignore_label if source.ignore_label is not None else source.num_classes
@@ -255,7 +313,7 @@ def run_round(config: RoundConfig, overwrite: bool = False, log: Callable[[str],
         cases = []
         for case, kind in jobs:
             try:
-                report = label_case(predictor, case, kind, config, source, ignore,
+                report = label_case(predictor, case, kind, labelling, source, ignore,
                                     Path(config.previous) if config.previous else None, folder)
             except (ValueError, OSError, RuntimeError) as err:
                 raise PseudoLabelError(f"case {case.case_id} ({kind}, {case.image}): {err}") from err
@@ -273,7 +331,7 @@ def run_round(config: RoundConfig, overwrite: bool = False, log: Callable[[str],
         import yaml
 
         write_text(folder / "round.yaml", yaml.safe_dump(record, sort_keys=False))
-        write_report(folder, record, cases)
+        write_report(folder, record, cases, choice)
     log(json.dumps({"output": str(staged.final), "cases": len(cases),
                     "kept": sum(c["kept"] for c in cases), "dropped": sum(c["dropped"] for c in cases)}))
     return staged.final

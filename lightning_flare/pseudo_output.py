@@ -121,13 +121,15 @@ def output_meta(meta: dict, num_training: int, pseudo_ids: Sequence[str], ignore
     return out
 
 
-def write_report(folder: Path, round_config: dict, cases: Sequence[dict]) -> None:
-    """``pseudo_label_report.json`` (the round's config, totals, every case with every component) and
-    ``pseudo_label_report.csv`` (one row per case)."""
+def write_report(folder: Path, round_config: dict, cases: Sequence[dict], threshold_choice: dict | None = None) -> None:
+    """``pseudo_label_report.json`` (the round's config, totals, every case with every component, and the
+    ``threshold_choice`` on validation when the round made one) and ``pseudo_label_report.csv`` (one row per case)."""
     totals = {key: sum(int(c[key]) for c in cases) for key in REPORT_COLUMNS[2:9]}
     totals.update(cases=len(cases), unlabelled=sum(c["kind"] == "unlabelled" for c in cases),
                   partial=sum(c["kind"] == "partial" for c in cases))
-    write_json(folder / "pseudo_label_report.json", {"round": round_config, "totals": totals, "cases": list(cases)})
+    extra = {} if threshold_choice is None else {"threshold_choice": threshold_choice}
+    write_json(folder / "pseudo_label_report.json", {"round": round_config, "totals": totals, **extra,
+                                                     "cases": list(cases)})
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=REPORT_COLUMNS, lineterminator="\n")
     writer.writeheader()

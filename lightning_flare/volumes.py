@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ class VolumeItem:
     started: float | None = None  # perf_counter() before the copy to the device (set by the data module)
     error: str | None = None  # why a raw case could not be read: test raises it, predict reports it
     padding: bool = False
+    partial: bool = False  # a cached validation case whose label marks only some lesions (dataset.json "partially_labelled")
 
 
 class ShardSampler(Sampler[int]):
@@ -90,9 +91,10 @@ def first_item(batch: list[VolumeItem]) -> VolumeItem:
 class CachedVolumes(Dataset):
     """Preprocessed cases from the cache (validation during fit: scored on the resampled grid)."""
 
-    def __init__(self, entries: Sequence[CachedCase], spacing: Sequence[float]):
+    def __init__(self, entries: Sequence[CachedCase], spacing: Sequence[float], partial_ids: Iterable[str] = ()):
         self.entries = list(entries)
         self.spacing = tuple(spacing)
+        self.partial_ids = frozenset(partial_ids)  # partially labelled cases (their items carry ``partial``)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -105,7 +107,8 @@ class CachedVolumes(Dataset):
     def __getitem__(self, index: int) -> VolumeItem:
         e = self.entries[index]
         return VolumeItem(index, e.case_id, image=torch.from_numpy(np.load(e.image))[None],
-                          label=torch.from_numpy(np.load(e.label)), spacing=self.spacing)
+                          label=torch.from_numpy(np.load(e.label)), spacing=self.spacing,
+                          partial=e.case_id in self.partial_ids)
 
 
 class RawVolumes(Dataset):

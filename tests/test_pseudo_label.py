@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ from lightning_flare.plan import IntensityStats, Plan
 from lightning_flare.predict import load_predictor
 from lightning_flare.predictor import InferenceSettings, Predictor
 from lightning_flare.preprocessing import PreprocessedCache, preprocess_image
-from lightning_flare.pseudo_filter import Thresholds, label_components, merge_labels, score_components
+from lightning_flare.pseudo_filter import (ComponentScore, Thresholds, choose_min_mean_prob, label_components, merge_labels,
+                                          score_components)
 from lightning_flare.pseudo_label import PseudoLabelError, main, read_config, run_round
 from lightning_flare.pseudo_source import read_source
 from lightning_flare.pseudo_teacher import TeacherOutput, file_sha256, resample_difference, teacher_passes
@@ -104,6 +106,48 @@ def test_thresholds_are_checked():
         Thresholds(min_mean_prob=1.5)
     with pytest.raises(ValueError, match="min_volume_ml"):
         Thresholds(min_volume_ml=-1)
+
+
+def _component(mean_prob, agreement=0.9, volume_ml=1.0):
+    return ComponentScore(1, 10, volume_ml, mean_prob, mirror_agreement=agreement)
+
+
+def test_min_mean_prob_is_the_loosest_with_the_target_precision_on_validation():
+    """Hand-made validation components (score, overlaps a reference lesion): false positives at 0.6 and 0.8; the
+    loosest threshold keeping precision >= 0.8 keeps 0.7 and up (4 true of 5), the midpoint 0.65 below 0.7;
+    >= 0.95 keeps 0.85 and up (all 3 true): 0.825."""
+    found = [(_component(0.6), False), (_component(0.7), True), (_component(0.8), False), (_component(0.85), True),
+             (_component(0.9), True), (_component(0.95), True),
+             (_component(0.55, agreement=0.1), True), (_component(0.65, volume_ml=0.01), False)]  # fail other thresholds
+    base = Thresholds(0.75, 0.5, 0.1)
+    chosen = choose_min_mean_prob(found, base, precision_target=0.8)
+    assert chosen["min_mean_prob"] == pytest.approx(0.65) and (chosen["reason"], chosen["kept"], chosen["precision"]) == \
+        ("chosen", 5, 0.8)
+    assert chosen["eligible_components"] == 6 and chosen["false_positives"] == 2
+    assert np.allclose(chosen["table"][:2], [[0.55, 6, 4], [0.65, 5, 4]])
+    strict = choose_min_mean_prob(found, base, precision_target=0.95)
+    assert strict["min_mean_prob"] == pytest.approx(0.825) and (strict["kept"], strict["precision"]) == (3, 1.0)
+    # at least 4 kept components: 0.85 keeps 3, so no threshold qualifies: the config's 0.75 stays (4 kept, 3 true)
+    kept = choose_min_mean_prob(found, base, precision_target=0.95, min_components=4)
+    assert (kept["min_mean_prob"], kept["reason"], kept["kept"], kept["precision"]) == (0.75, "target_not_reached", 4, 0.75)
+    assert choose_min_mean_prob(found, base, 0.95, min_components=7)["reason"] == "too_few_components"
+    none = choose_min_mean_prob([], base, 0.9)
+    assert (none["min_mean_prob"], none["reason"], none["kept"], none["precision"]) == (0.75, "no_components", 0, None)
+    with pytest.raises(ValueError, match="precision_target"):
+        choose_min_mean_prob(found, base, 0.0)
+
+
+def test_choose_on_settings_are_checked():
+    paths = {"teacher": "t.ckpt", "source": "s", "output": "o"}
+    config = pseudo_label.RoundConfig.from_dict({**paths, "choose_on": "validation", "precision_target": 0.9})
+    assert (config.choose_on, config.precision_target, config.min_validation_components, config.validation_fold) == \
+        ("validation", 0.9, 5, 0)
+    for bad, words in (({"choose_on": "test"}, "choose_on must be one of ['none', 'validation']"),
+                       ({"precision_target": 0}, "precision_target must be a number in (0, 1]"),
+                       ({"min_validation_components": -1}, "min_validation_components must be an integer >= 0")):
+        with pytest.raises(PseudoLabelError) as info:
+            pseudo_label.RoundConfig.from_dict({**paths, **bad})
+        assert words in str(info.value)
 
 
 # ---------------------------------------------------------------- the teacher's passes
@@ -435,3 +479,56 @@ def test_a_changed_teacher_or_a_round_as_source_is_refused(teachers, tiny_datase
     with pytest.raises(PseudoLabelError, match="dataset.json: a round's output; a round's source is the original"):
         run_round(read_config(None, paths))
     assert not (tmp_path / "round1").exists()
+
+
+def test_choose_on_validation_applies_and_reports_the_chosen_threshold(teachers, tiny_dataset, tmp_path, monkeypatch):
+    """The round labels with the threshold chosen on validation (0.625 here, below the 0.65 component: a 0.7
+    component is kept that the config's 0.75 would drop); the report holds the choice, round.yaml the config."""
+    source = make_source(tmp_path / "source", tiny_dataset)
+    found = [(_component(p), p >= 0.65) for p in (0.6, 0.65, 0.8, 0.9, 0.95)]
+    seen = {}
+
+    def validation(predictor, config, source, log):
+        seen["fold"] = config.validation_fold
+        return found
+
+    def passes(predictor, image, spacing, size, tta):
+        mask = box(size, slice(5, 9), slice(5, 9), slice(2, 4))
+        return TeacherOutput(probability=np.where(mask, 0.7, 0.05).astype(np.float32), mask=mask, plain_mask=mask)
+
+    monkeypatch.setattr(pseudo_label, "validation_components", validation)
+    monkeypatch.setattr(pseudo_label, "teacher_passes", passes)
+    out = tmp_path / "round1"
+    assert main(["--teacher", str(teachers[0]), "--source", str(source), "--output", str(out), *NO_AUTOCAST,
+                 "--set", "choose_on=validation", "--set", "precision_target=0.95", "--set", "min_volume_ml=0.01",
+                 "--set", "min_validation_components=4"]) == 0
+    report = json.loads((out / "pseudo_label_report.json").read_text())
+    choice = report["threshold_choice"]
+    assert choice["min_mean_prob"] == pytest.approx(0.625) and (choice["reason"], choice["kept"]) == ("chosen", 4)
+    assert seen["fold"] == 0
+    assert report["totals"]["kept"] == 3 and report["totals"]["dropped"] == 0  # the 0.7 components kept everywhere
+    assert yaml.safe_load((out / "round.yaml").read_text())["min_mean_prob"] == 0.75
+
+
+def test_validation_components_are_the_fully_labelled_fold_cases_with_their_truth(teachers, tiny_dataset, tmp_path,
+                                                                                   monkeypatch):
+    """The fold's validation cases without the partially labelled ones, each component true when it overlaps the
+    reference label: the teacher's mask is a box over each case's lesion plus one box in a corner (air)."""
+    source_root = make_source(tmp_path / "source", tiny_dataset)
+    source = read_source(source_root)
+    val = [c for c in kfold_splits(LABELLED)[1]["val"] if c != "SYN_001"]  # SYN_001: partially labelled
+    sizes = []
+
+    def passes(predictor, image, spacing, size, tta):
+        sizes.append(tuple(size))
+        reference = read(source_root / "labelsTr" / f"{val[len(sizes) - 1]}.nii.gz") > 0
+        mask = ndimage.binary_dilation(reference) | box(size, slice(0, 2), slice(0, 2), slice(0, 2))
+        return TeacherOutput(probability=mask.astype(np.float32) * 0.9, mask=mask, plain_mask=mask)
+
+    monkeypatch.setattr(pseudo_label, "teacher_passes", passes)
+    config = pseudo_label.RoundConfig(teacher="t", source=str(source_root), output="o", validation_fold=1)
+    found = pseudo_label.validation_components(types.SimpleNamespace(plan=PLAN), config, source, log=lambda line: None)
+    assert len(sizes) == len(val)
+    truths = [t for _, t in found]
+    lesions = sum(label_components(read(source_root / "labelsTr" / f"{c}.nii.gz") > 0)[1] for c in val)
+    assert lesions > 0 and truths.count(False) == len(val) and truths.count(True) == lesions
