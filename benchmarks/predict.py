@@ -71,8 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="end-to-end runs of every command, interleaved (median)")
     p.add_argument("--window-repeats", type=int, default=3, help="timed forward passes of one window per precision")
     p.add_argument("--commands", nargs="+", choices=["lean", "cli", "nnunet"], default=["lean", "cli", "nnunet"])
-    p.add_argument("--skip-air", nargs="+", choices=["false", "true", "box_grid"], default=["true"],
-                   help="model.inference.skip_air variants of our commands (default: true, the configs' value)")
+    p.add_argument("--skip-air", nargs="+", choices=["false", "true", "box_grid"], default=["false"],
+                   help="model.inference.skip_air variants of our commands (default: false, the configs' value)")
     p.add_argument("--extra", nargs="*", default=[], choices=["sliding", "monai", "contiguous"],
                    help="also: the three sliding windows on one preprocessed array (sliding, monai); one window in "
                         "the contiguous layout (contiguous)")

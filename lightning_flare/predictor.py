@@ -44,9 +44,8 @@ class InferenceSettings:
       component (after ``min_component_ml``) carries less tumour probability is emptied (``healthy_decision.py``);
     - ``largest_component``: keep only the largest predicted component (nnU-Net's "remove all but the largest
       component"): true, false, or "auto": as chosen on the validation fold (kept in the checkpoint);
-    - ``skip_air``: run only the whole grid's windows that touch the body (``body_box``: parts above -500 HU,
-      grown by ``body_margin_mm``); inside that box the logits are those of the whole grid bit for bit, a voxel that
-      lost any of its windows is background (no body found: the whole grid, with a warning).
+    - ``skip_air``: run only the windows that touch the body (``body_box``: parts above -500 HU, grown by
+      ``body_margin_mm``); inside that box the logits are those of the whole grid, outside it background.
       "box_grid": a fresh window grid laid over that box instead (``grid_region``) where it runs fewer windows than
       those (else as true): the windows move, so the logits inside the box differ from the whole grid's.
     """
@@ -61,7 +60,7 @@ class InferenceSettings:
     min_component_ml: float | str = 0.0
     healthy_decision: bool | float | str = "off"  # YAML's off is false: read as "off"
     largest_component: bool | str = False
-    skip_air: bool | str = True  # exact inside the body's box (benchmarks/skip_air.py: Dice 1 against the whole grid)
+    skip_air: bool | str = False
     body_margin_mm: float = 20.0
 
     def __post_init__(self) -> None:
