@@ -7,10 +7,11 @@ this run), Dice between the mode's mask and the whole grid's, tumour voxels of t
 reference when there is one.
 
     .venv/bin/python benchmarks/skip_air.py [--ckpt runs/demo/checkpoints/last.ckpt] [--config configs/demo.yaml]
-        [--modes true box_grid] [--quick]
+        [--modes true box_grid] [--scans demo lung wholebody wholebody_air] [--air-mm 100] [--quick]
 
 Scans: the demo's synthetic test cases, the shared lung CT (512 x 512 x 48) and a synthetic whole-body scan with
-arms down and a patient table (written by ``common.synthetic_ct``); ``--quick``: two demo test cases and a small
+arms down and a patient table (written by ``common.synthetic_ct``); ``wholebody_air`` (not by default): that scan
+with ``--air-mm`` of air on every side in x and y, a wider field of view; ``--quick``: two demo test cases and a small
 whole-body scan (256 x 256 x 48), for a smoke run. Project venv; no nnU-Net needed.
 """
 from __future__ import annotations
@@ -38,20 +39,34 @@ from lightning_flare.raw_dataset import Case  # noqa: E402
 from lightning_flare.volumes import RawVolumes  # noqa: E402
 
 
-def scans(work: Path, demo_data: Path, quick: bool) -> list[tuple[str, Path, Path | None]]:
+def whole_body(work: Path, shape, air_mm: float = 0.0) -> tuple[str, Path, Path]:
+    """The synthetic whole-body scan (arms down, a table), with ``air_mm`` of air added on every side in x and y
+    (a wider field of view: windows of air that the whole grid's own windows can skip)."""
+    spacing, pad = (0.9, 0.9, 3.0), int(round(air_mm / 0.9))
+    tag = f"WHOLEBODY{shape[0]}" + (f"AIR{pad}" if pad else "")
+    image, label = work / f"{tag}_0000.nii.gz", work / f"{tag}.nii.gz"
+    if not image.exists():
+        hu, mask = synthetic_ct(shape, spacing, seed=7, arms=True, table=True)
+        around = ((pad, pad), (pad, pad), (0, 0))
+        write_nifti(np.pad(hu, around, constant_values=-1000), spacing, image)
+        write_nifti(np.pad(mask, around), spacing, label)
+    size = "x".join(str(n) for n in (shape[0] + 2 * pad, shape[1] + 2 * pad, shape[2]))
+    return f"WHOLEBODY {size} (arms, table{f', {air_mm:g} mm of air' if pad else ''})", image, label
+
+
+def scans(work: Path, demo_data: Path, quick: bool, which: list[str], air_mm: float,
+          shape=None) -> list[tuple[str, Path, Path | None]]:
     found = []
-    for image in sorted((demo_data / "imagesTs").glob("*_0000.nii.gz"))[: 2 if quick else None]:
+    for image in sorted((demo_data / "imagesTs").glob("*_0000.nii.gz"))[: 2 if quick else None] if "demo" in which else []:
         found.append((image.name[:-12], image, demo_data / "labelsTs" / image.name.replace("_0000", "")))
     lung = SHARED_DATA / "Dataset002_LungCT"
-    for image in [] if quick else sorted((lung / "imagesTs").glob("*_0000.nii.gz")):
+    for image in sorted((lung / "imagesTs").glob("*_0000.nii.gz")) if "lung" in which and not quick else []:
         found.append((image.name[:-12], image, lung / "labelsTs" / image.name.replace("_0000", "")))
-    shape = (256, 256, 48) if quick else (512, 512, 160)
-    body = work / f"WHOLEBODY{shape[0]}_0000.nii.gz"
-    if not body.exists():
-        hu, label = synthetic_ct(shape, (0.9, 0.9, 3.0), seed=7, arms=True, table=True)
-        write_nifti(hu, (0.9, 0.9, 3.0), body)
-        write_nifti(label, (0.9, 0.9, 3.0), work / f"WHOLEBODY{shape[0]}.nii.gz")
-    found.append((f"WHOLEBODY {shape[0]}x{shape[1]}x{shape[2]} (arms, table)", body, work / f"WHOLEBODY{shape[0]}.nii.gz"))
+    shape = shape or ((256, 256, 48) if quick else (512, 512, 160))
+    if "wholebody" in which:
+        found.append(whole_body(work, shape))
+    if "wholebody_air" in which:
+        found.append(whole_body(work, shape, air_mm))
     return found
 
 
@@ -84,6 +99,12 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["true", "box_grid"], choices=["true", "box_grid"],
                    help="skip_air modes compared with the whole grid")
     p.add_argument("--quick", action="store_true", help="smoke run: two demo test cases, a 256 x 256 x 48 whole-body scan")
+    p.add_argument("--scans", nargs="+", default=["demo", "lung", "wholebody"],
+                   choices=["demo", "lung", "wholebody", "wholebody_air"], help="which scans (wholebody_air: the "
+                   "whole-body scan with --air-mm of air on every side in x and y: a wider field of view)")
+    p.add_argument("--air-mm", type=float, default=100.0, help="air added around the wholebody_air scan")
+    p.add_argument("--wholebody-shape", type=int, nargs=3, default=None,
+                   help="the synthetic whole-body scan's voxels (default 512 512 160; --quick: 256 256 48)")
     p.add_argument("--work-dir", default=str(REPO / "cache" / "benchmarks" / "skip_air"))
     args = p.parse_args()
     work = Path(args.work_dir)
@@ -97,7 +118,10 @@ def main() -> None:
     print(f"checkpoint {args.ckpt}; plan: spacing {whole.plan.target_spacing}, patch {whole.plan.patch_size}; "
           f"settings {settings}")
     rows = []
-    for name, image_path, label_path in scans(work, Path(args.demo_data), args.quick):
+    header = ["scan", "mode", "windows run/grid", "mask s", "/ whole", "Dice vs whole", "tumour voxels lost",
+              "lost outside box (plan grid)", "gained", "DSC vs reference"]
+    for name, image_path, label_path in scans(work, Path(args.demo_data), args.quick, args.scans, args.air_mm,
+                                                 args.wholebody_shape):
         item = RawVolumes([Case(name, image_path)], whole.plan, with_labels=False)[0]
         size, spacing = item.geometry.size, item.geometry.spacing
         reference = to_array(read_image(label_path), np.uint8) > 0 if label_path and label_path.exists() else None
@@ -121,8 +145,8 @@ def main() -> None:
                          int(outside_box(grid["whole grid"] & ~grid[mode], box).sum()),
                          int((masks[mode] & ~masks["whole grid"]).sum()),
                          float(dice(masks[mode], reference)) if reference is not None else float("nan")])
-    print(format_table(["scan", "mode", "windows run/grid", "mask s", "/ whole", "Dice vs whole",
-                        "tumour voxels lost", "lost outside box (plan grid)", "gained", "DSC vs reference"], rows,
+            print(" | ".join(str(v) for v in rows[-1]), flush=True)  # as measured (the table follows at the end)
+    print(format_table(header, rows,
                        title="skip_air modes vs the whole window grid (same checkpoint and settings; seconds: mask())"))
     print("goal (issue 14): Dice vs whole >= 0.999 and no tumour voxel lost beyond the margin (outside the box)")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")

@@ -1,6 +1,7 @@
 """Sliding-window inference with TorchIO's GridSampler and a GridAggregator that stays on the device (Hann or Gaussian)."""
 from __future__ import annotations
 
+import logging
 from copy import deepcopy
 from typing import Sequence
 
@@ -11,6 +12,8 @@ import torchio as tio
 from torch import nn
 
 from .body_box import windows_touching
+
+log = logging.getLogger(__name__)
 
 
 def grid_overlap(patch_size: Sequence[int], overlap: float) -> tuple[int, int, int]:
@@ -158,6 +161,19 @@ def air_logits(num_classes: int, shape: Sequence[int], device: torch.device | st
     return output
 
 
+def fill_skipped(output: torch.Tensor, skipped: np.ndarray, margin: float = AIR_LOGIT) -> None:
+    """Background (class 0 by ``margin`` logits) in every voxel of ``output`` (C, x, y, z) that a ``skipped`` window
+    (rows i0, j0, k0, i1, j1, k1) covers: a voxel either kept all of the whole grid's windows or is background."""
+    if len(skipped) == 0:
+        return
+    incomplete = torch.zeros(output.shape[1:], dtype=torch.bool, device=output.device)
+    for i, j, k, i1, j1, k1 in np.asarray(skipped).tolist():
+        incomplete[i:i1, j:j1, k:k1] = True
+    if bool(incomplete.any()):
+        output[0][incomplete] = 0.0
+        output[1:, incomplete] = -margin
+
+
 class DeviceGridAggregator(tio.inference.GridAggregator):
     """TorchIO's weighted ('hann' overlap mode) GridAggregator, accumulated on the windows' own device.
 
@@ -191,13 +207,6 @@ class DeviceGridAggregator(tio.inference.GridAggregator):
             self._output_tensor[:, i:i1, j:j1, k:k1].addcmul_(window.float(), self._hann_window)
             self._avgmask_tensor[:, i:i1, j:j1, k:k1].add_(self._hann_window)
 
-    def fill_uncovered(self, output: torch.Tensor, margin: float = AIR_LOGIT) -> None:
-        """Voxels no window covered (outside the body's box): background (class 0) by ``margin`` logits."""
-        uncovered = self._avgmask_tensor[0] == 0
-        if bool(uncovered.any()):
-            output[0][uncovered] = 0.0
-            output[1:, uncovered] = -margin
-
     def get_output_tensor(self) -> torch.Tensor:
         """The weighted average, (C, x, y, z) float32 on the windows' device (computed in place: call once)."""
         if self._output_tensor is None:
@@ -228,8 +237,10 @@ def sliding_window_logits(
     test-time mirroring over the given spatial axes (all 2^n flips averaged). ``weighting``: 'hann' (TorchIO)
     or 'gaussian' (nnU-Net); ``steps``: TorchIO's window grid or nnU-Net's ('nnunet', as ``nnUNetPredictor``);
     ``channels_last``: see ``use_channels_last``; ``autocast`` and the trainer's ``precision``: see ``autocast_dtype``.
-    ``body`` (x, y, z slices of ``image``): only windows that touch it run, voxels no window covers are background
-    (``body_box``). ``counts`` receives the windows run and those of the whole grid.
+    ``body`` (x, y, z slices of ``image``, ``body_box``): only the whole grid's windows that touch it run (the
+    same windows at the same places); a voxel all of whose windows ran has the whole grid's logits bit for bit (so
+    every voxel inside ``body``), any other is background (``fill_skipped``). A ``body`` that touches no window
+    runs the whole grid. ``counts`` receives the windows run and those of the whole grid.
     """
     device = torch.device(device) if device is not None else next(net.parameters()).device
     patch_size = tuple(int(p) for p in patch_size)
@@ -243,10 +254,14 @@ def sliding_window_logits(
     subject = tio.Subject(image=tio.ScalarImage(tensor=image.float()))
     sampler = _SlicingGridSampler(subject, patch_size, overlap, steps)
     total = len(sampler.locations)
+    skipped = sampler.locations[:0]
     if body is not None:  # only windows that touch the body: inside it every voxel keeps all its windows
         shifted = tuple(slice(b.start + p // 2, b.stop + p // 2) for b, p in zip(body, pad))
         keep = windows_touching(sampler.locations, shifted)
-        sampler.locations = sampler.locations[keep] if keep.any() else sampler.locations
+        if keep.any():
+            skipped, sampler.locations = sampler.locations[~keep], sampler.locations[keep]
+        else:
+            log.warning("skip_air: the body box %s touches none of the %d windows; running them all", body, total)
     if counts is not None:
         counts.update(windows=len(sampler.locations), windows_total=total)
     aggregator = DeviceGridAggregator(sampler, weighting)
@@ -266,8 +281,7 @@ def sliding_window_logits(
                 logits = out if logits is None else logits + out
         aggregator.add_batch(logits / len(flips), locations)
     output = aggregator.get_output_tensor()
-    if body is not None:
-        aggregator.fill_uncovered(output)
+    fill_skipped(output, skipped)
     if any(pad):
         output = output[:, pad[0] // 2 : pad[0] // 2 + shape[0], pad[1] // 2 : pad[1] // 2 + shape[1], pad[2] // 2 : pad[2] // 2 + shape[2]]
     return output.contiguous()

@@ -4,6 +4,7 @@ benchmarks all run this."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Mapping
@@ -22,6 +23,8 @@ from .plan import Plan
 from .postprocessing import choose_largest_component, choose_threshold, keep_largest_component, remove_small_components
 from .preprocessing import preprocess_tensor
 from .resample import probability_axis, resample_to_mask
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,8 @@ class Predictor:
         body = None
         if s.skip_air:
             body = body_box(image, body_threshold(self.plan.intensity), self.plan.target_spacing, s.body_margin_mm)
+            if body is None:
+                log.warning("skip_air: no body found (no part of at least 5 ml above -500 HU); running the whole grid")
         if s.skip_air == "box_grid" and body is not None:  # a fresh grid over the box, where it runs fewer windows
             shape, patch = tuple(image.shape[1:]), self.plan.patch_size
             region = grid_region(body, shape, patch)
