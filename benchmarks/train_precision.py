@@ -3,6 +3,7 @@ measured choice (``MeasuredCpuPrecision``) picks on this CPU; optionally also wi
 (``--isa AVX512_CORE_BF16``: the kernels of an AVX512_BF16 CPU without AMX, on a CPU that has AMX).
 
     .venv/bin/python benchmarks/train_precision.py [--configs demo ibsi_cpu] [--steps 12] [--isa ALL AVX512_CORE_BF16]
+        [--set "data.patch_size=[48,48,48]" ...]
 
 Each (config, precision, isa) runs ``cli.py fit`` in a fresh process for ``--steps`` iterations, no validation;
 the first two iterations are dropped (oneDNN primitive creation). Project venv.
@@ -39,7 +40,8 @@ class StepTimer(L.Callback):
         Path(os.environ["STEP_TIMES"]).write_text(json.dumps(self.record))
 
 
-def run(config: str, precision: str | None, isa: str, steps: int, work: Path) -> tuple[float, str]:
+def run(config: str, precision: str | None, isa: str, steps: int, work: Path,
+        overrides: list[str] = ()) -> tuple[float, str]:
     times = work / f"{config}_{precision}_{isa}.json"
     times.unlink(missing_ok=True)
     callbacks = [{"class_path": "train_precision.StepTimer"}]
@@ -49,6 +51,11 @@ def run(config: str, precision: str | None, isa: str, steps: int, work: Path) ->
            "--trainer.default_root_dir", str(work / "runs"), "--trainer.enable_progress_bar", "false"]
     if precision is not None:
         cmd += ["--trainer.precision", precision]
+    for item in overrides:  # --set KEY=VALUE: a LightningCLI override of every run
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        cmd += [f"--{key}", value]
     env = {**os.environ, "STEP_TIMES": str(times), "ONEDNN_MAX_CPU_ISA": isa, "WANDB_MODE": "offline",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]),
            "LIGHTNING_FLARE_CACHE": str(work / "precision_cache")}
@@ -65,16 +72,17 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=["demo", "ibsi_cpu"])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--isa", nargs="+", default=["ALL", "AVX512_CORE_BF16"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a LightningCLI override")
     args = p.parse_args()
-    print(f"CPU: {cpu_model()}; load average {os.getloadavg()[0]:.2f}")
+    print(f"CPU: {cpu_model()}; load average {os.getloadavg()[0]:.2f}; overrides {args.set or 'none'}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for config in args.configs:
             for isa in args.isa:
-                fp32, _ = run(config, "32-true", isa, args.steps, work)
-                bf16, _ = run(config, "bf16-mixed", isa, args.steps, work)
-                measured, chosen = run(config, None, isa, args.steps, work)
+                fp32, _ = run(config, "32-true", isa, args.steps, work, args.set)
+                bf16, _ = run(config, "bf16-mixed", isa, args.steps, work, args.set)
+                measured, chosen = run(config, None, isa, args.steps, work, args.set)
                 rows.append([config, isa, fp32, bf16, bf16 / fp32, chosen, measured])
     print(format_table(["config", "oneDNN ISA cap", "fp32 s/it", "bf16 s/it", "bf16/fp32", "measured choice",
                         "measured s/it"], rows, title="Training seconds per iteration (iterations 3 and later)"))

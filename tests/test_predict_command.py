@@ -24,7 +24,8 @@ def _run(*args, env=None):
 
 def test_imports_no_lightning_torchmetrics_or_wandb():
     code = ("import sys, lightning_flare.predict; "
-            "print([m for m in ('lightning', 'torchmetrics', 'wandb', 'jsonargparse', 'torchvision') if m in sys.modules])")
+            "print([m for m in ('lightning', 'torchmetrics', 'wandb', 'jsonargparse', 'torchvision', 'scipy.spatial') "
+            "if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, text=True, capture_output=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
 

@@ -12,7 +12,6 @@ import math
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from lightning_flare.device import to_host
 
@@ -158,6 +157,8 @@ def _nearest_distances(source: np.ndarray, target: np.ndarray,
     if len(source) == 0:
         return np.zeros(0)
     scale = np.asarray(spacing, np.float64)  # points are in index units, the tree in mm
+    from scipy.spatial import cKDTree  # here, not at import: predict needs no surface distances (start-up)
+
     _, nearest = cKDTree(target * scale).query(source * scale)
     offset = (target[nearest] - source).astype(np.float64) * scale
     offset *= offset
