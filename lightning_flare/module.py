@@ -15,7 +15,7 @@ from .efficiency import peak_gpu_mb, reset_peak_gpu
 from .inference import autocast_context
 from .loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets
 from .metrics import FlareMetrics
-from .partial_labels import PartialLabelSettings, training_target, unmarked_components, without_ignored
+from .partial_labels import PartialLabelSettings, left_out_of_scores, training_target, without_ignored
 from .plan import Plan
 from .metrics.postprocessing_scores import ComponentThresholdScores, LargestComponentScores
 from .metrics.healthy_decision_scores import HealthyDecisionScores
@@ -172,14 +172,10 @@ class FlareSegmentationModule(L.LightningModule):
             return None
         if self._full_validation_epoch():
             logits = self.predict_logits(batch.image, tta=self.hparams.get("val_tta"))
-            # prediction and label come to the host once (scores, postprocessing: NumPy / SciPy; the surfel search on
-            # the module's device); an ignore region: postprocessed whole (as Predictor.mask), left out of the scores
+            # prediction and label on the host once (NumPy / SciPy); an ignore region (and a partial case's unmarked
+            # components): postprocessed whole (as Predictor.mask), left out of the scores
             prediction, raw = to_host(logits.argmax(0).to(torch.uint8)), to_host(batch.label)
-            ignored = None if self.plan.ignore_label is None else raw == self.plan.ignore_label
-            label = without_ignored(raw, raw, self.plan.ignore_label)[1]
-            if batch.partial:  # predicted components away from the marked lesions: unknown, left out of the scores
-                unknown = unmarked_components(prediction, label)
-                ignored = unknown if ignored is None else ignored | unknown
+            label, ignored = left_out_of_scores(prediction, raw, self.plan.ignore_label, batch.partial)
             self.postprocessing_scores.update(prediction, label, batch.spacing, ignored)
             self.healthy_scores.update(prediction, to_host(tumour_probability(logits)), label, batch.spacing, ignored)
             self.largest_component_scores.update(prediction, label, batch.spacing, ignored)
@@ -187,9 +183,8 @@ class FlareSegmentationModule(L.LightningModule):
                 prediction = remove_small_components(prediction, batch.spacing, self.min_component_ml())
             if self.inference.largest_component is True:
                 prediction = keep_largest_component(prediction)
-            prediction = without_ignored(prediction, raw, self.plan.ignore_label)[0]
-            if batch.partial:
-                prediction = np.where(unknown, 0, prediction).astype(prediction.dtype)
+            if ignored is not None:
+                prediction = np.where(ignored, 0, prediction).astype(prediction.dtype)
             self.val_metrics.update(prediction, label, batch.spacing, batch.index)
             return {"prediction": torch.from_numpy(prediction)}  # for ValidationImageLogger, CasePanelLogger
         self._pseudo_dice_update(batch)

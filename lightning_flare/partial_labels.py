@@ -146,6 +146,19 @@ def unmarked_components(prediction: np.ndarray, label: np.ndarray) -> np.ndarray
     return (components > 0) & ~np.isin(components, touched[touched > 0])
 
 
+def left_out_of_scores(prediction: np.ndarray, raw: np.ndarray, ignore_label: int | None,
+                       partial: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Validation's label and what it leaves out of its scores: ``raw`` with a declared ignore region set to
+    background, and the bool mask of that region plus, on a partially labelled case, the predicted components that
+    touch no marked lesion (``unmarked_components``); None when nothing is left out."""
+    ignored = None if ignore_label is None else raw == ignore_label
+    label = without_ignored(raw, raw, ignore_label)[1]
+    if partial:
+        unknown = unmarked_components(prediction, label)
+        ignored = unknown if ignored is None else ignored | unknown
+    return label, ignored
+
+
 def without_ignored(prediction: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor, ignore_label: int | None):
     """Masks with the ignore region left out of the scores (validation, patch pseudo-Dice, test; nnU-Net's evaluation
     ignores it too): both set to background where ``label`` is ``ignore_label``; unchanged without one. NumPy arrays

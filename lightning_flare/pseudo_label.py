@@ -20,14 +20,7 @@ one added as the number of classes, 2; false: background); ``num_folds`` (5), ``
 ("auto"); ``inference`` (``model.inference`` settings of the predictor, except those in ``ROUND_DECIDES``);
 ``teacher_sha256`` (checked when given: round.yaml records it).
 
-``choose_on: validation`` chooses ``min_mean_prob`` instead of taking it from the config: the teacher also predicts
-the fully labelled (not partially labelled) validation cases of ``validation_fold`` (the source's splits_final.json,
-else ``num_folds`` / ``split_seed`` splits: the teacher's fold, which it did not train on); a component of those
-counts as true when it overlaps a reference lesion, and the loosest threshold whose kept components reach
-``precision_target`` (0.95) with at least ``min_validation_components`` (5) kept is used
-(``pseudo_filter.choose_min_mean_prob``); otherwise the config's ``min_mean_prob`` stays. The choice (and the
-precision table it was read from) is in pseudo_label_report.json ``threshold_choice``; round.yaml keeps the config,
-so a rerun chooses again, identically."""
+``choose_on: validation`` chooses ``min_mean_prob`` on the fully labelled validation cases (``pseudo_validation``)."""
 from __future__ import annotations
 
 import argparse
@@ -41,15 +34,16 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .io import Geometry, from_array, read_image, to_array, write_image, write_text
+from .io import Geometry, from_array, read_image, write_image, write_text
 from .predict import load_predictor
 from .predictor import InferenceSettings, Predictor
 from .preprocessing import preprocess_image
 from .pseudo_filter import Thresholds, choose_min_mean_prob, merge_labels, score_components
 from .pseudo_output import StagedFolder, fold_splits, link, output_meta, write_json, write_report
-from .pseudo_source import Source, read_source
+from .pseudo_source import PseudoLabelError, Source, read_mask, read_source
 from .pseudo_teacher import file_sha256, teacher_passes
-from .raw_dataset import Case, select_fold
+from .pseudo_validation import validation_components
+from .raw_dataset import Case
 
 TEACHER_MASKS = "teacher_masks"
 
@@ -59,10 +53,6 @@ ROUND_DECIDES = {"tta": "the top-level tta", "min_component_ml": "min_volume_ml"
                  "largest_component": "every component is filtered on its own", "healthy_decision": "a scan without a kept component is healthy"}
 
 CHOOSE_ON = ("none", "validation")
-
-
-class PseudoLabelError(ValueError):
-    """A round that cannot run; the message names the file or setting and the problem."""
 
 
 @dataclass
@@ -197,45 +187,6 @@ def _check_paths(config: RoundConfig, source: Source) -> tuple[str, dict | None]
     return sha, previous
 
 
-def _read_mask(path: Path, geometry: Geometry, allowed: set[int], what: str) -> np.ndarray:
-    if not path.is_file():
-        raise PseudoLabelError(f"{path}: {what} missing")
-    image = read_image(path)
-    if tuple(image.GetSize()) != tuple(geometry.size):
-        raise PseudoLabelError(f"{path}: {what} size {image.GetSize()} differs from the image size {geometry.size}")
-    array = to_array(image, np.uint8)
-    unknown = sorted(set(np.unique(array).tolist()) - allowed)
-    if unknown:
-        raise PseudoLabelError(f"{path}: {what} values {unknown} are not in {sorted(allowed)}")
-    return array
-
-
-def validation_components(predictor: Predictor, config: RoundConfig, source: Source,
-                          log: Callable[[str], None] = print) -> list:
-    """The teacher's components on the fully labelled validation cases of ``config.validation_fold`` (scored with
-    the round's passes), each with whether it overlaps a reference lesion."""
-    try:
-        _, val = select_fold(source.dataset, source.labelled, config.validation_fold, config.num_folds, config.split_seed)
-    except ValueError as err:
-        raise PseudoLabelError(f"choose_on validation: {err}") from err
-    cases = [c for c in val if c.case_id not in source.partially_labelled]
-    log(f"choosing min_mean_prob on {len(cases)} fully labelled validation case(s) of fold {config.validation_fold}")
-    found = []
-    for case in cases:
-        image = read_image(case.image)
-        geometry = Geometry.of(image)
-        allowed = {0, source.tumour} | ({source.ignore_label} if source.ignore_label is not None else set())
-        reference = _read_mask(case.label, geometry, allowed, "label") == source.tumour
-        tensor = torch.from_numpy(preprocess_image(image, predictor.plan))[None]
-        with torch.inference_mode():
-            teacher = teacher_passes(predictor, tensor, geometry.spacing, geometry.size, tta=config.tta)
-        components, scores = score_components(teacher.mask, teacher.probability, geometry.spacing, config.thresholds,
-                                              plain=teacher.plain_mask)
-        for score in scores:
-            found.append((score, bool(reference[components == score.index].any())))
-    return found
-
-
 def label_case(predictor: Predictor, case: Case, kind: str, config: RoundConfig, source: Source, ignore: int | None,
                previous_dir: Path | None, folder: Path) -> dict:
     """Teacher, filter and merge for one case; writes its label and teacher mask into ``folder``; its report."""
@@ -246,10 +197,10 @@ def label_case(predictor: Predictor, case: Case, kind: str, config: RoundConfig,
     given = None
     if kind == "partial":
         allowed = {0, tumour} | ({source.ignore_label} if source.ignore_label is not None else set())
-        given = _read_mask(case.label, geometry, allowed, "given label")
+        given = read_mask(case.label, geometry, allowed, "given label")
     previous = None
     if previous_dir is not None:
-        previous = _read_mask(previous_dir / TEACHER_MASKS / f"{case.case_id}{ending}", geometry, {0, 1},
+        previous = read_mask(previous_dir / TEACHER_MASKS / f"{case.case_id}{ending}", geometry, {0, 1},
                               "previous round's teacher mask") > 0
     tensor = torch.from_numpy(preprocess_image(image, predictor.plan))[None]
     with torch.inference_mode():

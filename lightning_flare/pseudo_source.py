@@ -7,9 +7,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from .io import Geometry, read_image, to_array
 from .raw_dataset import Case, DatasetError, RawDataset, load_raw_dataset
 
 UNLABELLED_DIR = "imagesUnlabelled"
+
+
+class PseudoLabelError(ValueError):
+    """A round that cannot run; the message names the file or setting and the problem."""
 
 
 @dataclass(frozen=True)
@@ -56,3 +63,17 @@ def read_source(root: str | Path) -> Source:
         raise DatasetError(f"{dataset.root / UNLABELLED_DIR}: case ids also in imagesTr: {clash[:5]}")
     return Source(dataset.root, dataset.meta, dataset, labelled, unlabelled, partial, dataset.ignore_label,
                   foreground[0])
+
+
+def read_mask(path: Path, geometry: Geometry, allowed: set[int], what: str) -> np.ndarray:
+    """A mask on ``geometry``'s grid with values in ``allowed``; a ``PseudoLabelError`` naming the file otherwise."""
+    if not path.is_file():
+        raise PseudoLabelError(f"{path}: {what} missing")
+    image = read_image(path)
+    if tuple(image.GetSize()) != tuple(geometry.size):
+        raise PseudoLabelError(f"{path}: {what} size {image.GetSize()} differs from the image size {geometry.size}")
+    array = to_array(image, np.uint8)
+    unknown = sorted(set(np.unique(array).tolist()) - allowed)
+    if unknown:
+        raise PseudoLabelError(f"{path}: {what} values {unknown} are not in {sorted(allowed)}")
+    return array

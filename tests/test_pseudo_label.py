@@ -16,7 +16,7 @@ import yaml
 from scipy import ndimage
 
 from conftest import ROOT, tiny_cli_args
-from lightning_flare import pseudo_label
+from lightning_flare import pseudo_label, pseudo_validation
 from lightning_flare.network import PlainConvUNet
 from lightning_flare.plan import IntensityStats, Plan
 from lightning_flare.predict import load_predictor
@@ -525,9 +525,9 @@ def test_validation_components_are_the_fully_labelled_fold_cases_with_their_trut
         mask = ndimage.binary_dilation(reference) | box(size, slice(0, 2), slice(0, 2), slice(0, 2))
         return TeacherOutput(probability=mask.astype(np.float32) * 0.9, mask=mask, plain_mask=mask)
 
-    monkeypatch.setattr(pseudo_label, "teacher_passes", passes)
+    monkeypatch.setattr(pseudo_validation, "teacher_passes", passes)
     config = pseudo_label.RoundConfig(teacher="t", source=str(source_root), output="o", validation_fold=1)
-    found = pseudo_label.validation_components(types.SimpleNamespace(plan=PLAN), config, source, log=lambda line: None)
+    found = pseudo_validation.validation_components(types.SimpleNamespace(plan=PLAN), config, source, log=lambda line: None)
     assert len(sizes) == len(val)
     truths = [t for _, t in found]
     lesions = sum(label_components(read(source_root / "labelsTr" / f"{c}.nii.gz") > 0)[1] for c in val)
