@@ -80,12 +80,16 @@ def geometry_differences(pred: Geometry, gt: Geometry, tolerance: float = GEOMET
 
 
 def dataset_ignore_label(dataset_json: str | Path) -> int | None:
-    """The ``"ignore"`` label of a dataset.json (None without one); DatasetError on an unreadable file."""
+    """The ``"ignore"`` label of a dataset.json (None without one); DatasetError on an unreadable file. Without an
+    ``"ignore"`` entry the other labels are not checked (a Decathlon or region dataset.json beside the labels)."""
     try:
         meta = json.loads(Path(dataset_json).read_text())
     except (OSError, ValueError) as err:
         raise DatasetError(f"{dataset_json}: unreadable dataset.json ({err})") from err
-    return parse_ignore_label(meta.get("labels") if isinstance(meta, dict) else None, dataset_json)
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if isinstance(labels, dict) and "ignore" not in labels:
+        return None
+    return parse_ignore_label(labels, dataset_json)
 
 
 def score_case(case: str, pred_path: str | Path | None, gt_path: str | Path, tolerance_mm: float = 2.0,

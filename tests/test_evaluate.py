@@ -286,3 +286,16 @@ def test_cli_reads_the_ignore_label(ignore_folders, tmp_path, how):
     assert main(["--pred", str(pred_dir), "--gt", str(gt_dir), *extra]) == 0
     summary = json.loads((pred_dir / "metrics_summary.json").read_text())
     assert summary["healthy_cases"] == 1 and summary["healthy_cases_with_false_positives"] == 0
+
+
+@pytest.mark.parametrize("labels", [{"0": "background", "1": "tumour"},  # the Medical Decathlon's layout
+                                    {"background": 0, "liver": [1, 2]}])  # an nnU-Net region
+def test_a_dataset_json_beside_the_labels_without_an_ignore_label_changes_nothing(tmp_path, labels):
+    """GT_DIR/../dataset.json is read only for its 'ignore' label: a labels mapping this package would not train on
+    (Decathlon's value -> name, regions) does not stop the scorer, which scored such folders before."""
+    gt_dir, pred_dir = tmp_path / "Task01" / "labelsTr", tmp_path / "pred"
+    write_mask(gt_dir / "a.nii.gz", cube(2, 6))
+    write_mask(pred_dir / "a.nii.gz", cube(2, 6))
+    (tmp_path / "Task01" / "dataset.json").write_text(json.dumps({"labels": labels}))
+    assert main(["--pred", str(pred_dir), "--gt", str(gt_dir)]) == 0
+    assert json.loads((pred_dir / "metrics_summary.json").read_text())["num_cases"] == 1
