@@ -43,7 +43,7 @@ def whole_body(work: Path, shape, air_mm: float = 0.0) -> tuple[str, Path, Path]
     """The synthetic whole-body scan (arms down, a table), with ``air_mm`` of air added on every side in x and y
     (a wider field of view: windows of air that the whole grid's own windows can skip)."""
     spacing, pad = (0.9, 0.9, 3.0), int(round(air_mm / 0.9))
-    tag = f"WHOLEBODY{shape[0]}" + (f"AIR{pad}" if pad else "")
+    tag = "WHOLEBODY" + "x".join(str(int(n)) for n in shape) + (f"AIR{pad}" if pad else "")  # one file per shape
     image, label = work / f"{tag}_0000.nii.gz", work / f"{tag}.nii.gz"
     if not image.exists():
         hu, mask = synthetic_ct(shape, spacing, seed=7, arms=True, table=True)
