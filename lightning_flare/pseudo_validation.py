@@ -35,15 +35,24 @@ def validation_components(predictor: Predictor, config, source: Source,  # confi
     log(f"choosing min_mean_prob on {len(cases)} fully labelled validation case(s) of fold {config.validation_fold}")
     found = []
     for case in cases:
-        image = read_image(case.image)
-        geometry = Geometry.of(image)
-        allowed = {0, source.tumour} | ({source.ignore_label} if source.ignore_label is not None else set())
-        reference = read_mask(case.label, geometry, allowed, "label") == source.tumour
-        tensor = torch.from_numpy(preprocess_image(image, predictor.plan))[None]
-        with torch.inference_mode():
-            teacher = teacher_passes(predictor, tensor, geometry.spacing, geometry.size, tta=config.tta)
-        components, scores = score_components(teacher.mask, teacher.probability, geometry.spacing, config.thresholds,
-                                              plain=teacher.plain_mask)
-        for score in scores:
-            found.append((score, bool(reference[components == score.index].any())))
+        try:
+            found += _case_components(predictor, config, source, case)
+        except PseudoLabelError:
+            raise
+        except (ValueError, OSError, RuntimeError) as err:  # named as run_round names a labelled case's error
+            raise PseudoLabelError(f"choose_on validation: validation case {case.case_id} ({case.image}): "
+                                   f"{err}") from err
     return found
+
+
+def _case_components(predictor: Predictor, config, source: Source, case) -> list:
+    image = read_image(case.image)
+    geometry = Geometry.of(image)
+    allowed = {0, source.tumour} | ({source.ignore_label} if source.ignore_label is not None else set())
+    reference = read_mask(case.label, geometry, allowed, "label") == source.tumour
+    tensor = torch.from_numpy(preprocess_image(image, predictor.plan))[None]
+    with torch.inference_mode():
+        teacher = teacher_passes(predictor, tensor, geometry.spacing, geometry.size, tta=config.tta)
+    components, scores = score_components(teacher.mask, teacher.probability, geometry.spacing, config.thresholds,
+                                          plain=teacher.plain_mask)
+    return [(score, bool(reference[components == score.index].any())) for score in scores]

@@ -532,3 +532,18 @@ def test_validation_components_are_the_fully_labelled_fold_cases_with_their_trut
     truths = [t for _, t in found]
     lesions = sum(label_components(read(source_root / "labelsTr" / f"{c}.nii.gz") > 0)[1] for c in val)
     assert lesions > 0 and truths.count(False) == len(val) and truths.count(True) == lesions
+
+
+def test_a_failing_validation_case_is_named(tiny_dataset, tmp_path, monkeypatch):
+    """choose_on validation: an error on one validation case says which case and file (as a labelled case's does)."""
+    source_root = make_source(tmp_path / "source", tiny_dataset)
+    source = read_source(source_root)
+    first = [c for c in kfold_splits(LABELLED)[1]["val"] if c != "SYN_001"][0]
+
+    def passes(predictor, image, spacing, size, tta):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(pseudo_validation, "teacher_passes", passes)
+    config = pseudo_label.RoundConfig(teacher="t", source=str(source_root), output="o", validation_fold=1)
+    with pytest.raises(PseudoLabelError, match=rf"validation case {first} \(.*{first}_0000.nii.gz\): out of memory"):
+        pseudo_validation.validation_components(types.SimpleNamespace(plan=PLAN), config, source, log=lambda line: None)
