@@ -19,7 +19,7 @@ from .partial_labels import PartialLabelSettings, left_out_of_scores, training_t
 from .plan import Plan
 from .metrics.postprocessing_scores import ComponentThresholdScores, LargestComponentScores
 from .metrics.healthy_decision_scores import HealthyDecisionScores
-from .healthy_decision import case_report_fields, tumour_probability
+from .healthy_decision import case_report_fields, decision_report, tumour_probability
 from .postprocessing import keep_largest_component, remove_small_components
 from .predictor import (InferenceSettings, Prediction, Predictor, chosen_min_component_ml, postprocessing_logs,
                         postprocessing_summary, scored_ml, validation_choice)
@@ -276,9 +276,9 @@ class FlareSegmentationModule(L.LightningModule):
         self.test_metrics.reset()
         if self.trainer.is_global_zero:
             from .report import WANDB_COLUMNS, print_test_table, wandb_rows, write_reports
-
             out_dir = self.hparams.report_dir or os.path.join(self.trainer.default_root_dir, "test")
-            self.test_results["report"] = write_reports(rows, out_dir, tolerance_mm=self.hparams.nsd_tolerance_mm)
+            rule = decision_report(self.inference.healthy_decision, self.postprocessing)  # the healthy-scan decision
+            self.test_results["report"] = write_reports(rows, out_dir, tolerance_mm=self.hparams.nsd_tolerance_mm, healthy_decision=rule)
             self.test_results["report_dir"] = out_dir
             print_test_table(self.test_results)
             print(postprocessing_summary(self.inference, self.postprocessing))

@@ -15,7 +15,7 @@ from torch import nn
 
 from .body_box import body_box, body_threshold, grid_region, windows_touching
 from .device import synchronize
-from .healthy_decision import check_setting, chosen_mass_threshold, decide, decision_line
+from .healthy_decision import check_setting, chosen_rule, decide, decision_line
 from .inference import (air_logits, check_autocast_setting, sliding_window_logits, use_channels_last, window_batch_size,
                         window_locations)
 from .io import Geometry
@@ -39,9 +39,10 @@ class InferenceSettings:
     - ``autocast``: true, false, "auto", "bf16" or "fp16" (``inference.autocast_dtype``);
     - ``min_component_ml``: remove predicted components below this volume; "auto": the volume chosen on the
       validation fold (kept in the checkpoint);
-    - ``healthy_decision``: "off" (the default), "auto" (the threshold chosen on the validation fold, kept in the
-      checkpoint; off for checkpoints without one) or a probability mass in ml: a scan whose most probable
-      component (after ``min_component_ml``) carries less tumour probability is emptied (``healthy_decision.py``);
+    - ``healthy_decision``: "off" (the default), "auto" (the rule chosen on the validation fold, kept in the
+      checkpoint: a scan whose most probable component, after ``min_component_ml``, has a mean tumour probability
+      or a probability mass below a threshold is emptied; off for checkpoints without one) or a probability mass in
+      ml (that rule with that threshold; ``healthy_decision.py``);
     - ``largest_component``: keep only the largest predicted component (nnU-Net's "remove all but the largest
       component"): true, false, or "auto": as chosen on the validation fold (kept in the checkpoint);
     - ``skip_air``: run only the windows that touch the body (``body_box``: parts above -500 HU, grown by
@@ -164,7 +165,8 @@ def postprocessing_logs(choice: Mapping[str, Any]) -> dict[str, float]:
     return {"val/pp_min_component_ml": choice["min_component_ml"],
             "val/pp_largest_component": float(choice["largest_component_only"]),
             "val/dsc_postprocessed": choice["val_dsc_postprocessed"],
-            "val/healthy_decision_mass_ml": decision["mass_ml"] or 0.0,  # 0: off
+            "val/healthy_decision_mass_ml": decision["mass_ml"] or 0.0,  # 0: off (or the other feature)
+            "val/healthy_decision_mean_probability": decision.get("mean_probability") or 0.0,
             "val/dsc_healthy_decision": decision["val_dsc"]}
 
 
@@ -207,9 +209,9 @@ class Predictor:
     def min_component_ml(self) -> float:
         return chosen_min_component_ml(self.settings, self.postprocessing)
 
-    def healthy_mass_ml(self) -> float | None:
-        """The healthy-scan decision's threshold in force (None: off)."""
-        return chosen_mass_threshold(self.settings.healthy_decision, self.postprocessing)
+    def healthy_rule(self) -> tuple[str, float] | None:
+        """The healthy-scan decision's rule in force, (feature, threshold) (None: off)."""
+        return chosen_rule(self.settings.healthy_decision, self.postprocessing)
 
     def largest_component(self) -> bool:
         return chosen_largest_component(self.settings, self.postprocessing)
@@ -287,9 +289,9 @@ class Predictor:
         mask = remove_small_components(resample_to_mask(logits, size, nearest_axis=nearest), spacing,
                                        self.min_component_ml())
         mask = keep_largest_component(mask) if self.largest_component() else mask
-        threshold = self.healthy_mass_ml()
-        if threshold is not None:  # features on the plan's grid, where the threshold was chosen (validation)
-            found = decide(logits, self.plan.target_spacing, self.min_component_ml(), threshold)
+        rule = self.healthy_rule()
+        if rule is not None:  # features on the plan's grid, where the threshold was chosen (validation)
+            found = decide(logits, self.plan.target_spacing, self.min_component_ml(), rule)
             if found["healthy"] and mask.any():
                 found["components_only_mask"], mask = mask, np.zeros_like(mask)
             if decision is not None:

@@ -9,14 +9,16 @@ healthy_false_positive``) and optionally ``missing`` (no prediction for that lab
   ``predicted_ml`` / ``dsc``, which they equal where the decision is off or kept the mask);
 - ``lesions_reference``, ``lesions_detected``, ``components_predicted``, ``components_true_positive``: lesion-wise
   counts (``lesion_metrics``: 26-connected components; detected = overlapped by any predicted voxel);
-- ``decision_mass_ml``: the healthy-scan decision's feature (probability mass of the most probable component).
+- ``decision_mass_ml`` / ``decision_mean_probability``: the healthy-scan decision's features (probability mass and
+  mean tumour probability of the most probable component).
 
 The reports add each lesion case's predicted / reference volume (``volume_ratio``; empty for a healthy case) and
 its median. Summary keys beside DSC / NSD (``HEADLINE_KEYS``, also logged as ``test/<key>`` at the end of ``test``;
 None where undefined): ``healthy_fp_rate`` (fraction of healthy cases, empty reference, with a non-empty final
 mask), ``healthy_fp_rate_components_only`` (the same for small-component removal alone), ``lesion_recall`` and
 ``lesion_precision`` (pooled over all cases: detected / reference lesions, true-positive / predicted components),
-``dsc_lesion_cases`` and ``dsc_lesion_cases_components_only`` (mean DSC over cases with a reference lesion).
+``dsc_lesion_cases`` and ``dsc_lesion_cases_components_only`` (mean DSC over cases with a reference lesion);
+``healthy_decision`` (when given: the rule in force, ``healthy_decision.decision_report``).
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ COLUMNS = ["case", "dsc", "nsd", "reference_ml", "predicted_ml", "healthy_false_
 CSV_COLUMNS = [*COLUMNS, "volume_ratio", "missing"]  # the trailing flag marks labels without a prediction
 WANDB_COLUMNS = [*COLUMNS, "volume_ratio"]
 EXTRA_COLUMNS = ["predicted_ml_components_only", "dsc_components_only", "lesions_reference", "lesions_detected",
-                 "components_predicted", "components_true_positive", "decision_mass_ml"]
+                 "components_predicted", "components_true_positive", "decision_mass_ml",
+                 "decision_mean_probability"]
 HEADLINE_KEYS = ("healthy_fp_rate", "healthy_fp_rate_components_only", "lesion_recall", "lesion_precision",
                  "dsc_lesion_cases", "dsc_lesion_cases_components_only")
 CSV_NAME = "metrics_per_case.csv"
@@ -79,11 +82,12 @@ def headline_metrics(summary: dict) -> dict[str, float]:
 
 
 def build_summary(rows: list[dict], extra_predictions: Sequence[str] = (),
-                  tolerance_mm: float | None = None) -> dict:
+                  tolerance_mm: float | None = None, healthy_decision: dict | None = None) -> dict:
     """Table-5 statistics over cases: DSC / NSD mean, std, median, quartiles, healthy-case false positives.
 
     ``missing_predictions`` lists the rows flagged ``missing``; ``extra_predictions`` (predictions
-    without a label, not scored) is passed through. ``tolerance_mm`` is recorded when given."""
+    without a label, not scored) is passed through. ``tolerance_mm`` and ``healthy_decision`` (the rule in
+    force) are recorded when given."""
     summary = {
         "num_cases": len(rows),
         "dsc": summarize(_scores(rows, "dsc")),
@@ -98,6 +102,8 @@ def build_summary(rows: list[dict], extra_predictions: Sequence[str] = (),
     }
     if tolerance_mm is not None:
         summary["tolerance_mm"] = float(tolerance_mm)
+    if healthy_decision is not None:
+        summary["healthy_decision"] = dict(healthy_decision)
     return summary
 
 
@@ -114,10 +120,10 @@ def per_case_csv(rows: list[dict]) -> str:
 
 
 def write_reports(rows: list[dict], out_dir: str | Path, extra_predictions: Sequence[str] = (),
-                  tolerance_mm: float | None = None) -> dict:
+                  tolerance_mm: float | None = None, healthy_decision: dict | None = None) -> dict:
     """Write ``metrics_per_case.csv`` and ``metrics_summary.json`` atomically; return the summary."""
     out = Path(out_dir)
-    summary = build_summary(rows, extra_predictions, tolerance_mm)
+    summary = build_summary(rows, extra_predictions, tolerance_mm, healthy_decision)
     write_text(out / CSV_NAME, per_case_csv(rows))
     write_text(out / SUMMARY_NAME, json.dumps(summary, indent=1) + "\n")
     return summary

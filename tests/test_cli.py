@@ -87,13 +87,15 @@ def test_test_reports_healthy_decision_and_lesion_scores(trained):
     assert record["after_min_component_ml"] == applied
     if not postprocessing["largest_component_only"]:
         assert applied == postprocessing["min_component_ml"]
-    assert (record["mass_ml"] is None) == (record["reason"] != "chosen")
+    assert (record["feature"] is None) == (record["reason"] != "chosen")
+    assert record["feature"] is None or record[record["feature"]] is not None
     runs = {}
     for setting in ("off", "1e9"):
         result = cli.main(["test", *args, "--ckpt_path", str(ckpt), "--model.inference.healthy_decision", setting,
                            "--model.report_dir", str(ckpt.parent / f"report_{setting}")])
         summary = json.loads((ckpt.parent / f"report_{setting}" / "metrics_summary.json").read_text())
         assert set(HEADLINE_KEYS) <= set(summary) and "lesion_counts" in summary
+        assert summary["healthy_decision"]["feature"] == (None if setting == "off" else "mass_ml")
         runs[setting] = (summary, result.model.test_results["cases"], result.trainer.callback_metrics)
     (off, off_cases, off_metrics), (emptied, emptied_cases, _) = runs["off"], runs["1e9"]
     assert off_metrics["test/dsc_lesion_cases"] == pytest.approx(off["dsc_lesion_cases"])

@@ -5,24 +5,26 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_flare.healthy_choice import candidate_thresholds, choose_from_rows, choose_rule, validation_row
 from lightning_flare.healthy_decision import (
-    candidate_thresholds,
     case_report_fields as case_extras,
     check_setting,
-    choose_from_rows,
-    choose_mass_threshold,
-    chosen_mass_threshold,
+    chosen_rule,
     decide,
     decision_line,
     declared_healthy,
     largest_component_features,
-    validation_row,
 )
 from lightning_flare.metrics.healthy_decision_scores import HealthyDecisionScores
 from lightning_flare.plan import Plan
 from lightning_flare.predictor import InferenceSettings, Predictor
 
 SPACING = (10.0, 10.0, 10.0)  # one voxel = 1 ml
+
+
+def choose_mass_threshold(masses, dsc, healthy, **kwargs):
+    """The choice on the mass alone (the decision's first feature)."""
+    return choose_rule({"mass_ml": masses}, dsc, healthy, **kwargs)
 
 
 def _logits(probability: np.ndarray) -> torch.Tensor:
@@ -38,20 +40,23 @@ def test_largest_component_is_the_one_with_the_largest_probability_mass():
     for v in [(3, 3, 3), (4, 4, 4), (5, 5, 5)]:  # component B (corner contacts: one component), 3 ml at 0.5
         mask[v], prob[v] = 1, 0.5
     features = largest_component_features(mask, prob, SPACING)
-    assert features == pytest.approx({"mass_ml": 1.5, "volume_ml": 3.0, "max_probability": 0.5, "components": 2})
+    assert features == pytest.approx({"mass_ml": 1.5, "mean_probability": 0.5, "volume_ml": 3.0, "max_probability": 0.5,
+                                      "components": 2})
     prob[0, 0, 0] = 0.9  # A: mass 1.7 now exceeds B's 1.5
     assert largest_component_features(mask, prob, SPACING) == pytest.approx(
-        {"mass_ml": 1.7, "volume_ml": 2.0, "max_probability": 0.9, "components": 2})
+        {"mass_ml": 1.7, "mean_probability": 0.85, "volume_ml": 2.0, "max_probability": 0.9, "components": 2})
     assert largest_component_features(mask * 0, prob, (1.0, 2.0, 5.0)) == {
-        "mass_ml": 0.0, "volume_ml": 0.0, "max_probability": 0.0, "components": 0}
+        "mass_ml": 0.0, "mean_probability": 0.0, "volume_ml": 0.0, "max_probability": 0.0, "components": 0}
     assert largest_component_features(mask, prob, (1.0, 2.0, 5.0))["mass_ml"] == pytest.approx(1.7 * 0.01)
     with pytest.raises(ValueError, match=r"probability shape \(6, 6, 5\) differs from mask shape \(6, 6, 6\)"):
         largest_component_features(mask, prob[..., :5], SPACING)
 
 
 def test_the_rule_is_strictly_below_the_threshold():
-    assert declared_healthy(0.5, 1.0) and not declared_healthy(1.0, 1.0)
-    assert not declared_healthy(0.0, None)  # off
+    features = {"mass_ml": 1.0, "mean_probability": 0.5}
+    assert declared_healthy(features, ("mass_ml", 1.5)) and not declared_healthy(features, ("mass_ml", 1.0))
+    assert declared_healthy(features, ("mean_probability", 0.6)) and not declared_healthy(features, ("mean_probability", 0.5))
+    assert not declared_healthy({"mass_ml": 0.0}, None)  # off
 
 
 def test_candidates_come_from_the_observed_masses():
@@ -74,7 +79,8 @@ def test_operating_point_hand_computed():
     assert record["val_dsc"] == pytest.approx(3.9 / 6) and record["val_dsc_off"] == pytest.approx(2.9 / 6)
     assert record["val_lesion_dsc_loss"] == 0.0
     assert (record["healthy_cases"], record["lesion_cases"], record["healthy_fp_off"], record["healthy_fp"]) == (3, 3, 2, 1)
-    assert "0.45 ml" in record["status"] and "2 -> 1 of 3" in record["status"]
+    assert record["feature"] == "mass_ml" and record["mean_probability"] is None
+    assert "mass (ml) < 0.45" in record["status"] and "2 -> 1 of 3" in record["status"]
     looser = choose_mass_threshold(MASSES, DSC, HEALTHY, max_lesion_dsc_loss=0.1)  # 6.5 would lose 0.9 as well
     assert looser["mass_ml"] == pytest.approx(2.95) and looser["val_dsc"] == pytest.approx(4.7 / 6)
     assert looser["val_lesion_dsc_loss"] == pytest.approx(0.2 / 3) and looser["healthy_fp"] == 0
@@ -88,7 +94,7 @@ def test_ties_go_to_the_smaller_threshold():
 
 def test_off_without_healthy_or_lesion_cases_or_gain():
     no_healthy = choose_mass_threshold([0.6, 5.0], [0.2, 0.9], [False, False])
-    assert no_healthy["mass_ml"] is None and no_healthy["reason"] == "no_healthy_cases"
+    assert no_healthy["mass_ml"] is None and no_healthy["feature"] is None and no_healthy["reason"] == "no_healthy_cases"
     assert "no healthy case among the 2 validation cases" in no_healthy["status"]
     assert choose_mass_threshold([0.3], [0.0], [True])["reason"] == "no_lesion_cases"
     clean = choose_mass_threshold([0.0, 5.0], [1.0, 0.9], [True, False])  # nothing to fix
@@ -96,8 +102,10 @@ def test_off_without_healthy_or_lesion_cases_or_gain():
     # the only fix costs a lesion case 0.5 of 2 lesion cases: 25 points > 1
     costly = choose_mass_threshold([0.3, 0.2, 5.0], [0.0, 0.5, 0.9], [True, False, False])
     assert costly["reason"] == "no_gain"
-    with pytest.raises(ValueError, match="differ in length: 2, 1, 2"):
+    with pytest.raises(ValueError, match=r"differ in length: \[2\], 1, 2"):
         choose_mass_threshold([0.1, 0.2], [0.0], [True, False])
+    with pytest.raises(ValueError, match="features must include 'mass_ml'"):
+        choose_rule({"mean_probability": [0.5]}, [0.0], [True])
     with pytest.raises(ValueError, match="max_lesion_dsc_loss must be >= 0, got -0.5"):
         choose_mass_threshold([0.1], [0.0], [True], max_lesion_dsc_loss=-0.5)
 
@@ -112,12 +120,16 @@ def _validation_cases():
 
 def test_validation_rows_and_the_choice_after_min_component_ml():
     rows = [validation_row(p, q, r, SPACING, (0.0, 2.0)) for p, q, r in _validation_cases()]
-    # [healthy, mass at 0 ml, mass at 2 ml, DSC at 0 ml, DSC at 2 ml, largest component alone: DSC at 0 / 2 ml]
-    np.testing.assert_allclose(rows, [[1, 0.6, 0.0, 0.0, 1.0, 0.0, 1.0], [0, 7.2, 7.2, 1.0, 1.0, 1.0, 1.0]], rtol=1e-6)
+    # [healthy, mass at 0 / 2 ml, mean probability at 0 / 2 ml, DSC at 0 / 2 ml, largest component alone: DSC at 0 / 2 ml]
+    np.testing.assert_allclose(rows, [[1, 0.6, 0.0, 0.6, 0.0, 0.0, 1.0, 0.0, 1.0],
+                                      [0, 7.2, 7.2, 0.9, 0.9, 1.0, 1.0, 1.0, 1.0]], rtol=1e-6)
     after_none = choose_from_rows(np.asarray(rows), (0.0, 2.0), after_min_component_ml=0.0)
-    assert after_none["mass_ml"] == pytest.approx((0.6 + 7.2) / 2) and after_none["after_min_component_ml"] == 0.0
+    # mass (0.6 + 7.2) / 2 and mean probability (0.6 + 0.9) / 2 both empty the healthy case alone: a tie, which goes
+    # to the mean probability
+    assert after_none["feature"] == "mean_probability" and after_none["mass_ml"] is None
+    assert after_none["mean_probability"] == pytest.approx(0.75) and after_none["after_min_component_ml"] == 0.0
     after_removal = choose_from_rows(np.asarray(rows), (0.0, 2.0), after_min_component_ml=2.0)
-    assert after_removal["mass_ml"] is None and after_removal["reason"] == "no_gain"  # removal fixed it already
+    assert after_removal["feature"] is None and after_removal["reason"] == "no_gain"  # removal fixed it already
     with pytest.raises(ValueError, match=r"after_min_component_ml 1.0 is not among the scored candidates \[0.0, 2.0\]"):
         choose_from_rows(np.asarray(rows), (0.0, 2.0), after_min_component_ml=1.0)
 
@@ -133,7 +145,7 @@ def test_the_choice_follows_the_largest_component_and_masses_ignore_no_region():
     healthy_pred, healthy_prob = np.zeros_like(pred), np.zeros_like(prob)
     healthy_pred[0, 0, 0], healthy_prob[0, 0, 0] = 1, 0.6
     row = validation_row(pred, prob, lesion, SPACING, (0.0,))
-    np.testing.assert_allclose(row, [0, 7.2, 16 / 18, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(row, [0, 7.2, 0.9, 16 / 18, 1.0], rtol=1e-6)  # the lesion is the most probable
     rows = np.asarray([row, validation_row(healthy_pred, healthy_prob, np.zeros_like(pred), SPACING, (0.0,))])
     assert choose_from_rows(rows, (0.0,), 0.0)["val_dsc_off"] == pytest.approx((16 / 18 + 0) / 2)
     after_largest = choose_from_rows(rows, (0.0,), 0.0, largest_component=True)
@@ -142,11 +154,11 @@ def test_the_choice_follows_the_largest_component_and_masses_ignore_no_region():
     ignored = np.zeros(pred.shape, bool)
     ignored[7, 7, :] = True
     masked = validation_row(pred, prob, lesion, SPACING, (0.0,), ignored)
-    np.testing.assert_allclose(masked, [0, 7.2, 1.0, 1.0], rtol=1e-6)  # the FP is not scored; the mass is the same
+    np.testing.assert_allclose(masked, [0, 7.2, 0.9, 1.0, 1.0], rtol=1e-6)  # the FP is not scored; features the same
     fp_only = np.zeros_like(pred)
     fp_only[7, 7, 6:8] = 1
     masked = validation_row(fp_only, prob, np.zeros_like(pred), SPACING, (0.0,), ignored)
-    np.testing.assert_allclose(masked, [1, 1.9, 1.0, 1.0], rtol=1e-6)  # healthy outside the region, mass kept
+    np.testing.assert_allclose(masked, [1, 1.9, 0.95, 1.0, 1.0], rtol=1e-6)  # healthy outside the region, features kept
 
 
 def test_metric_matches_the_pure_choice():
@@ -157,24 +169,29 @@ def test_metric_matches_the_pure_choice():
     rows = [validation_row(p, q, r, SPACING, (0.0, 0.5, 2.0)) for p, q, r in _validation_cases()]
     np.testing.assert_allclose(metric.compute().numpy(), rows, rtol=1e-6)
     record = metric.choose(0.0)
-    assert record["mass_ml"] == pytest.approx(3.9, rel=1e-6) and len(metric.rows) == 0  # reset after the choice
+    assert record["mean_probability"] == pytest.approx(0.75, rel=1e-6) and len(metric.rows) == 0  # reset after the choice
     assert HealthyDecisionScores(also_ml="auto").candidates == (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def test_settings_and_the_threshold_in_force():
     chosen = {"min_component_ml": 0.5, "healthy_decision": {"mass_ml": 1.5, "after_min_component_ml": 0.5}}
-    assert chosen_mass_threshold("auto", chosen) == 1.5
-    assert chosen_mass_threshold("auto", {"min_component_ml": 0.5}) is None  # an older checkpoint: as before
-    assert chosen_mass_threshold("auto", None) is None
-    assert chosen_mass_threshold("off", chosen) is None and chosen_mass_threshold(0, chosen) is None
-    assert chosen_mass_threshold(2, None) == 2.0
+    assert chosen_rule("auto", chosen) == ("mass_ml", 1.5)  # a choice written before mean_probability existed
+    probability = {"healthy_decision": {"feature": "mean_probability", "mean_probability": 0.8, "mass_ml": None}}
+    assert chosen_rule("auto", probability) == ("mean_probability", 0.8)
+    assert chosen_rule("auto", {"min_component_ml": 0.5}) is None  # an older checkpoint: as before
+    assert chosen_rule("auto", None) is None
+    assert chosen_rule("auto", {"healthy_decision": {"feature": None, "mass_ml": None, "mean_probability": None}}) is None
+    assert chosen_rule("off", chosen) is None and chosen_rule(0, chosen) is None
+    assert chosen_rule(2, None) == ("mass_ml", 2.0)
     assert check_setting(False) == "off" and InferenceSettings(healthy_decision=False).healthy_decision == "off"
     assert InferenceSettings().healthy_decision == "off"
     assert InferenceSettings.from_dict({"healthy_decision": 0.25}).to_dict()["healthy_decision"] == 0.25
     for bad in ("maybe", -1, True):
         with pytest.raises(ValueError, match=f"healthy_decision must be .* got {bad!r}"):
             InferenceSettings(healthy_decision=bad)
-    assert "0.5 ml" in decision_line(0.5, None) and "after min_component_ml 0.5" in decision_line("auto", chosen)
+    assert "tumour probability mass (ml) < 0.5 are emptied" in decision_line(0.5, None)
+    assert "after min_component_ml 0.5" in decision_line("auto", chosen)
+    assert "mean tumour probability < 0.8 are emptied (auto" in decision_line("auto", probability)
     assert "none (healthy_decision off)" in decision_line("off", chosen)
     assert "no validation choice in the checkpoint" in decision_line("auto", {})
 
@@ -183,10 +200,13 @@ def test_decide_on_the_plan_grid_after_small_component_removal():
     prob = np.zeros((6, 6, 6), np.float32)
     prob[1, 1, 1] = 0.75  # one 1-ml voxel carrying 0.75 ml
     prob[4, 4, 4] = 0.4  # below 0.5: not in the argmax mask, so not counted
-    found = decide(_logits(prob), SPACING, 0.0, 1.0)
+    found = decide(_logits(prob), SPACING, 0.0, ("mass_ml", 1.0))
     assert found["healthy"] and found["mass_ml"] == pytest.approx(0.75, rel=1e-5) and found["components"] == 1
-    assert not decide(_logits(prob), SPACING, 0.0, 0.5)["healthy"]
-    removed = decide(_logits(prob), SPACING, 2.0, 0.5)  # small-component removal first: nothing left
+    assert found["mean_probability"] == pytest.approx(0.75, rel=1e-5) and found["rule"] == ("mass_ml", 1.0)
+    assert not decide(_logits(prob), SPACING, 0.0, ("mass_ml", 0.5))["healthy"]
+    assert decide(_logits(prob), SPACING, 0.0, ("mean_probability", 0.8))["healthy"]
+    assert not decide(_logits(prob), SPACING, 0.0, ("mean_probability", 0.7))["healthy"]
+    removed = decide(_logits(prob), SPACING, 2.0, ("mass_ml", 0.5))  # small-component removal first: nothing left
     assert removed["mass_ml"] == 0.0 and removed["healthy"]
 
 

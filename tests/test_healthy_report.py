@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_flare.checkpoint import load_checkpoint
-from lightning_flare.healthy_decision import chosen_mass_threshold
+from lightning_flare.healthy_decision import chosen_rule
 from lightning_flare.predictor import chosen_min_component_ml
 from lightning_flare.report import HEADLINE_KEYS, build_summary, format_table, headline_metrics, write_reports
 
@@ -87,10 +87,15 @@ def test_the_decision_travels_in_the_checkpoint(tmp_path):
     auto = FlareSegmentationModule(net, inference={"min_component_ml": "auto", "healthy_decision": "auto"})
     assert auto.hparams["inference"]["healthy_decision"] == "auto"
     auto.on_load_checkpoint(loaded)
-    assert chosen_mass_threshold(auto.inference.healthy_decision, auto.postprocessing) == 1.25
+    assert chosen_rule(auto.inference.healthy_decision, auto.postprocessing) == ("mass_ml", 1.25)
     assert chosen_min_component_ml(auto.inference, auto.postprocessing) == 0.5
     auto.on_load_checkpoint({"postprocessing": {"min_component_ml": 1.0}})  # an older checkpoint
-    assert chosen_mass_threshold(auto.inference.healthy_decision, auto.postprocessing) is None
+    assert chosen_rule(auto.inference.healthy_decision, auto.postprocessing) is None
     off = FlareSegmentationModule(net, inference={"healthy_decision": "off"})
     off.on_load_checkpoint(loaded)
-    assert chosen_mass_threshold(off.inference.healthy_decision, off.postprocessing) is None
+    assert chosen_rule(off.inference.healthy_decision, off.postprocessing) is None
+    module.postprocessing["healthy_decision"].update(feature="mean_probability", mass_ml=None, mean_probability=0.8)
+    module.on_save_checkpoint(checkpoint)  # a choice on the mean probability (the other threshold None)
+    torch.save(checkpoint, tmp_path / "p.ckpt")
+    auto.on_load_checkpoint(load_checkpoint(tmp_path / "p.ckpt"))
+    assert chosen_rule(auto.inference.healthy_decision, auto.postprocessing) == ("mean_probability", 0.8)

@@ -9,15 +9,15 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from ..device import to_host
-from ..healthy_decision import choose_from_rows, validation_row
+from ..healthy_choice import BLOCKS, choose_from_rows, validation_row
 from ..postprocessing import CANDIDATES_ML
 
 
 class HealthyDecisionScores(Metric):
-    """One ``healthy_decision.validation_row`` per validation case (healthy flag, and per candidate
-    ``min_component_ml``: the largest component's probability mass and the FLARE DSC, also of the largest component
-    alone); ``choose`` picks the operating point after the ``min_component_ml`` and ``largest_component`` in force
-    and says in the log when its outcome changes."""
+    """One ``healthy_choice.validation_row`` per validation case (healthy flag, and per candidate
+    ``min_component_ml``: the most probable component's probability mass and mean probability, and the FLARE DSC,
+    also of the largest component alone); ``choose`` picks the rule after the ``min_component_ml`` and
+    ``largest_component`` in force and says in the log when its outcome changes."""
 
     full_state_update = False
 
@@ -30,7 +30,7 @@ class HealthyDecisionScores(Metric):
         self._last_outcome: tuple | None = None
 
     def update(self, prediction, probability, reference, spacing_mm: Sequence[float], ignored=None) -> None:
-        """``ignored``: the case's declared ignore region (``healthy_decision.validation_row``), or None."""
+        """``ignored``: the case's declared ignore region (``healthy_choice.validation_row``), or None."""
         prediction, probability, reference = to_host(prediction), to_host(probability), to_host(reference)
         ignored = None if ignored is None else to_host(ignored)
         row = validation_row(prediction, probability, reference, spacing_mm, self.candidates, ignored)
@@ -38,15 +38,15 @@ class HealthyDecisionScores(Metric):
 
     def compute(self) -> torch.Tensor:
         rows = dim_zero_cat(self.rows) if len(self.rows) else torch.zeros(0)
-        return rows.reshape(-1, 1 + 3 * len(self.candidates))
+        return rows.reshape(-1, 1 + len(BLOCKS) * len(self.candidates))
 
     def choose(self, after_min_component_ml: float, largest_component: bool = False) -> dict:
-        """The decision record for the checkpoint (``healthy_decision.choose_from_rows``: after the
+        """The decision record for the checkpoint (``healthy_choice.choose_from_rows``: after the
         ``min_component_ml`` and the ``largest_component`` in force); resets the states."""
         record = choose_from_rows(to_host(self.compute()).astype(float), self.candidates, after_min_component_ml,
                                   largest_component)
         self.reset()
-        outcome = (record["reason"], record["mass_ml"])
+        outcome = (record["reason"], record["feature"], record["feature"] and record[record["feature"]])
         if outcome != self._last_outcome:  # a new threshold or reason, not every epoch's numbers
             rank_zero_info(record["status"])
             self._last_outcome = outcome
