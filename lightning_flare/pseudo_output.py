@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -25,8 +26,9 @@ REPORT_COLUMNS = ("case", "kind", "components_found", "kept", "dropped", "given"
 class StagedFolder:
     """``with StagedFolder(final, overwrite) as tmp:`` build in ``tmp``; on success ``tmp`` becomes ``final``
     (an existing ``final`` is replaced only with ``overwrite``; when moving ``tmp`` into place fails, the old
-    ``final`` is put back), on an exception ``tmp`` is removed. Temporary
-    folders of killed runs (same host, dead pid) are removed on entry."""
+    ``final`` is put back), on an exception ``tmp`` is removed. Temporary folders of killed runs (same host, dead
+    pid) are removed on entry, except an old ``final`` moved aside by a run killed before its new one was in place:
+    that one is put back first."""
 
     def __init__(self, final: str | Path, overwrite: bool = False):
         self.final = Path(final).absolute()
@@ -41,13 +43,18 @@ class StagedFolder:
             raise FileExistsError(f"{self.final}: output folder exists; pass --overwrite to replace it")
 
     def __enter__(self) -> Path:
-        self.check()
         self.final.parent.mkdir(parents=True, exist_ok=True)
         pattern = re.compile(rf"^\.{re.escape(self.final.name)}\.(partial|old)-{re.escape(HOST)}-(\d+)$")
-        for stale in self.final.parent.iterdir():
-            match = pattern.match(stale.name)
-            if match and not pid_alive(int(match[2])):
-                shutil.rmtree(stale, ignore_errors=True)
+        stale = [p for p in self.final.parent.iterdir()
+                 if (m := pattern.match(p.name)) and not pid_alive(int(m[2]))]
+        olds = sorted((p for p in stale if ".old-" in p.name), key=lambda p: p.stat().st_mtime)
+        if olds and not os.path.lexists(self.final):  # killed between its two renames: the old output goes back
+            os.rename(olds[-1], self.final)
+            warnings.warn(f"{self.final}: restored from {olds[-1].name}, left by a run killed while replacing it")
+            stale.remove(olds[-1])
+        self.check()
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
         self.tmp.mkdir()
         return self.tmp
 

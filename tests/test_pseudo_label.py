@@ -547,3 +547,23 @@ def test_a_failing_validation_case_is_named(tiny_dataset, tmp_path, monkeypatch)
     config = pseudo_label.RoundConfig(teacher="t", source=str(source_root), output="o", validation_fold=1)
     with pytest.raises(PseudoLabelError, match=rf"validation case {first} \(.*{first}_0000.nii.gz\): out of memory"):
         pseudo_validation.validation_components(types.SimpleNamespace(plan=PLAN), config, source, log=lambda line: None)
+
+def test_an_old_output_left_aside_by_a_killed_run_is_put_back(tmp_path):
+    """A run killed between its two renames leaves the only copy of the old output as .old-HOST-PID: the next
+    run restores it (then refuses to replace it without overwrite) instead of deleting it as a stale temporary."""
+    from lightning_flare.io import HOST
+    from lightning_flare.pseudo_output import StagedFolder
+
+    dead = 2 ** 22 + 12345  # above the kernel's pid_max default: no live process has it
+    aside = tmp_path / f".round1.old-{HOST}-{dead}"
+    aside.mkdir()
+    (aside / "keep.txt").write_text("mine")
+    (tmp_path / f".round1.partial-{HOST}-{dead}").mkdir()  # its half-built new output: removed
+    out = tmp_path / "round1"
+    with pytest.warns(UserWarning, match="restored from"), pytest.raises(FileExistsError, match="--overwrite"):
+        with StagedFolder(out):
+            pass
+    assert (out / "keep.txt").read_text() == "mine"
+    with StagedFolder(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round1"] and [p.name for p in out.iterdir()] == ["new.txt"]
