@@ -180,13 +180,13 @@ def _linear_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray
     return i0, i1, (src - i0).astype(np.float32)
 
 
-
 def z_weights(size_in: int, size_out: int, nearest: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Source indices and weights along the slab axis: ``out = in[i0] * (1 - w) + in[i1] * w`` (nearest: w = 0)."""
     if nearest:
         i = _nearest_indices(size_in, size_out)
         return i, i, np.zeros(size_out, np.float32)
     return _linear_weights(size_in, size_out)
+
 
 def probability_axis(spacing: Sequence[float], new_spacing: Sequence[float], method: str = "nnunet",
                      anisotropy_threshold: float = 3.0) -> int | None:
