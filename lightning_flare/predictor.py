@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .body_box import body_box, body_threshold, grid_region, windows_touching
+from .body_box import MIN_PART_ML, body_box, body_threshold, grid_region, windows_touching
 from .device import synchronize
 from .healthy_decision import check_setting, chosen_rule, decide, decision_line
 from .inference import (air_logits, check_autocast_setting, sliding_window_logits, use_channels_last, window_batch_size,
@@ -235,9 +235,11 @@ class Predictor:
         tta = s.tta if tta is None else tta
         body = None
         if s.skip_air:
-            body = body_box(image, body_threshold(self.plan.intensity), self.plan.target_spacing, s.body_margin_mm)
+            level, stats = body_threshold(self.plan.intensity), self.plan.intensity
+            body = body_box(image, level, self.plan.target_spacing, s.body_margin_mm)
             if body is None:
-                log.warning("skip_air: no body found (no part of at least 5 ml above -500 HU); running the whole grid")
+                log.warning(f"skip_air: no body found (no part of at least {MIN_PART_ML:g} ml above "
+                            f"{level * stats.std + stats.mean:g} HU); running the whole grid")
         if s.skip_air == "box_grid" and body is not None:  # a fresh grid over the box, where it runs fewer windows
             shape, patch = tuple(image.shape[1:]), self.plan.patch_size
             region = grid_region(body, shape, patch)
