@@ -92,7 +92,8 @@ def test_channels_last_windows_equal_contiguous_windows():
     contiguous = sliding_window_logits(net, image, channels_last=False, **kwargs)
     channels_last = sliding_window_logits(net, image, channels_last=True, **kwargs)
     torch.testing.assert_close(channels_last, contiguous, rtol=1e-4, atol=1e-4)
-    assert use_channels_last("auto", "cpu") and not use_channels_last("auto", torch.device("cuda"))
+    assert use_channels_last("auto", "cpu") and use_channels_last("auto", torch.device("cuda"))
+    assert not use_channels_last("auto", "mps") and use_channels_last(False, torch.device("cuda")) is False
     assert use_channels_last(False, "cpu") is False
     for bad in ("yes", 1, None):
         with pytest.raises(ValueError, match="channels_last"):
