@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -111,6 +112,19 @@ class CachedVolumes(Dataset):
                           partial=e.case_id in self.partial_ids)
 
 
+COMPACT_DTYPES = (np.int8, np.uint8, np.int16, np.float32)  # handed over as stored: converted on the device
+
+
+def raw_voxels(image: sitk.Image) -> torch.Tensor:
+    """(1, x, y, z) tensor of the stored voxels for preprocessing on the device: an (x, y, z) view of SimpleITK's
+    (z, y, x) array, so the host neither transposes nor converts (the device does both, in its own memory), and
+    int16 CT crosses to the device at half float32's size. Other dtypes (float64, int32, uint16) become float32."""
+    array = sitk.GetArrayFromImage(image)  # a copy of the voxel buffer, in memory order
+    if array.dtype.type not in COMPACT_DTYPES:
+        array = array.astype(np.float32)
+    return torch.from_numpy(array).permute(2, 1, 0)[None]
+
+
 class RawVolumes(Dataset):
     """Raw cases preprocessed on the fly (in loader workers); labels and geometry stay on the original grid."""
 
@@ -132,7 +146,7 @@ class RawVolumes(Dataset):
             item.geometry = Geometry.of(image)
             read = time.perf_counter()
             if self.on_device:
-                item.image, item.preprocessed = torch.from_numpy(to_array(image))[None], False
+                item.image, item.preprocessed = raw_voxels(image), False
             else:
                 item.image = torch.from_numpy(preprocess_image(image, self.plan))[None]
             item.timings = {"read": read - start, "preprocess": time.perf_counter() - read}

@@ -305,6 +305,29 @@ def test_preprocess_on_device_equals_the_loader_path(tiny_dataset):
     assert device_item.timings["preprocess"] > 0
 
 
+def test_raw_voxels_keep_compact_dtypes_and_preprocess_alike():
+    """The raw volume handed to the device keeps int16 (half the transfer) in SimpleITK's memory order, holds the
+    same voxels as ``to_array``, and preprocesses to the same values; float64 becomes float32."""
+    import torch
+
+    from lightning_flare.preprocessing import preprocess_tensor
+    from lightning_flare.volumes import raw_voxels
+
+    rng = np.random.default_rng(1)
+    geometry = Geometry((23, 17, 9), (0.7, 0.9, 2.5), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    hu = rng.integers(-1024, 2000, (23, 17, 9)).astype(np.int16)
+    image = from_array(hu, geometry)
+    raw = raw_voxels(image)
+    assert raw.dtype == torch.int16 and raw.shape == (1, 23, 17, 9) and not raw.is_contiguous()
+    np.testing.assert_array_equal(raw[0].numpy(), to_array(image, np.int16))
+    plan = Plan((1.4, 1.4, 3.0), (16, 16, 8), STATS, resampling="fast")
+    expected = preprocess_tensor(torch.from_numpy(to_array(image))[None], geometry.spacing, plan, "cpu")
+    np.testing.assert_allclose(preprocess_tensor(raw, geometry.spacing, plan, "cpu").numpy(), expected.numpy(),
+                               rtol=1e-6, atol=1e-6)
+    assert raw.dtype == torch.int16 and raw[0, 3, 4, 5] == hu[3, 4, 5]  # the HU input is left as it was
+    assert raw_voxels(from_array(hu.astype(np.float64), geometry)).dtype == torch.float32
+
+
 def test_preprocess_on_device_rejects_nnunet_resampling():
     from lightning_flare.datamodule import FlareDataModule
 
