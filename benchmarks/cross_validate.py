@@ -3,6 +3,8 @@
 
     .venv/bin/python benchmarks/cross_validate.py --config configs/ibsi_cpu.yaml [--name NAME] [--folds 0 1 2 3 4]
         [--set data.patch_size=[96,96,48] ...] [--trainer.max_epochs 20 ...] [--out runs/cv] [--reuse] [--dry-run]
+    .venv/bin/python benchmarks/cross_validate.py --config configs/ibsi_cpu.yaml --name NAME --retest tta \
+        --set model.inference.tta=true       # test the fitted folds again (reports in fold_K/test_tta), pooled
 
 Each fold K runs in its own folder, ``OUT/NAME/fold_K`` (checkpoints, W&B run, ``fit_time.json``, ``test/``);
 ``--set KEY=VALUE`` and any other ``--trainer.* / --model.* / --data.* / --seed_everything`` arguments are
@@ -11,7 +13,9 @@ median predicted / reference volume, fit seconds (the whole ``fit`` process: pre
 included), seconds per training iteration, the postprocessing each fold chose; then the pooled CV figures over
 every validation case of the folds run, the CPU model and the precision each fold trained in, and the
 postprocessing chosen on the pooled validation scores (nnU-Net's way: the flags for the ``fold: all`` model).
-Writes ``OUT/NAME/cv_summary.json``. ``--dry-run`` prints the commands only. Project venv.
+Writes ``OUT/NAME/cv_summary.json``. ``--dry-run`` prints the commands only. ``--retest LABEL`` fits nothing: it
+tests every fold's existing checkpoint again with the overrides given (e.g. mirroring at test) into
+``fold_K/test_LABEL`` and pools those (``cv_summary_LABEL.json``). Project venv.
 """
 from __future__ import annotations
 
@@ -64,10 +68,16 @@ def uses_logger(config: str | Path) -> bool:
     return trainer.get("logger", True) not in (False, None)
 
 
+def test_folder(label: str | None = None) -> str:
+    """The folder of a fold's test reports: ``test``, or ``test_LABEL`` for a re-test (``--retest LABEL``)."""
+    return "test" if label is None else f"test_{label}"
+
+
 def fold_commands(config: str | Path, fold: int, name: str, fold_dir: Path, overrides: Sequence[str],
-                  checkpoint: str = "checkpoints/last.ckpt", python: str = sys.executable) -> tuple[list[str], list[str]]:
+                  checkpoint: str = "checkpoints/last.ckpt", python: str = sys.executable,
+                  label: str | None = None) -> tuple[list[str], list[str]]:
     """``cli.py fit`` of ``fold`` into ``fold_dir`` (with the ``FitTimer``), and ``cli.py test`` of its final
-    checkpoint on the fold's validation cases (reports in ``fold_dir/test``)."""
+    checkpoint on the fold's validation cases (reports in ``fold_dir/test``, or ``fold_dir/test_LABEL``)."""
     common = ["--config", str(config), "--data.fold", str(fold), "--trainer.default_root_dir", str(fold_dir)]
 
     def logger(suffix: str) -> list[str]:
@@ -78,15 +88,16 @@ def fold_commands(config: str | Path, fold: int, name: str, fold_dir: Path, over
 
     fit = [python, str(REPO / "cli.py"), "fit", *common, *logger(""), "--trainer.callbacks+", json.dumps(TIMER),
            *overrides]
-    test = [python, str(REPO / "cli.py"), "test", *common, *logger("_test"), "--data.test_split", "val",
-            "--model.report_dir", str(fold_dir / "test"), "--ckpt_path", str(fold_dir / checkpoint), *overrides]
+    test = [python, str(REPO / "cli.py"), "test", *common, *logger("_" + test_folder(label)), "--data.test_split", "val",
+            "--model.report_dir", str(fold_dir / test_folder(label)), "--ckpt_path", str(fold_dir / checkpoint), *overrides]
     return fit, test
 
 
-def read_fold(fold: int, fold_dir: Path, fit_s: float | None, checkpoint: str = "checkpoints/last.ckpt") -> dict:
-    """One fold's figures from its folder: the test reports, ``fit_time.json`` and the checkpoint's postprocessing
-    choice (``fit_s``: the fit process's wall seconds, when this run measured them)."""
-    with open(fold_dir / "test" / "metrics_per_case.csv", newline="") as f:
+def read_fold(fold: int, fold_dir: Path, fit_s: float | None, checkpoint: str = "checkpoints/last.ckpt",
+              label: str | None = None) -> dict:
+    """One fold's figures from its folder: the test reports (``test`` or ``test_LABEL``), ``fit_time.json`` and the
+    checkpoint's postprocessing choice (``fit_s``: the fit process's wall seconds, when this run measured them)."""
+    with open(fold_dir / test_folder(label) / "metrics_per_case.csv", newline="") as f:
         cases = [{"case": r["case"], "dsc": float(r["dsc"]), "nsd": float(r["nsd"]), "reference_ml": float(r["reference_ml"]),
                   "predicted_ml": float(r["predicted_ml"])} for r in csv.DictReader(f)]
     timing = json.loads((fold_dir / FIT_TIME).read_text())
@@ -193,6 +204,8 @@ def main(argv: Sequence[str] | None = None, run: Callable[[Sequence[str]], None]
     parser.add_argument("--checkpoint", default="checkpoints/last.ckpt", help="the final checkpoint, in the fold folder")
     parser.add_argument("--reuse", action="store_true", help="keep folds already fitted and tested in OUT/NAME")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--retest", metavar="LABEL", help="fit nothing: test the fitted folds again with the overrides "
+                        "given, reports in fold_K/test_LABEL, pooled into cv_summary_LABEL.json")
     args, raw = parser.parse_known_args(argv)
     try:
         overrides = overrides_from(args.set, raw)
@@ -202,15 +215,24 @@ def main(argv: Sequence[str] | None = None, run: Callable[[Sequence[str]], None]
     config = Path(args.config).resolve()  # the commands run in the repository (the configs' relative data paths)
     root = Path(args.out).resolve() / name
     folds = []
+    label = args.retest
+    if label is not None and (not label or not all(c.isalnum() or c in "-_" for c in label)):
+        parser.error(f"--retest needs a label of letters, digits, '-' and '_' (a folder name), got {label!r}")
     for fold in args.folds:
         fold_dir = root / f"fold_{fold}"
-        fit, test = fold_commands(config, fold, name, fold_dir, overrides, args.checkpoint)
+        fit, test = fold_commands(config, fold, name, fold_dir, overrides, args.checkpoint, label=label)
         if args.dry_run:
-            print(shlex.join(fit), shlex.join(test), sep="\n")
+            print(*([] if label else [shlex.join(fit)]), shlex.join(test), sep="\n")
             continue
-        done = (fold_dir / FIT_TIME).is_file() and (fold_dir / "test" / "metrics_per_case.csv").is_file()
+        done = (fold_dir / FIT_TIME).is_file() and (fold_dir / test_folder(label) / "metrics_per_case.csv").is_file()
         fit_s = None
-        if not (args.reuse and done):
+        if label is not None:
+            if not (fold_dir / FIT_TIME).is_file() or not (fold_dir / args.checkpoint).is_file():
+                sys.exit(f"{fold_dir}: fold {fold} is not fitted ({FIT_TIME} and {args.checkpoint} needed for --retest)")
+            if not (args.reuse and done):
+                print(f"fold {fold}: {shlex.join(test)}", flush=True)
+                run(test)
+        elif not (args.reuse and done):
             print(f"fold {fold}: {shlex.join(fit)}", flush=True)
             start = time.perf_counter()
             run(fit)
@@ -219,15 +241,16 @@ def main(argv: Sequence[str] | None = None, run: Callable[[Sequence[str]], None]
                 sys.exit(f"{fold_dir / FIT_TIME}: not written (a --trainer.callbacks override drops the FitTimer?)")
             print(f"fold {fold}: {shlex.join(test)}", flush=True)
             run(test)
-        folds.append(read_fold(fold, fold_dir, fit_s, args.checkpoint))
+        folds.append(read_fold(fold, fold_dir, fit_s, args.checkpoint, label))
     if args.dry_run:
         return 0
     summary = summarize(folds)
     summary.update(name=name, config=str(config), overrides=overrides, load_average=os.getloadavg()[0])
     root.mkdir(parents=True, exist_ok=True)
-    write_text(root / "cv_summary.json", json.dumps(summary, indent=1) + "\n")  # atomic (tmp file + rename)
-    print(format_summary(summary, name))
-    print(f"Summary: {root / 'cv_summary.json'}")
+    summary_path = root / ("cv_summary.json" if label is None else f"cv_summary_{label}.json")
+    write_text(summary_path, json.dumps(summary, indent=1) + "\n")  # atomic (tmp file + rename)
+    print(format_summary(summary, name if label is None else f"{name} (re-test '{label}': {shlex.join(overrides)})"))
+    print(f"Summary: {summary_path}")
     return 0
 
 

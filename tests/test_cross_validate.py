@@ -74,6 +74,49 @@ def test_summary_pools_every_case_and_the_postprocessing_scores():
     assert cv.summarize(folds)["postprocessing"] is None
 
 
+def test_retest_tests_the_fitted_folds_again_and_pools_them(tmp_path, capsys):
+    """--retest LABEL: no fit; each fold's test command gets the overrides and writes into fold_K/test_LABEL; the
+    pooled summary reads those reports (not fold_K/test) and goes to cv_summary_LABEL.json. An unfitted fold is
+    named; a label that is no folder name is refused."""
+    root = tmp_path / "cv" / "x"
+    for fold, dsc in ((0, 0.5), (1, 0.9)):
+        fold_dir = root / f"fold_{fold}"
+        (fold_dir / "checkpoints").mkdir(parents=True)
+        torch.save({"postprocessing": None}, fold_dir / "checkpoints" / "last.ckpt")
+        (fold_dir / "fit_time.json").write_text(json.dumps({"fit_s": 10.0 * (fold + 1), "iterations": 5,
+                                                            "seconds_per_iteration": 2.0, "precision": "32-true",
+                                                            "cpu": "Test CPU"}))
+        (fold_dir / "test").mkdir()  # the first test's reports: not read by the re-test
+        (fold_dir / "test" / "metrics_per_case.csv").write_text("case,dsc,nsd,reference_ml,predicted_ml\nold,0.0,0.0,1,1\n")
+    commands = []
+
+    def run(command):
+        commands.append(list(command))
+        report = command[command.index("--model.report_dir") + 1]
+        fold = int(command[command.index("--data.fold") + 1])
+        (tmp_path / report).mkdir(parents=True, exist_ok=True)
+        (tmp_path / report / "metrics_per_case.csv").write_text(
+            f"case,dsc,nsd,reference_ml,predicted_ml\nc{fold},{0.5 + 0.4 * fold},0.5,10,12\n")
+
+    quiet = tmp_path / "quiet.yaml"
+    quiet.write_text("trainer:\n  logger: false\n")
+    argv = ["--config", str(quiet), "--name", "x", "--out", str(tmp_path / "cv"), "--folds", "0", "1",
+            "--retest", "tta", "--set", "model.inference.tta=true"]
+    assert cv.main(argv, run=run) == 0
+    assert [c[2] for c in commands] == ["test", "test"]  # nothing fitted again
+    assert all(c[-2:] == ["--model.inference.tta", "true"] for c in commands)
+    assert commands[1][commands[1].index("--model.report_dir") + 1] == str(root / "fold_1" / "test_tta")
+    summary = json.loads((root / "cv_summary_tta.json").read_text())
+    assert [c["case"] for f in summary["cases"].values() for c in f] == ["c0", "c1"]
+    assert summary["pooled"]["dsc"] == pytest.approx(0.7) and summary["pooled"]["fit_s"] == 30.0
+    assert not (root / "cv_summary.json").exists() and "re-test 'tta'" in capsys.readouterr().out
+    (root / "fold_1" / "checkpoints" / "last.ckpt").unlink()
+    with pytest.raises(SystemExit, match="fold 1 is not fitted"):
+        cv.main(argv, run=run)
+    with pytest.raises(SystemExit):
+        cv.main([*argv[:-4], "--retest", "../up"], run=run)
+
+
 def test_one_fold_end_to_end(tiny_dataset, tmp_path, capsys):
     """fit + test of fold 1 (in this process: cli.main instead of a fresh python): the fold's validation cases
     scored, the table printed, the JSON."""
