@@ -3,7 +3,8 @@ trained checkpoint, on full-field-of-view CT. ``true`` keeps the whole grid's wi
 (inside the box the logits are the whole grid's bit for bit); ``box_grid`` lays a fresh grid over the box (fewer
 windows, but they move). Prints, per scan and mode: windows run / of the grid, network seconds (side by side,
 this run), Dice between the mode's mask and the whole grid's, tumour voxels of the whole-grid mask the mode lost
-(all, and those outside the body box: beyond the margin), voxels it gained, and each mask's DSC against the
+(all, and those outside the body box: beyond the margin), the plan-grid voxels inside the box whose argmax differs
+from the whole grid's (0 where the mode is exact there), voxels it gained, and each mask's DSC against the
 reference when there is one.
 
     .venv/bin/python benchmarks/skip_air.py [--ckpt runs/demo/checkpoints/last.ckpt] [--config configs/demo.yaml]
@@ -90,6 +91,11 @@ def outside_box(mask: np.ndarray, box) -> np.ndarray:
     return out
 
 
+def inside_box(mask: np.ndarray, box) -> np.ndarray:
+    """The part of ``mask`` (on the plan's grid) inside ``box`` (all of it when there is no box)."""
+    return mask[box] if box is not None else mask
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=str(REPO / "runs" / "demo" / "checkpoints" / "last.ckpt"))
@@ -119,7 +125,7 @@ def main() -> None:
           f"settings {settings}")
     rows = []
     header = ["scan", "mode", "windows run/grid", "mask s", "/ whole", "Dice vs whole", "tumour voxels lost",
-              "lost outside box (plan grid)", "gained", "DSC vs reference"]
+              "lost outside box (plan grid)", "argmax differs inside box (plan grid)", "gained", "DSC vs reference"]
     for name, image_path, label_path in scans(work, Path(args.demo_data), args.quick, args.scans, args.air_mm,
                                                  args.wholebody_shape):
         item = RawVolumes([Case(name, image_path)], whole.plan, with_labels=False)[0]
@@ -143,6 +149,7 @@ def main() -> None:
                          float(dice(masks["whole grid"], masks[mode])) if both else 1.0,
                          int((masks["whole grid"] & ~masks[mode]).sum()),
                          int(outside_box(grid["whole grid"] & ~grid[mode], box).sum()),
+                         int(inside_box(grid["whole grid"] != grid[mode], box).sum()),
                          int((masks[mode] & ~masks["whole grid"]).sum()),
                          float(dice(masks[mode], reference)) if reference is not None else float("nan")])
             print(" | ".join(str(v) for v in rows[-1]), flush=True)  # as measured (the table follows at the end)
