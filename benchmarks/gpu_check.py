@@ -273,14 +273,14 @@ def predict_benchmark(checks: list[dict], args, work: Path, out_root: Path, acce
             write_nifti(hu, spacing, in_dir / f"SCAN{k}_0000.nii.gz")
         del hu
     device_args = ["--data.preprocess_on", "device", "--data.resampling", "fast"]
-    extra = []
+    overrides = []
     for item in args.predict_set:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--predict-set {item!r}: expected KEY=VALUE")
-        extra += [f"--{key}", value]
-    device_args += extra
-    runs = [("loader", ckpt, extra), ("device", fast_resampling_copy(ckpt), device_args)]
+        overrides += [f"--{key}", value]
+    device_args += overrides
+    runs = [("loader", ckpt, overrides), ("device", fast_resampling_copy(ckpt), device_args)]
     if cuda:  # 'auto' is channels-last on CUDA too (H200: 0.63x network time, 0.78x GPU memory); checked again here
         runs.append(("device_contiguous", fast_resampling_copy(ckpt), [*device_args, "--model.inference.sw_channels_last", "false"]))
     rows: list[dict] = []
@@ -297,7 +297,7 @@ def predict_benchmark(checks: list[dict], args, work: Path, out_root: Path, acce
     return format_table(["run", "case", "total s", "transfer s", "network s", "peak GPU MB (process)", "GPU MB*s",
                          "peak RSS MB", f"<= {GOAL_SECONDS:.0f} s and <= {GOAL_GPU_MB / 1024:.0f} GB"], table,
                         f"predict, {shape[0]}x{shape[1]}x{shape[2]} at {spacing} mm, FLARE24 config, random weights, "
-                        f"{precision}, {device}" + (f", {' '.join(extra)}" if extra else ""))
+                        f"{precision}, {device}" + (f", {' '.join(overrides)}" if overrides else ""))
 
 
 def main(argv=None) -> int:
