@@ -19,7 +19,8 @@ For a session that is lent a GPU machine (see the README of this folder). In one
 Every check is a row of one table (ok / FAILED and the error line); the tables, ``gpu_check.json`` and every
 subprocess's log go under ``--out`` (logs in ``--out/logs``). Exit status 1 if any check failed.
 ``--only-predict`` runs step 5 alone; ``--predict-set KEY=VALUE`` adds a LightningCLI override to its predict runs
-(``model.inference.largest_component=true``: a compact mask, which gzip writes as fast as a trained model's).
+(e.g. ``model.inference.largest_component=true``; with random weights that does not make the mask compact: the
+speckle is one large component).
 ``--dry-run`` (= ``--allow-cpu --quick``) runs the same steps on the CPU with a small scan: it proves that the
 script itself runs (the CUDA tests are then skipped and the figures mean nothing for the goal).
 
