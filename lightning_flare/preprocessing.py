@@ -40,15 +40,15 @@ def preprocess_tensor(image: torch.Tensor, spacing: Sequence[float], plan: Plan,
                       device: torch.device | str | None = None) -> torch.Tensor:
     """``preprocess_image`` in torch on ``device`` for a (1, x, y, z) HU tensor: the same CT normalisation and
     trilinear resampling as the loader path of ``resampling: fast`` (nnU-Net's cubic spline is scipy, CPU only).
-    A float32 tensor already on ``device`` is normalised in place; another dtype (int16 CT) is converted after the
-    copy to ``device``, there."""
+    The caller's tensor is left as it is (the test step's panels show it in HU): another dtype (int16 CT) is
+    converted after the copy to ``device``, there; a float32 tensor already on ``device`` is copied once."""
     if plan.resampling != "fast":
         raise ValueError(f"preprocessing on the device needs the plan's resampling 'fast' (torch), got "
                          f"{plan.resampling!r}; use data.preprocess_on: loader")
     if plan.anti_aliasing:
         raise ValueError("preprocessing on the device does not implement anti_aliasing; use data.preprocess_on: loader")
     x = image.to(device if device is not None else image.device)
-    x = x if x.dtype == torch.float32 else x.float()  # normalised in place
+    x = x.float() if x.dtype != torch.float32 else (x.clone() if x.data_ptr() == image.data_ptr() else x)
     stats = plan.intensity
     x.clamp_(stats.clip_low, stats.clip_high).sub_(stats.mean).div_(max(stats.std, 1e-8))
     new_shape = new_shape_for_spacing(x.shape[1:], spacing, plan.target_spacing)

@@ -326,6 +326,9 @@ def test_raw_voxels_keep_compact_dtypes_and_preprocess_alike():
                                rtol=1e-6, atol=1e-6)
     assert raw.dtype == torch.int16 and raw[0, 3, 4, 5] == hu[3, 4, 5]  # the HU input is left as it was
     assert raw_voxels(from_array(hu.astype(np.float64), geometry)).dtype == torch.float32
+    as_float = torch.from_numpy(to_array(image))[None]  # a CT stored as float32: kept in HU too
+    preprocess_tensor(as_float, geometry.spacing, plan, "cpu")
+    assert as_float[0, 3, 4, 5] == float(hu[3, 4, 5])
 
 
 def test_preprocess_on_device_rejects_nnunet_resampling():
