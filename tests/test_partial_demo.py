@@ -45,3 +45,13 @@ def test_an_arm_without_healthy_test_cases_keeps_the_keys_as_none():
     assert row["dsc_lesion_cases"] == 0.8 and row["lesion_recall"] is None  # rows without lesion counts
     rows = {k: {"arm": k, **row, "wall_s": 1.0} for k in "abc"}
     assert all(line.endswith("MISSED") for line in demo.goal_lines(rows))  # no KeyError
+
+
+def test_teacher_is_the_arm_with_the_higher_validation_dsc():
+    nan = float("nan")
+    assert demo.choose_teacher({"a": {"val_dsc": 0.86}, "b": {"val_dsc": 0.93}}) == "b"
+    assert demo.choose_teacher({"a": {"val_dsc": 0.93}, "b": {"val_dsc": 0.86}}) == "a"
+    assert demo.choose_teacher({"a": {"val_dsc": 0.9}, "b": {"val_dsc": 0.9}}) == "a"  # a tie: the seed's way
+    assert demo.choose_teacher({"a": {"val_dsc": nan}, "b": {"val_dsc": 0.5}}) == "b"
+    assert demo.choose_teacher({"a": {"val_dsc": 0.5}, "b": {"val_dsc": nan}}) == "a"
+    assert demo.choose_teacher({"a": {}, "b": {}}) == "a"
