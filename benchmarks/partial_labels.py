@@ -9,7 +9,8 @@ the same iterations each:
   (b) the partial-label loss (model.partial_labels.mode ignore_confident);
   (c) teacher -> one pseudo-labelling round (python -m lightning_flare.pseudo_label) -> a student on the
       round's dataset; the teacher is whichever of (a) and (b) ends its fit with the higher validation DSC
-      (val/dsc on the validation fold, never the test set);
+      (the validation fold's mean DSC with the postprocessing chosen on it, as its checkpoint keeps it; never the
+      test set);
 tests each on the held-out test set and prints mean DSC / NSD (FLARE rules: a healthy scan scores 1 when the
 prediction is empty), DSC over lesion cases, lesion-wise recall and precision, the healthy-scan false-positive
 rate with the scan-level decision and with small-component removal alone, and wall time ((c) includes its
@@ -44,16 +45,25 @@ def _fit_and_test(name: str, out: Path, extra: list[str]) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     common = CONFIGS + ["--trainer.default_root_dir", str(root)] + extra
     started = time.perf_counter()
-    fitted = cli.main(["fit", *common])
+    cli.main(["fit", *common])
     fit_s = time.perf_counter() - started
-    val_dsc = fitted.trainer.callback_metrics.get("val/dsc")
     test = cli.main(["test", *common, "--ckpt_path", str(root / "checkpoints" / "last.ckpt")])
-    return {"arm": name, "fit_s": fit_s, "val_dsc": float(val_dsc) if val_dsc is not None else float("nan"),
+    return {"arm": name, "fit_s": fit_s, "val_dsc": validation_dsc(root / "checkpoints" / "last.ckpt"),
             **arm_summary(test.model.test_results)}
 
 
+def validation_dsc(checkpoint: Path) -> float:
+    """The last validation's mean DSC with the postprocessing chosen on it (the checkpoint's
+    ``postprocessing.val_dsc_postprocessed``: the masks the arm's predictor gives); NaN without one."""
+    from lightning_flare.checkpoint import load_checkpoint
+
+    value = (load_checkpoint(checkpoint).get("postprocessing") or {}).get("val_dsc_postprocessed")
+    return float(value) if value is not None else float("nan")
+
+
 def choose_teacher(rows: dict[str, dict]) -> str:
-    """The arm, 'a' or 'b', with the higher validation DSC at the end of its fit ('a' on a tie or without one)."""
+    """The arm, 'a' or 'b', with the higher postprocessed validation DSC at the end of its fit ('a' on a tie or
+    without one)."""
     a, b = rows["a"].get("val_dsc", float("nan")), rows["b"].get("val_dsc", float("nan"))
     return "b" if b == b and (a != a or b > a) else "a"
 

@@ -55,3 +55,12 @@ def test_teacher_is_the_arm_with_the_higher_validation_dsc():
     assert demo.choose_teacher({"a": {"val_dsc": nan}, "b": {"val_dsc": 0.5}}) == "b"
     assert demo.choose_teacher({"a": {"val_dsc": 0.5}, "b": {"val_dsc": nan}}) == "a"
     assert demo.choose_teacher({"a": {}, "b": {}}) == "a"
+
+
+def test_validation_dsc_is_the_checkpoint_s_postprocessed_score(tmp_path):
+    import torch
+
+    torch.save({"postprocessing": {"val_dsc_postprocessed": 0.9338, "min_component_ml": 0.25}}, tmp_path / "b.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "none.ckpt")  # fitted without a whole-volume validation
+    assert demo.validation_dsc(tmp_path / "b.ckpt") == 0.9338
+    assert math.isnan(demo.validation_dsc(tmp_path / "none.ckpt"))
