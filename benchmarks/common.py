@@ -247,6 +247,18 @@ def run_measured(cmd: Sequence[str], env: dict | None = None, cwd: str | Path | 
             "peak_tree_pss_mb": peak[1] / 1024, "peak_process_mb": usage.ru_maxrss / 1024, "output": captured}
 
 
+# ----------------------------------------------------------------------------------------------- CLI overrides
+def cli_overrides(items: Sequence[str], option: str = "--set") -> list[str]:
+    """LightningCLI arguments (``--key value``) from ``KEY=VALUE`` items of ``option``; ValueError naming the item."""
+    out: list[str] = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{option} needs KEY=VALUE (e.g. data.patch_size=[96,96,48]), got {item!r}")
+        out += [f"--{key.strip().lstrip('-')}", value]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- tables
 def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: str | None = None) -> str:
     def cell(v):

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import format_table  # noqa: E402
+from common import cli_overrides, format_table  # noqa: E402
 
 from lightning_flare.io import write_text  # noqa: E402
 from lightning_flare.metrics.functional import volume_ratio_summary  # noqa: E402
@@ -46,12 +46,7 @@ PASSED_PREFIXES = ("--trainer.", "--model.", "--data.", "--seed_everything")
 
 def overrides_from(sets: Sequence[str], raw: Sequence[str]) -> list[str]:
     """LightningCLI arguments from ``--set KEY=VALUE`` items and raw ``--trainer.x V`` style arguments."""
-    out: list[str] = []
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set needs KEY=VALUE (e.g. data.patch_size=[96,96,48]), got {item!r}")
-        out += [f"--{key.strip().lstrip('-')}", value]
+    out = cli_overrides(sets)
     options = [a for a in raw if a.startswith("--")]
     wrong = [a for a in options if not a.startswith(PASSED_PREFIXES)]
     if wrong or (raw and not raw[0].startswith("--")):

@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # cli.py
-from common import REPO, format_table, run_measured, synthetic_ct, write_nifti  # noqa: E402
+from common import REPO, cli_overrides, format_table, run_measured, synthetic_ct, write_nifti  # noqa: E402
 
 GOAL_SECONDS, GOAL_GPU_MB = 2.0, 2048.0
 
@@ -65,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--predict-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a LightningCLI override of every predict run (e.g. model.inference.largest_component=true)")
     args = p.parse_args(argv)
+    try:
+        args.predict_overrides = cli_overrides(args.predict_set, "--predict-set")
+    except ValueError as err:
+        p.error(str(err))
     if args.dry_run:
         args.allow_cpu = args.quick = True
     return args
@@ -274,12 +278,7 @@ def predict_benchmark(checks: list[dict], args, work: Path, out_root: Path, acce
             write_nifti(hu, spacing, in_dir / f"SCAN{k}_0000.nii.gz")
         del hu
     device_args = ["--data.preprocess_on", "device", "--data.resampling", "fast"]
-    overrides = []
-    for item in args.predict_set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--predict-set {item!r}: expected KEY=VALUE")
-        overrides += [f"--{key}", value]
+    overrides = args.predict_overrides
     device_args += overrides
     runs = [("loader", ckpt, overrides), ("device", fast_resampling_copy(ckpt), device_args)]
     if cuda:  # 'auto' is channels-last on CUDA too (H200: 0.63x network time, 0.78x GPU memory); checked again here

@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning as L
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, format_table  # noqa: E402
+from common import REPO, cli_overrides, format_table  # noqa: E402
 from lightning_flare.cpu_precision import cpu_model  # noqa: E402  (lscpu's Model name)
 
 
@@ -51,11 +51,7 @@ def run(config: str, precision: str | None, isa: str, steps: int, work: Path,
            "--trainer.default_root_dir", str(work / "runs"), "--trainer.enable_progress_bar", "false"]
     if precision is not None:
         cmd += ["--trainer.precision", precision]
-    for item in overrides:  # --set KEY=VALUE: a LightningCLI override of every run
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-        cmd += [f"--{key}", value]
+    cmd += list(overrides)  # LightningCLI arguments of every run (--set KEY=VALUE, parsed in main)
     env = {**os.environ, "STEP_TIMES": str(times), "ONEDNN_MAX_CPU_ISA": isa, "WANDB_MODE": "offline",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]),
            "LIGHTNING_FLARE_CACHE": str(work / "precision_cache")}
@@ -74,15 +70,19 @@ def main() -> None:
     p.add_argument("--isa", nargs="+", default=["ALL", "AVX512_CORE_BF16"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a LightningCLI override")
     args = p.parse_args()
+    try:
+        overrides = cli_overrides(args.set)
+    except ValueError as err:
+        p.error(str(err))
     print(f"CPU: {cpu_model()}; load average {os.getloadavg()[0]:.2f}; overrides {args.set or 'none'}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for config in args.configs:
             for isa in args.isa:
-                fp32, _ = run(config, "32-true", isa, args.steps, work, args.set)
-                bf16, _ = run(config, "bf16-mixed", isa, args.steps, work, args.set)
-                measured, chosen = run(config, None, isa, args.steps, work, args.set)
+                fp32, _ = run(config, "32-true", isa, args.steps, work, overrides)
+                bf16, _ = run(config, "bf16-mixed", isa, args.steps, work, overrides)
+                measured, chosen = run(config, None, isa, args.steps, work, overrides)
                 rows.append([config, isa, fp32, bf16, bf16 / fp32, chosen, measured])
     print(format_table(["config", "oneDNN ISA cap", "fp32 s/it", "bf16 s/it", "bf16/fp32", "measured choice",
                         "measured s/it"], rows, title="Training seconds per iteration (iterations 3 and later)"))
