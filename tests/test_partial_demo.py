@@ -30,6 +30,13 @@ def test_goals_met_and_missed_by_hand():
     assert lines[0].endswith("MISSED") and lines[1].endswith("MISSED")
 
 
+def test_no_false_positive_to_remove_is_not_shown_not_met():
+    rows = {"a": _row("a", 0.9, 0.9, 0.0, 0.0), "b": _row("b", 0.9, 0.9, 0.0, 0.0625), "c": _row("c", 0.9, 0.9, 0.0625, 0.0625)}
+    lines = demo.goal_lines(rows)
+    assert lines[2].endswith("NOT SHOWN (no healthy false positive to remove)")  # 0 <= 0 / 2 proves nothing
+    assert lines[3].endswith("met") and lines[4].endswith("MISSED")
+
+
 def test_undefined_scores_read_missed_and_print_na():
     rows = {k: _row(k, 0.6, 0.5, None, None) for k in "abc"}
     assert all(line.endswith("MISSED") for line in demo.goal_lines(rows)[2:])
