@@ -12,6 +12,8 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
+from .nifti_check import incomplete_reason
+
 
 class ImageReadError(ValueError):
     """An image file that cannot be used; the message names the file and the problem."""
@@ -52,6 +54,9 @@ def read_image(path: str | Path) -> sitk.Image:
             reader.SetFileNames(names)
             image = reader.Execute()
         else:
+            reason = incomplete_reason(path)  # SimpleITK reads a truncated NIfTI silently, zero-filled
+            if reason:
+                raise ImageReadError(f"{path}: {reason}")
             image = sitk.ReadImage(str(path))
     except RuntimeError as err:
         first = str(err).strip().splitlines()

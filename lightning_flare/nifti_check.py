@@ -1,0 +1,94 @@
+"""Whether a NIfTI file holds all the voxels its header declares.
+
+SimpleITK reads a truncated ``.nii`` or ``.nii.gz`` (a broken copy or upload) without an error and fills the
+missing voxels with zeros, so a half-written scan would be trained on or predicted as if it were whole. This
+module compares the data a file holds with its header: for ``.nii`` the file size; for gzip files first the
+gzip trailer's uncompressed size (ISIZE, the size modulo 2^32 of the last member: a cheap check that holds for
+every complete single-member file), and only when that does not match a full decompression, which tells a
+truncated stream (no end-of-stream marker) from a multi-member or padded one. Other formats are not checked.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+GZIP_MAGIC = b"\x1f\x8b"
+_CHUNK = 1 << 20
+
+
+def declared_bytes(header: bytes) -> int | None:
+    """vox_offset + voxel data bytes of a single-file NIfTI-1 / NIfTI-2 header (either byte order); None for
+    anything else (other formats, a .hdr of a .hdr/.img pair, whose voxels live in another file)."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348 and header[344:348] == b"n+1\0":
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset, header_size = int(struct.unpack(order + "f", header[108:112])[0]), 348
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540 and header[4:8] == b"n+2\0":
+            dims = struct.unpack(order + "8q", header[16:80])
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            offset, header_size = struct.unpack(order + "q", header[168:176])[0], 540
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7 or bitpix <= 0 or bitpix % 8:
+        return None  # a header this check does not understand: leave the verdict to the reader
+    voxels = 1
+    for d in dims[1 : dims[0] + 1]:
+        voxels *= max(int(d), 1)
+    return max(offset, header_size) + voxels * bitpix // 8
+
+
+def _decompressed_size(path: Path) -> tuple[int, bool]:
+    """(bytes, complete) of all gzip members of ``path``; complete is False when the stream ends early."""
+    total, data = 0, b""
+    with open(path, "rb") as f:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        while True:
+            chunk = data or f.read(_CHUNK)
+            data = b""
+            if not chunk:
+                return total, d.eof
+            total += len(d.decompress(chunk))
+            if d.eof:
+                data = d.unused_data
+                if not data:
+                    data = f.read(_CHUNK)
+                    if not data:
+                        return total, True
+                if not data.startswith(GZIP_MAGIC):
+                    return total, True  # trailing bytes after the last member: gzip itself ignores them
+                d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+
+def incomplete_reason(path: str | Path) -> str | None:
+    """Why ``path`` holds fewer voxels than its NIfTI header declares, or None (complete, or not NIfTI)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        compressed = f.read(2) == GZIP_MAGIC
+    if not compressed:
+        with open(path, "rb") as f:
+            expected = declared_bytes(f.read(544))
+        size = path.stat().st_size
+        if expected is not None and size < expected:
+            return f"truncated NIfTI file: {size} bytes where its header declares {expected}"
+        return None
+    try:  # the header from the stream's start, even when the stream ends soon after it
+        with open(path, "rb") as f:
+            expected = declared_bytes(zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(f.read(1 << 16), 544))
+    except zlib.error:
+        return None  # not a gzip stream after all: the reader's own error says what it is
+    if expected is None:
+        return None
+    with open(path, "rb") as f:
+        f.seek(-4, 2)
+        if struct.unpack("<I", f.read(4))[0] == expected % 2**32:
+            return None
+    total, complete = _decompressed_size(path)
+    if not complete:
+        return f"truncated gzip stream: it ends after {total} of the {expected} bytes its NIfTI header declares"
+    if total < expected:
+        return f"NIfTI data too short: {total} bytes where its header declares {expected}"
+    return None
