@@ -15,6 +15,7 @@ import torch
 from .io import Geometry, read_image, remove_stale_temporaries, to_array, write_npy, write_text
 from .plan import IntensityStats, Plan
 from .raw_dataset import Case, source_signature
+from .grid_guard import check_target_grid
 from .resample import _interpolate, new_shape_for_spacing, resample_image, resample_label
 
 MAX_FOREGROUND_LOCATIONS = 10_000
@@ -31,6 +32,7 @@ def normalize_ct(array: np.ndarray, stats: IntensityStats, inplace: bool = False
 
 def preprocess_image(image: sitk.Image, plan: Plan) -> np.ndarray:
     """(x, y, z) float32 array at the plan's spacing, normalised."""
+    check_target_grid(image.GetSize(), image.GetSpacing(), plan.target_spacing)  # before a grid too large for memory
     array = normalize_ct(to_array(image), plan.intensity, inplace=True)  # normalise first, as nnU-Net
     return resample_image(array, image.GetSpacing(), plan.target_spacing, plan.resampling, plan.anisotropy_threshold,
                           anti_aliasing=plan.anti_aliasing)
@@ -47,6 +49,7 @@ def preprocess_tensor(image: torch.Tensor, spacing: Sequence[float], plan: Plan,
                          f"{plan.resampling!r}; use data.preprocess_on: loader")
     if plan.anti_aliasing:
         raise ValueError("preprocessing on the device does not implement anti_aliasing; use data.preprocess_on: loader")
+    check_target_grid(image.shape[1:], spacing, plan.target_spacing)
     x = image.to(device if device is not None else image.device)
     x = x.float() if x.dtype != torch.float32 else (x.clone() if x.data_ptr() == image.data_ptr() else x)
     stats = plan.intensity
@@ -152,7 +155,10 @@ class PreprocessedCache:
 def preprocess_into_cache(case: Case, plan: Plan, directory: Path) -> None:
     """Write one cache entry: arrays first (each atomically), the JSON marker last."""
     image = read_image(case.image)
-    array = preprocess_image(image, plan)
+    try:
+        array = preprocess_image(image, plan)
+    except ValueError as err:
+        raise ValueError(f"{case.image}: {err}") from err
     if case.label is not None:
         label = read_image(case.label)
         check_label(label, image, case, plan)

@@ -156,7 +156,8 @@ class RawVolumes(Dataset):
                     raise ImageReadError(f"{case.label}: label size {label.GetSize()} differs from image size {image.GetSize()}")
                 item.label = torch.from_numpy(to_array(label, np.uint8))
         except (ImageReadError, ValueError) as err:
-            item.error = str(err)
+            # ImageReadError names its file; a preprocessing error (e.g. a grid too large) gets the image's name
+            item.error = str(err) if isinstance(err, ImageReadError) else f"{case.image}: {err}"
         return item
 
 
