@@ -9,36 +9,42 @@ truncated stream (no end-of-stream marker) from a multi-member or padded one. Ot
 """
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from pathlib import Path
+
+import numpy as np
 
 GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
 
 
-def declared_bytes(header: bytes) -> int | None:
-    """vox_offset + voxel data bytes of a single-file NIfTI-1 / NIfTI-2 header (either byte order); None for
-    anything else (other formats, a .hdr of a .hdr/.img pair, whose voxels live in another file)."""
+def nifti_header(head: bytes) -> tuple[int, int, np.dtype | None] | None:
+    """(vox_offset, voxel data bytes, float dtype or None) of a single-file NIfTI-1 / NIfTI-2 header (either byte
+    order); None for anything else (other formats, the .hdr of a .hdr/.img pair, whose voxels live in another file,
+    a header this module does not understand: the reader then has the last word)."""
     for order in "<>":
-        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348 and header[344:348] == b"n+1\0":
-            dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
-            offset, header_size = int(struct.unpack(order + "f", header[108:112])[0]), 348
-            break
-        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540 and header[4:8] == b"n+2\0":
-            dims = struct.unpack(order + "8q", header[16:80])
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
-            offset, header_size = struct.unpack(order + "q", header[168:176])[0], 540
-            break
-    else:
-        return None
-    if not 1 <= dims[0] <= 7 or bitpix <= 0 or bitpix % 8:
-        return None  # a header this check does not understand: leave the verdict to the reader
-    voxels = 1
-    for d in dims[1 : dims[0] + 1]:
-        voxels *= max(int(d), 1)
-    return max(offset, header_size) + voxels * bitpix // 8
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348 and head[344:348] == b"n+1\0":
+            dim, (code, bitpix) = struct.unpack(order + "8h", head[40:56]), struct.unpack(order + "2h", head[70:74])
+            offset, header_size = int(struct.unpack(order + "f", head[108:112])[0]), 348
+        elif len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540 and head[4:8] == b"n+2\0":
+            dim, (code, bitpix) = struct.unpack(order + "8q", head[16:80]), struct.unpack(order + "2h", head[12:16])
+            offset, header_size = struct.unpack(order + "q", head[168:176])[0], 540
+        else:
+            continue
+        if not 1 <= dim[0] <= 7 or bitpix <= 0:
+            return None
+        nbytes = (math.prod(max(int(d), 1) for d in dim[1 : dim[0] + 1]) * bitpix + 7) // 8
+        dtype = np.dtype(order + {16: "f4", 64: "f8"}[code]) if code in (16, 64) else None  # float32/64: NaN/inf scan
+        return max(offset, header_size), nbytes, dtype
+    return None
+
+
+def declared_bytes(head: bytes) -> int | None:
+    """vox_offset + voxel data bytes of a single-file NIfTI header (``nifti_header``), or None."""
+    header = nifti_header(head)
+    return None if header is None else header[0] + header[1]
 
 
 def _decompressed_size(path: Path) -> tuple[int, bool]:

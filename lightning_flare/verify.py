@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import struct
 import sys
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -16,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .io import read_image
+from .nifti_check import nifti_header
 from .raw_dataset import IMAGE_SUFFIXES, DatasetError, parse_ignore_label, parse_labels
 
 TOLERANCE = 1e-3  # mm for spacing/origin, unitless for direction cosines
@@ -120,23 +120,6 @@ def _walk_split(root: Path, split: str, fe: str, report: VerificationReport, req
     return pairs, len(groups)
 
 
-def _nifti_header(head: bytes) -> tuple[int, int, np.dtype | None] | None:
-    """(vox_offset, voxel data bytes, float dtype or None) from a single-file NIfTI-1/2 header, else None."""
-    for order in "<>":
-        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
-            dim, (code, bitpix) = struct.unpack(order + "8h", head[40:56]), struct.unpack(order + "2h", head[70:74])
-            offset = int(struct.unpack(order + "f", head[108:112])[0])
-        elif len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
-            dim, (code, bitpix) = struct.unpack(order + "8q", head[16:80]), struct.unpack(order + "2h", head[12:16])
-            offset = struct.unpack(order + "q", head[168:176])[0]
-        else:
-            continue
-        nbytes = (int(np.prod([max(int(d), 1) for d in dim[1 : dim[0] + 1]])) * bitpix + 7) // 8
-        dtype = np.dtype(order + {16: "f4", 64: "f8"}[code]) if code in (16, 64) else None  # float32/64: NaN/inf scan
-        return (offset, nbytes, dtype) if 1 <= dim[0] <= 7 and offset > 0 else None
-    return None
-
-
 def _scan_nifti(path: Path) -> tuple[str | None, int, int]:
     """(problem, #NaN, #inf) from raw bytes: ITK reads truncated NIfTI without complaint and turns NaN/inf into 0."""
     total, nan, inf, header, pending, name = 0, 0, 0, None, b"", path.name.lower()
@@ -147,7 +130,7 @@ def _scan_nifti(path: Path) -> tuple[str | None, int, int]:
             while chunk := f.read(1 << 22):
                 total += len(chunk)
                 if header is None:  # the first chunk (4 MiB or the whole file) holds the header
-                    header = _nifti_header(chunk) or (0, 0, None)
+                    header = nifti_header(chunk) or (0, 0, None)
                     chunk = chunk[header[0]:]
                 if header[2] is not None:
                     pending += chunk
