@@ -7,14 +7,17 @@ scans without labels in imagesUnlabelled/, half of the test scans healthy; test 
 the same iterations each:
   (a) the seed's way: partial labels used as if complete;
   (b) the partial-label loss (model.partial_labels.mode ignore_confident);
-  (c) teacher -> one pseudo-labelling round (python -m lightning_flare.pseudo_label) -> a student on the
-      round's dataset; the teacher is whichever of (a) and (b) ends its fit with the higher validation DSC
-      (the validation fold's mean DSC with the postprocessing chosen on it, as its checkpoint keeps it; never the
-      test set);
+  (c) teacher -> pseudo-labelling round (python -m lightning_flare.pseudo_label) -> a student on the round's
+      dataset, ``--rounds`` times (default 2): the first teacher is whichever of (a) and (b) ends its fit with the
+      higher validation DSC (the validation fold's mean DSC with the postprocessing chosen on it, as its
+      checkpoint keeps it; never the test set); each later round's teacher is the previous student, and a
+      component is kept only where the previous round's teacher found it too (``--previous``);
 tests each on the held-out test set and prints mean DSC / NSD (FLARE rules: a healthy scan scores 1 when the
 prediction is empty), DSC over lesion cases, lesion-wise recall and precision, the healthy-scan false-positive
 rate with the scan-level decision and with small-component removal alone, and wall time ((c) includes its
-teacher's fit and the round). The goals of issue 16 are checked under the table. Prints the CPU model.
+teacher's fit and every round and student before it). With two or more rounds the table also has the first
+round's student (c1). The goals of issue 16 are checked under the table, on (c): the last round's student.
+Prints the CPU model.
 """
 from __future__ import annotations
 
@@ -118,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/partial_demo", help="run folders (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a few iterations per arm: checks the recipe runs")
+    parser.add_argument("--rounds", type=int, default=2, help="pseudo-labelling rounds of (c) (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     os.chdir(REPO)
     from lightning_flare.cpu_precision import cpu_model
     from lightning_flare.pseudo_label import main as pseudo_label
@@ -137,21 +143,28 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     source = Path(yaml.safe_load(Path(CONFIGS[-1]).read_text())["data"]["data_dir"])
-    round_dir = out / "round1"
     teacher = choose_teacher(rows)
     print(f"teacher of (c): ({teacher}) {rows[teacher]['arm']} (validation DSC (a) {rows['a']['val_dsc']:.4f}, "
           f"(b) {rows['b']['val_dsc']:.4f})", flush=True)
-    started = time.perf_counter()
-    code = pseudo_label(["--config", "configs/pseudo_round.yaml", "--teacher",
-                         str(out / rows[teacher]["arm"] / "checkpoints" / "last.ckpt"), "--source", str(source),
-                         "--output", str(round_dir), "--overwrite"])
-    if code:
-        raise SystemExit(f"the pseudo-labelling round failed (exit {code})")
-    round_s = time.perf_counter() - started
-    rows["c"] = _fit_and_test("c_teacher_pseudo_student", out, extra + ["--data.data_dir", str(round_dir),
-                                                                      "--data.synthetic", "null"])
-    rows["c"]["wall_s"] = rows[teacher]["fit_s"] + round_s + rows["c"]["fit_s"]
-    rows["c"]["teacher"] = rows[teacher]["arm"]
+    teacher_ckpt, wall, previous = out / rows[teacher]["arm"] / "checkpoints" / "last.ckpt", rows[teacher]["fit_s"], None
+    teacher_arm = rows[teacher]["arm"]
+    for r in range(1, args.rounds + 1):
+        round_dir = out / f"round{r}"
+        started = time.perf_counter()
+        code = pseudo_label(["--config", "configs/pseudo_round.yaml", "--teacher", str(teacher_ckpt), "--source",
+                             str(source), "--output", str(round_dir), "--overwrite"]
+                            + (["--previous", str(previous)] if previous else []))
+        if code:
+            raise SystemExit(f"pseudo-labelling round {r} failed (exit {code})")
+        wall += time.perf_counter() - started
+        name = "c_teacher_pseudo_student" if r == 1 else f"c{r}_round{r}_student"
+        row = _fit_and_test(name, out, extra + ["--data.data_dir", str(round_dir), "--data.synthetic", "null"])
+        wall += row["fit_s"]
+        row.update(wall_s=wall, teacher=teacher_arm, rounds=r)
+        if "c" in rows:  # an earlier round's student keeps its row as (c1), (c2), ...
+            rows[f"c{r - 1}"] = rows.pop("c")
+        rows["c"] = row
+        teacher_ckpt, previous, teacher_arm = out / name / "checkpoints" / "last.ckpt", round_dir, name
     print(f"\nCPU: {cpu_model()}; test set: {source / 'imagesTs'} (complete labels)")
     print(format_rows(rows))
     print("\n".join(goal_lines(rows)))

@@ -71,3 +71,34 @@ def test_validation_dsc_is_the_checkpoint_s_postprocessed_score(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "none.ckpt")  # fitted without a whole-volume validation
     assert demo.validation_dsc(tmp_path / "b.ckpt") == 0.9338
     assert math.isnan(demo.validation_dsc(tmp_path / "none.ckpt"))
+
+
+def test_rounds_chain_teacher_previous_and_wall_time(tmp_path, monkeypatch):
+    import json
+
+    import lightning_flare.cli
+    import lightning_flare.pseudo_label
+
+    calls, fitted = [], []
+
+    def fit_and_test(name, out, extra):
+        fitted.append((name, extra))
+        val = {"a_partial_as_complete": 0.8, "b_partial_label_loss": 0.9}.get(name, 0.95)
+        return {**_row(name, 0.9, 0.9, 0.0, 0.0), "fit_s": 100.0 + len(fitted), "val_dsc": val}
+
+    monkeypatch.setattr(demo, "_fit_and_test", fit_and_test)
+    monkeypatch.setattr(lightning_flare.cli, "main", lambda argv: None)
+    monkeypatch.setattr(lightning_flare.pseudo_label, "main", lambda argv: calls.append(argv) or 0)
+    assert demo.main(["--out", str(tmp_path), "--rounds", "2"]) == 0
+    teachers = [a[a.index("--teacher") + 1] for a in calls]
+    assert teachers == [str(tmp_path / "b_partial_label_loss" / "checkpoints" / "last.ckpt"),  # (b): higher validation
+                        str(tmp_path / "c_teacher_pseudo_student" / "checkpoints" / "last.ckpt")]
+    assert "--previous" not in calls[0] and calls[1][calls[1].index("--previous") + 1] == str(tmp_path / "round1")
+    assert [n for n, _ in fitted] == ["a_partial_as_complete", "b_partial_label_loss", "c_teacher_pseudo_student",
+                                      "c2_round2_student"]
+    assert fitted[3][1][fitted[3][1].index("--data.data_dir") + 1] == str(tmp_path / "round2")
+    rows = json.loads((tmp_path / "partial_labels_summary.json").read_text())
+    assert list(rows) == ["a", "b", "c1", "c"] and rows["c"]["teacher"] == "c_teacher_pseudo_student"
+    assert rows["c1"]["teacher"] == "b_partial_label_loss" and rows["c"]["rounds"] == 2
+    # (c)'s wall time: its first teacher's fit (b: 102), the students' fits (103, 104) and the two rounds (> 0 s)
+    assert 309.0 < rows["c"]["wall_s"] < 309.0 + 5 and 205.0 < rows["c1"]["wall_s"] < 205.0 + 5
