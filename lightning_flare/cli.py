@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -81,3 +82,17 @@ def main(args=None, run: bool = True) -> FlareCLI:
 
 if __name__ == "__main__":
     main()
+
+
+def console_main() -> None:
+    """``main`` for the command line (``python cli.py``, ``flare``): bad inputs (each named in the message) end
+    with ``error: ...`` and exit status 1, without a traceback; other exceptions keep theirs."""
+    from .io import ImageReadError
+    from .mask_writer import CasesFailed
+    from .raw_dataset import DatasetError
+
+    try:
+        main()
+    except (CasesFailed, ImageReadError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -15,6 +15,10 @@ from .io import from_array, remove_stale_temporaries, write_image
 from .predictor import Prediction
 
 
+
+class CasesFailed(RuntimeError):
+    """Some inputs could not be predicted (each named, with its problem); the other masks are written."""
+
 class MaskWriter:
     """Masks of ``Prediction``s into ``output_dir``; ``finish`` writes ``efficiency.csv`` with a first row for the
     start-up (process start to this writer, i.e. to the first case)."""
@@ -74,4 +78,4 @@ class MaskWriter:
 
     def raise_failures(self) -> None:
         if self.failures:
-            raise RuntimeError(f"{len(self.failures)} case(s) could not be predicted:\n  " + "\n  ".join(self.failures))
+            raise CasesFailed(f"{len(self.failures)} case(s) could not be predicted:\n  " + "\n  ".join(self.failures))

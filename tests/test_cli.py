@@ -237,7 +237,23 @@ def test_flare_console_script_is_the_cli():
     import lightning_flare.cli
 
     (script,) = entry_points(group="console_scripts", name="flare")
-    assert script.load() is lightning_flare.cli.main is cli.main
+    assert script.load() is lightning_flare.cli.console_main is cli.console_main
+    assert "console_main()" in (ROOT / "cli.py").read_text().split('if __name__ == "__main__":')[1]
+
+
+def test_console_bad_input_is_one_error_line_per_case_without_traceback(trained, tmp_path, monkeypatch, capsys):
+    args, ckpt, _, _ = trained
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "BROKEN_0000.nii.gz").write_bytes(b"this is not a NIfTI file")
+    monkeypatch.setattr("sys.argv", ["cli.py", "predict", *args, "--ckpt_path", str(ckpt), "--data.predict_dir",
+                                     str(images), "--writer.output_dir", str(tmp_path / "masks")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.console_main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: 1 case(s) could not be predicted:\n  " in err and "BROKEN_0000.nii.gz: unreadable" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("faster, expected", [(True, "bf16-mixed"), (False, "32-true")])
