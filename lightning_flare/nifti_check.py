@@ -27,7 +27,10 @@ def nifti_header(head: bytes) -> tuple[int, int, np.dtype | None] | None:
     for order in "<>":
         if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348 and head[344:348] == b"n+1\0":
             dim, (code, bitpix) = struct.unpack(order + "8h", head[40:56]), struct.unpack(order + "2h", head[70:74])
-            offset, header_size = int(struct.unpack(order + "f", head[108:112])[0]), 348
+            vox_offset = struct.unpack(order + "f", head[108:112])[0]
+            if not math.isfinite(vox_offset):  # a corrupt header: the reader has the last word
+                return None
+            offset, header_size = int(vox_offset), 348
         elif len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540 and head[4:8] == b"n+2\0":
             dim, (code, bitpix) = struct.unpack(order + "8q", head[16:80]), struct.unpack(order + "2h", head[12:16])
             offset, header_size = struct.unpack(order + "q", head[168:176])[0], 540

@@ -96,3 +96,12 @@ def test_pairs_and_other_formats_are_left_to_the_reader(tmp_path):
     assert incomplete_reason(tmp_path / "empty.nii.gz") is None
     with pytest.raises(ImageReadError, match="empty.nii.gz: unreadable or truncated image"):
         read_image(tmp_path / "empty.nii.gz")
+
+
+def test_a_corrupt_vox_offset_leaves_the_verdict_to_the_reader(tmp_path):
+    import struct
+
+    _scan(tmp_path / "a.nii")
+    data = bytearray((tmp_path / "a.nii").read_bytes())
+    data[108:112] = struct.pack("<f", float("nan"))
+    assert declared_bytes(bytes(data[:544])) is None
