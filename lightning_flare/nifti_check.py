@@ -76,24 +76,20 @@ def incomplete_reason(path: str | Path) -> str | None:
     """Why ``path`` holds fewer voxels than its NIfTI header declares, or None (complete, or not NIfTI)."""
     path = Path(path)
     with open(path, "rb") as f:
-        compressed = f.read(2) == GZIP_MAGIC
-    if not compressed:
-        with open(path, "rb") as f:
-            expected = declared_bytes(f.read(544))
-        size = path.stat().st_size
-        if expected is not None and size < expected:
-            return f"truncated NIfTI file: {size} bytes where its header declares {expected}"
-        return None
-    try:  # the header from the stream's start, even when the stream ends soon after it
-        with open(path, "rb") as f:
-            expected = declared_bytes(zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(f.read(1 << 16), 544))
-    except zlib.error:
-        return None  # not a gzip stream after all: the reader's own error says what it is
-    if expected is None:
-        return None
-    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        if not head.startswith(GZIP_MAGIC):
+            expected, size = declared_bytes(head[:544]), path.stat().st_size
+            if expected is not None and size < expected:
+                return f"truncated NIfTI file: {size} bytes where its header declares {expected}"
+            return None
+        try:  # the header from the stream's start, even when the stream ends soon after it
+            expected = declared_bytes(zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 544))
+        except zlib.error:
+            return None  # not a gzip stream after all: the reader's own error says what it is
+        if expected is None:
+            return None
         f.seek(-4, 2)
-        if struct.unpack("<I", f.read(4))[0] == expected % 2**32:
+        if struct.unpack("<I", f.read(4))[0] == expected % 2**32:  # the trailer's ISIZE: a complete single member
             return None
     total, complete = _decompressed_size(path)
     if not complete:
