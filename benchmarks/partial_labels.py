@@ -146,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     teacher = choose_teacher(rows)
     print(f"teacher of (c): ({teacher}) {rows[teacher]['arm']} (validation DSC (a) {rows['a']['val_dsc']:.4f}, "
           f"(b) {rows['b']['val_dsc']:.4f})", flush=True)
-    teacher_ckpt, wall, previous = out / rows[teacher]["arm"] / "checkpoints" / "last.ckpt", rows[teacher]["fit_s"], None
-    teacher_arm = rows[teacher]["arm"]
+    teacher_arm, wall, previous = rows[teacher]["arm"], rows[teacher]["fit_s"], None
     for r in range(1, args.rounds + 1):
         round_dir = out / f"round{r}"
         started = time.perf_counter()
-        code = pseudo_label(["--config", "configs/pseudo_round.yaml", "--teacher", str(teacher_ckpt), "--source",
+        code = pseudo_label(["--config", "configs/pseudo_round.yaml", "--teacher",
+                             str(out / teacher_arm / "checkpoints" / "last.ckpt"), "--source",
                              str(source), "--output", str(round_dir), "--overwrite"]
                             + (["--previous", str(previous)] if previous else []))
         if code:
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if "c" in rows:  # an earlier round's student keeps its row as (c1), (c2), ...
             rows[f"c{r - 1}"] = rows.pop("c")
         rows["c"] = row
-        teacher_ckpt, previous, teacher_arm = out / name / "checkpoints" / "last.ckpt", round_dir, name
+        teacher_arm, previous = name, round_dir
     print(f"\nCPU: {cpu_model()}; test set: {source / 'imagesTs'} (complete labels)")
     print(format_rows(rows))
     print("\n".join(goal_lines(rows)))

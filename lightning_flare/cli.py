@@ -80,10 +80,6 @@ def main(args=None, run: bool = True) -> FlareCLI:
         command_ended()  # the next command in this process (make demo) times its start-up from here
 
 
-if __name__ == "__main__":
-    main()
-
-
 def console_main() -> None:
     """``main`` for the command line (``python cli.py``, ``flare``): bad inputs (each named in the message) end
     with ``error: ...`` and exit status 1, without a traceback; other exceptions keep theirs."""
@@ -96,3 +92,7 @@ def console_main() -> None:
     except (CasesFailed, ImageReadError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    console_main()
