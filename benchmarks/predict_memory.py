@@ -57,7 +57,9 @@ def main(argv=None) -> int:
     in_dir = work / "in"
     name = f"SCAN{shape[0]}x{shape[1]}x{shape[2]}"
     image = in_dir / f"{name}_0000.nii.gz"
-    print(f"predict memory benchmark: python {platform.python_version()}, {os.cpu_count()} CPUs, "
+    from lightning_flare.cpu_precision import cpu_model
+
+    print(f"predict memory benchmark: CPU {cpu_model()}; python {platform.python_version()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} at start")
     if not image.is_file():
         for stale in in_dir.glob("*.nii.gz"):
