@@ -171,7 +171,30 @@ def test_instance_norm_keeps_channels_last_and_matches_hand_computed(batch):
     out.backward(grad)
     nn.functional.instance_norm(xc, weight=norm.weight, bias=norm.bias, eps=1e-5).backward(grad)
     torch.testing.assert_close(xl.grad, xc.grad, rtol=1e-4, atol=1e-5)
-    assert norm(x).is_contiguous()  # contiguous input: the parent's path
+    assert norm(x).is_contiguous()
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
+def test_cpu_instance_norm_output_is_no_view_and_its_gradients_are_instance_norms(layout):
+    """An in-place LeakyReLU after a view makes autograd copy the gradient (CopySlices); group norm's is no view."""
+    from lightning_flare.network import InstanceNorm3d
+
+    torch.manual_seed(1)
+    norm = InstanceNorm3d(3, eps=1e-5, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([0.5, 1.5, -2.0]))
+        norm.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    x = (torch.randn(2, 3, 6, 5, 4) * 2 - 1).contiguous(memory_format=layout).requires_grad_()
+    out = norm(x)
+    assert out._base is None
+    grad = torch.randn(2, 3, 6, 5, 4)
+    nn.functional.leaky_relu(out, 0.01, inplace=True).backward(grad)
+    xr = x.detach().contiguous().requires_grad_()
+    w, b = norm.weight.detach().clone().requires_grad_(), norm.bias.detach().clone().requires_grad_()
+    nn.functional.leaky_relu(nn.functional.instance_norm(xr, weight=w, bias=b, eps=1e-5), 0.01).backward(grad)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(norm.weight.grad, w.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(norm.bias.grad, b.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_channels_last_network_matches_contiguous_and_stays_channels_last():
