@@ -124,8 +124,8 @@ class FlareSegmentationModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov)
-        max_epochs = self.trainer.max_epochs if self._trainer is not None and self.trainer.max_epochs else 1000
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: poly_lr_factor(epoch, max_epochs, hp.poly_exponent))
+        epochs = lambda: self.trainer.max_epochs if self._trainer is not None and self.trainer.max_epochs else 1000  # noqa: E731  (read every epoch: a TimeBudget may plan fewer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: poly_lr_factor(epoch, epochs(), hp.poly_exponent))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def on_train_epoch_start(self) -> None:

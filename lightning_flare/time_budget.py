@@ -1,0 +1,117 @@
+"""A wall-time budget for ``fit``: as many epochs as fit in it, with the learning-rate schedule stretched over them.
+
+nnU-Net fixes the number of epochs; on a slower CPU the same recipe then takes longer. With a budget, the fit plans
+its number of epochs from the time it has measured so far, at the end of every epoch:
+
+    planned = min(max_epochs, done + floor((budget - elapsed - one validation) / seconds per epoch))
+
+``elapsed`` counts from the callback's construction (the start of the ``cli.py fit`` process, before the
+preprocessing) plus the time of earlier runs of a resumed fit; ``seconds per epoch`` is the mean over this run's
+epochs, validations included. The plan becomes ``trainer.max_epochs``, which the poly schedule
+(``FlareModule.configure_optimizers``) reads at every epoch, so the learning rate still decays to zero at the last
+planned epoch; that epoch also validates (the full-volume validation, the postprocessing choice and the best
+checkpoint see the final weights) whatever ``check_val_every_n_epoch`` says. On a CPU fast enough for
+``max_epochs`` the budget changes nothing.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def planned_epochs(max_epochs: int, done: int, elapsed_s: float, budget_s: float, epoch_s: float,
+                   validation_s: float) -> int:
+    """Epochs of the whole fit (at least ``done``, at most ``max_epochs``) that end within ``budget_s``: the
+    remaining budget, less one validation (the last epoch's), divided by the seconds of one epoch."""
+    if done >= max_epochs:
+        return max_epochs
+    if epoch_s <= 0:
+        return max_epochs
+    more = math.floor((budget_s - elapsed_s - validation_s) / epoch_s)
+    return max(done, min(max_epochs, done + max(more, 0)))
+
+
+def refresh_epoch_schedules(trainer: L.Trainer) -> None:
+    """Lightning steps epoch schedulers at the epoch's last batch, before ``on_train_epoch_end`` changes the plan:
+    a ``LambdaLR`` (whose factor reads ``trainer.max_epochs``) sets the next epoch's learning rate again."""
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        if isinstance(scheduler, LambdaLR):
+            lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+            for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            scheduler._last_lr = lrs
+
+
+class TimeBudget(Callback):
+    """Fits ``fit`` into ``minutes`` of wall time (module docstring). ``minutes``: the whole ``fit`` process
+    from its start, preprocessing and validations included."""
+
+    clock = staticmethod(time.monotonic)  # seconds; tests replace it
+
+    def __init__(self, minutes: float) -> None:
+        if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not math.isfinite(minutes) \
+                or minutes <= 0:
+            raise ValueError(f"TimeBudget minutes must be a positive number, got {minutes!r}")
+        self.budget_s = float(minutes) * 60
+        self._start = self.clock()  # the CLI builds callbacks before the data module prepares the data
+        self.earlier_s = 0.0  # wall time of the runs before a resume (from the checkpoint)
+        self.max_epochs: int | None = None
+        self.plan: int | None = None
+        self._train_start = self._val_start = 0.0
+        self._validations: list[float] = []
+        self._epochs_this_run = 0
+        self._check_val: int | None = None
+
+    def elapsed_s(self) -> float:
+        return self.earlier_s + self.clock() - self._start
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.max_epochs is None or trainer.max_epochs < 0:
+            raise ValueError("TimeBudget needs trainer.max_epochs (the epochs of an unhurried fit), got "
+                             f"{trainer.max_epochs!r}")
+        self.max_epochs = self.max_epochs or trainer.max_epochs
+        self._train_start, self._epochs_this_run = self.clock(), 0
+        if self.plan is not None:  # resumed: keep the plan of the run that wrote the checkpoint
+            trainer.fit_loop.max_epochs = self.plan
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_start = self.clock()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validations.append(self.clock() - self._val_start)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._check_val is None:
+            self._check_val = trainer.check_val_every_n_epoch
+        last = self.plan is not None and trainer.current_epoch + 1 == trainer.max_epochs
+        if self._check_val is not None:  # the last planned epoch validates
+            trainer.check_val_every_n_epoch = 1 if last else self._check_val
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epochs_this_run += 1
+        done = trainer.current_epoch + 1
+        epoch_s = (self.clock() - self._train_start) / self._epochs_this_run
+        validation_s = max(self._validations, default=0.0)
+        plan = planned_epochs(self.max_epochs, done, self.elapsed_s(), self.budget_s, epoch_s, validation_s)
+        plan = trainer.strategy.broadcast(plan)  # every rank stops at the same epoch
+        if plan != trainer.fit_loop.max_epochs:
+            rank_zero_info(f"TimeBudget: {plan} epochs fit in {self.budget_s / 60:g} min at {epoch_s:.1f} s per "
+                           f"epoch ({self.elapsed_s() / 60:.1f} min so far; unhurried: {self.max_epochs})")
+            trainer.fit_loop.max_epochs = plan
+            refresh_epoch_schedules(trainer)
+        self.plan = plan
+
+    def state_dict(self) -> dict:
+        return {"elapsed_s": self.elapsed_s(), "max_epochs": self.max_epochs, "plan": self.plan}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.earlier_s = float(state_dict.get("elapsed_s", 0.0))
+        self.max_epochs = state_dict.get("max_epochs")
+        self.plan = state_dict.get("plan")

@@ -1,0 +1,94 @@
+"""TimeBudget: the number of epochs planned from the measured time, the schedule stretched over them, and the
+last planned epoch validated. A fake clock (10 s per training iteration) makes the plan independent of this CPU."""
+import json
+
+import lightning as L
+import pytest
+
+from conftest import tiny_cli_args
+
+import cli
+from lightning_flare.module import poly_lr_factor
+from lightning_flare.time_budget import TimeBudget, planned_epochs
+
+
+@pytest.mark.parametrize("args, expected", [
+    # max_epochs, done, elapsed, budget, epoch_s, validation_s
+    ((40, 1, 60.0, 1800.0, 50.0, 0.0), 35),  # 1 + floor(1740 / 50) = 35
+    ((40, 10, 560.0, 1800.0, 50.0, 20.0), 34),  # 10 + floor(1220 / 50) = 34
+    ((40, 1, 60.0, 9000.0, 50.0, 0.0), 40),  # a fast CPU: the unhurried fit
+    ((40, 5, 1900.0, 1800.0, 50.0, 0.0), 5),  # over budget: stop at the epoch just done
+    ((40, 40, 10.0, 1800.0, 50.0, 0.0), 40),
+    ((3, 1, 0.0, 10.0, 0.0, 0.0), 3),  # no time measured yet
+])
+def test_planned_epochs_by_hand(args, expected):
+    assert planned_epochs(*args) == expected
+
+
+@pytest.mark.parametrize("minutes", [0, -1, float("nan"), "30", True])
+def test_bad_budget_is_refused(minutes):
+    with pytest.raises(ValueError, match="minutes"):
+        TimeBudget(minutes)
+
+
+class _Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Ticks(L.Callback):
+    """Advances the fake clock by 10 s per training iteration and records where full validations ran."""
+
+    def __init__(self, clock: _Clock) -> None:
+        self.clock, self.validated_epochs = clock, []
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self.clock.now += 10.0
+
+    def on_validation_epoch_end(self, trainer, *args) -> None:
+        if not trainer.sanity_checking:
+            self.validated_epochs.append(trainer.current_epoch)
+
+
+def test_fit_plans_its_epochs_and_decays_the_lr_to_the_last_one(tiny_dataset, tmp_path, monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(TimeBudget, "clock", staticmethod(clock))
+    ticks = _Ticks(clock)
+    args = tiny_cli_args(tiny_dataset, tmp_path / "cache", tmp_path / "run")
+    callbacks = json.loads(args[args.index("--trainer.callbacks") + 1])
+    callbacks.append({"class_path": "lightning_flare.time_budget.TimeBudget", "init_args": {"minutes": 1.5}})
+    args[args.index("--trainer.callbacks") + 1] = json.dumps(callbacks)
+    lrs = []
+
+    class _Lr(L.Callback):
+        def on_train_epoch_start(self, trainer, *a):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    built = cli.main([*args, "--trainer.max_epochs", "10", "--trainer.check_val_every_n_epoch", "5",
+                      "--trainer.num_sanity_val_steps", "0"], run=False)
+    built.trainer.callbacks.extend([ticks, _Lr()])
+    built.trainer.fit(built.model, datamodule=built.datamodule)
+    result = built
+    trainer = result.trainer
+    # 2 iterations of 10 s per epoch, 90 s: after each epoch e, e + floor((90 - 20 e) / 20) = 4 epochs
+    assert trainer.max_epochs == 4 and trainer.global_step == 8 and trainer.current_epoch == 4
+    lr0 = result.model.hparams.lr
+    assert lrs == pytest.approx([lr0 * poly_lr_factor(e, 4) for e in range(4)])
+    assert ticks.validated_epochs == [3]  # check_val_every_n_epoch 5 would never validate; the last epoch does
+    budget = next(c for c in trainer.callbacks if isinstance(c, TimeBudget))
+    assert budget.state_dict() == {"elapsed_s": 80.0, "max_epochs": 10, "plan": 4}
+
+
+def test_a_resumed_fit_counts_the_time_before_it(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(TimeBudget, "clock", staticmethod(clock))
+    first = TimeBudget(30)
+    clock.now = 600.0
+    state = first.state_dict()
+    clock.now = 1000.0  # a new process
+    second = TimeBudget(30)
+    second.load_state_dict(state)
+    clock.now = 1100.0
+    assert second.elapsed_s() == 700.0 and second.max_epochs is None and second.plan is None
