@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,6 +39,8 @@ from common import cli_overrides, format_table  # noqa: E402
 
 from lightning_flare.io import write_text  # noqa: E402
 from lightning_flare.metrics.functional import volume_ratio_summary  # noqa: E402
+from lightning_flare.healthy_choice import choose_from_rows  # noqa: E402
+from lightning_flare.healthy_decision import FEATURES  # noqa: E402
 from lightning_flare.postprocessing import choose_largest_component, choose_threshold  # noqa: E402
 
 FIT_TIME = "fit_time.json"
@@ -126,10 +130,31 @@ def pooled_postprocessing(folds: Sequence[dict]) -> dict | None:
 
     plain, largest = pool("val_dsc_by_min_component_ml"), pool("val_dsc_largest_component_by_min_component_ml")
     if largest is None:
-        return {"min_component_ml": choose_threshold(plain), "largest_component_only": False}
-    choice = choose_largest_component(plain, largest)
-    return {"min_component_ml": choice["min_component_ml"], "largest_component_only": choice["largest_component_only"],
-            "val_dsc_postprocessed": choice["val_dsc_postprocessed"]}
+        pooled = {"min_component_ml": choose_threshold(plain), "largest_component_only": False}
+    else:
+        choice = choose_largest_component(plain, largest)
+        pooled = {"min_component_ml": choice["min_component_ml"], "largest_component_only": choice["largest_component_only"],
+                  "val_dsc_postprocessed": choice["val_dsc_postprocessed"]}
+    pooled["healthy_decision"] = pooled_healthy_decision(scored, pooled["min_component_ml"], pooled["largest_component_only"])
+    return pooled
+
+
+def pooled_healthy_decision(folds: Sequence[dict], min_component_ml: float, largest_component: bool) -> dict | None:
+    """The healthy-scan decision chosen on every fold's validation rows together (``healthy_choice.choose_from_rows``
+    after the pooled ``min_component_ml`` / largest component): a fold validates on a few healthy scans, the folds
+    together on all of them. None when a fold's checkpoint holds no rows (written before they were kept) or the
+    folds scored different candidates."""
+    stored = [((f["postprocessing"] or {}).get("healthy_decision") or {}).get("validation_rows") for f in folds]
+    if not stored or any(s is None for s in stored) or any(s["candidates_ml"] != stored[0]["candidates_ml"] for s in stored):
+        return None
+    rows = np.concatenate([np.asarray(s["rows"], float).reshape(len(s["rows"]), -1) for s in stored])
+    try:
+        record = choose_from_rows(rows, stored[0]["candidates_ml"], min_component_ml, largest_component)
+    except ValueError:  # the pooled min_component_ml is not among the decision's candidates
+        return None
+    rule = next(((name, record[name]) for name in FEATURES if record.get(name) is not None), None)
+    record["setting"] = f"{rule[0]}:{rule[1]:.6g}" if rule else "off"
+    return record
 
 
 def summarize(folds: Sequence[dict]) -> dict:
@@ -148,6 +173,8 @@ def summarize(folds: Sequence[dict]) -> dict:
     ratio = volume_ratio_summary([c["predicted_ml"] for c in cases], [c["reference_ml"] for c in cases])
     pooled = {"cases": len(cases), "dsc": _mean([c["dsc"] for c in cases]), "nsd": _mean([c["nsd"] for c in cases]),
               "volume_ratio": ratio, "fit_s": sum(r["fit_s"] for r in rows),
+              "healthy_cases": sum(c["reference_ml"] == 0 for c in cases),
+              "healthy_false_positives": sum(c["reference_ml"] == 0 and c["predicted_ml"] > 0 for c in cases),
               "seconds_per_iteration": _mean([r["seconds_per_iteration"] for r in rows])}
     return {"folds": rows, "pooled": pooled, "cpu": sorted({r["cpu"] for r in rows}),
             "precision": sorted({r["precision"] for r in rows}), "postprocessing": pooled_postprocessing(folds),
@@ -175,11 +202,18 @@ def format_summary(summary: dict, name: str = "") -> str:
     lines = [table, f"CPU: {', '.join(summary['cpu'])}; precision: {', '.join(summary['precision'])}",
              f"Pooled predicted / reference volume: median {ratio['median']:.3f} (IQR {ratio['q1']:.3f}-{ratio['q3']:.3f}), "
              f"{ratio['within_goal']} of {ratio['lesion_cases']} lesion cases within 0.8-1.25"]
+    if p.get("healthy_cases"):
+        lines.append(f"Healthy scans (empty reference): {p['healthy_cases']}, with a false positive: "
+                     f"{p['healthy_false_positives']}")
     pp = summary["postprocessing"]
     if pp is not None:
+        decision = pp.get("healthy_decision")
+        flag = f" --model.inference.healthy_decision {decision['setting']}" if decision else ""
         lines.append(f"Postprocessing chosen on the pooled validation scores (for the fold 'all' model): "
                      f"--model.inference.min_component_ml {pp['min_component_ml']:g} "
-                     f"--model.inference.largest_component {str(pp['largest_component_only']).lower()}")
+                     f"--model.inference.largest_component {str(pp['largest_component_only']).lower()}{flag}")
+        if decision:
+            lines.append(f"  pooled {decision['status']}")
     return "\n".join(lines)
 
 

@@ -83,16 +83,32 @@ def declared_healthy(features: Mapping[str, float], rule: tuple[str, float] | No
 
 
 def chosen_rule(setting: Any, postprocessing: Mapping[str, Any] | None) -> tuple[str, float] | None:
-    """The rule in force, (feature, threshold) or None: None for "off" (or 0); a number: ("mass_ml", it); "auto":
-    the checkpoint's validation choice (None when the checkpoint has none: older checkpoints behave as before;
-    a choice written before ``mean_probability`` existed holds ``mass_ml`` only)."""
+    """The rule in force, (feature, threshold) or None: None for "off" (or 0); a number: ("mass_ml", it);
+    "FEATURE:THRESHOLD" (e.g. "mean_probability:0.9", as ``benchmarks/cross_validate.py`` prints the choice pooled
+    over folds): that rule; "auto": the checkpoint's validation choice (None when the checkpoint has none: older
+    checkpoints behave as before; a choice written before ``mean_probability`` existed holds ``mass_ml`` only)."""
     if setting == "auto":
         record = (postprocessing or {}).get("healthy_decision") or {}
         found = [(name, float(record[name])) for name in FEATURES if record.get(name) is not None]
         return found[0] if found else None
     if setting == "off" or setting is False:
         return None
+    if isinstance(setting, str):
+        feature, threshold = _feature_rule(setting)
+        return (feature, threshold) if threshold > 0 else None
     return ("mass_ml", float(setting)) if float(setting) > 0 else None
+
+
+def _feature_rule(value: str) -> tuple[str, float]:
+    feature, _, threshold = value.partition(":")
+    try:
+        number = float(threshold)
+    except ValueError:
+        number = float("nan")
+    if feature not in FEATURES or not number >= 0 or number == float("inf"):
+        raise ValueError(f"healthy_decision must be 'auto', 'off', a probability mass in ml (>= 0) or "
+                         f"'FEATURE:THRESHOLD' with FEATURE one of {list(FEATURES)} and a threshold >= 0, got {value!r}")
+    return feature, number
 
 
 def check_setting(value: Any) -> Any:
@@ -101,7 +117,11 @@ def check_setting(value: Any) -> Any:
         return "off"
     if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
         return value
-    raise ValueError(f"healthy_decision must be 'auto', 'off' or a probability mass in ml (>= 0), got {value!r}")
+    if isinstance(value, str) and ":" in value:
+        _feature_rule(value)
+        return value
+    raise ValueError(f"healthy_decision must be 'auto', 'off', a probability mass in ml (>= 0) or "
+                     f"'FEATURE:THRESHOLD' (FEATURE one of {list(FEATURES)}), got {value!r}")
 
 
 def decide(logits: torch.Tensor, spacing_mm: Sequence[float], min_component_ml: float, rule: tuple[str, float]) -> dict:

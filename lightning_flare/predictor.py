@@ -41,8 +41,9 @@ class InferenceSettings:
       validation fold (kept in the checkpoint);
     - ``healthy_decision``: "off" (the default), "auto" (the rule chosen on the validation fold, kept in the
       checkpoint: a scan whose most probable component, after ``min_component_ml``, has a mean tumour probability
-      or a probability mass below a threshold is emptied; off for checkpoints without one) or a probability mass in
-      ml (that rule with that threshold; ``healthy_decision.py``);
+      or a probability mass below a threshold is emptied; off for checkpoints without one), a probability mass in
+      ml (that rule with that threshold; ``healthy_decision.py``) or "FEATURE:THRESHOLD" (``mean_probability:0.9``:
+      a rule chosen elsewhere, e.g. on pooled cross-validation);
     - ``largest_component``: keep only the largest predicted component (nnU-Net's "remove all but the largest
       component"): true, false, or "auto": as chosen on the validation fold (kept in the checkpoint);
     - ``skip_air``: run only the windows that touch the body (``body_box``: parts above -500 HU, grown by

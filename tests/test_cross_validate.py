@@ -63,7 +63,7 @@ def test_summary_pools_every_case_and_the_postprocessing_scores():
     assert pooled["volume_ratio"]["lesion_cases"] == 2 and pooled["volume_ratio"]["within_goal"] == 1
     assert pooled["fit_s"] == 150.0 and pooled["seconds_per_iteration"] == pytest.approx(7.5)
     assert summary["postprocessing"] == {"min_component_ml": 1.0, "largest_component_only": False,
-                                         "val_dsc_postprocessed": pytest.approx(0.833333)}
+                                         "val_dsc_postprocessed": pytest.approx(0.833333), "healthy_decision": None}
     assert summary["cpu"] == ["Test CPU"] and summary["precision"] == ["32-true"]
     text = cv.format_summary(summary, "x")
     cv_row = next(line for line in text.splitlines() if line.startswith("| CV"))
@@ -115,6 +115,38 @@ def test_retest_tests_the_fitted_folds_again_and_pools_them(tmp_path, capsys):
         cv.main(argv, run=run)
     with pytest.raises(SystemExit):
         cv.main([*argv[:-4], "--retest", "../up"], run=run)
+
+
+def _rows(*cases):
+    """validation_rows of candidates [0, 1] ml: per case (healthy, mass_ml, mean_probability, dsc), the same at
+    both candidates, largest-component DSC = DSC."""
+    return {"candidates_ml": [0.0, 1.0],
+            "rows": [[float(h), m, m, p, p, d, d, d, d] for h, m, p, d in cases]}
+
+
+def test_healthy_decision_is_chosen_on_the_folds_pooled_rows():
+    # fold 0: a healthy scan with a false positive (mean probability 0.75) and a lesion found at 0.97; fold 1: a
+    # healthy scan left empty and a lesion at 0.95. Pooled mean probabilities 0 < 0.75 < 0.95 < 0.97: threshold
+    # 0.85 empties the false positive only: mean DSC (1 + 0.8 + 1 + 0.7) / 4 = 0.875, against
+    # (0 + 0.8 + 1 + 0.7) / 4 = 0.625 off
+    folds = [_fold(0, [(0.0, 0.0, 0.0, 2.0), (0.8, 0.7, 10.0, 9.0)], {"0.0": 0.4, "1.0": 0.4},
+                   {"0.0": 0.4, "1.0": 0.4}, 100.0),
+             _fold(1, [(1.0, 1.0, 0.0, 0.0), (0.7, 0.6, 5.0, 5.0)], {"0.0": 0.85, "1.0": 0.85},
+                   {"0.0": 0.85, "1.0": 0.85}, 100.0)]
+    folds[0]["postprocessing"]["healthy_decision"] = {"validation_rows": _rows((1, 2.0, 0.75, 0.0), (0, 10.0, 0.97, 0.8))}
+    folds[1]["postprocessing"]["healthy_decision"] = {"validation_rows": _rows((1, 0.0, 0.0, 1.0), (0, 5.0, 0.95, 0.7))}
+    decision = cv.summarize(folds)["postprocessing"]["healthy_decision"]
+    assert decision["feature"] == "mean_probability" and decision["mean_probability"] == pytest.approx(0.85)
+    assert decision["val_dsc"] == pytest.approx(0.875) and decision["val_dsc_off"] == pytest.approx(0.625)
+    assert decision["healthy_cases"] == 2 and decision["healthy_fp_off"] == 1 and decision["healthy_fp"] == 0
+    assert decision["setting"] == "mean_probability:0.85"
+    pooled = cv.summarize(folds)["pooled"]
+    assert pooled["healthy_cases"] == 2 and pooled["healthy_false_positives"] == 1  # fold 0's 2 ml on an empty reference
+    text = cv.format_summary(cv.summarize(folds), "x")
+    assert "--model.inference.healthy_decision mean_probability:0.85" in text
+    assert "Healthy scans (empty reference): 2, with a false positive: 1" in text
+    del folds[1]["postprocessing"]["healthy_decision"]  # a checkpoint written before the rows were kept
+    assert cv.summarize(folds)["postprocessing"]["healthy_decision"] is None
 
 
 def test_one_fold_end_to_end(tiny_dataset, tmp_path, capsys):

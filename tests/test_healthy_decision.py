@@ -170,6 +170,9 @@ def test_metric_matches_the_pure_choice():
     np.testing.assert_allclose(metric.compute().numpy(), rows, rtol=1e-6)
     record = metric.choose(0.0)
     assert record["mean_probability"] == pytest.approx(0.75, rel=1e-6) and len(metric.rows) == 0  # reset after the choice
+    kept = record["validation_rows"]  # kept for pooling folds (benchmarks/cross_validate.py)
+    assert kept["candidates_ml"] == [0.0, 0.5, 2.0]
+    np.testing.assert_allclose(kept["rows"], rows, rtol=1e-5, atol=1e-6)
     assert HealthyDecisionScores(also_ml="auto").candidates == (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
@@ -186,7 +189,11 @@ def test_settings_and_the_threshold_in_force():
     assert check_setting(False) == "off" and InferenceSettings(healthy_decision=False).healthy_decision == "off"
     assert InferenceSettings().healthy_decision == "off"
     assert InferenceSettings.from_dict({"healthy_decision": 0.25}).to_dict()["healthy_decision"] == 0.25
-    for bad in ("maybe", -1, True):
+    assert chosen_rule("mean_probability:0.9", None) == ("mean_probability", 0.9)  # e.g. pooled over folds
+    assert chosen_rule("mass_ml:2.5", chosen) == ("mass_ml", 2.5) and chosen_rule("mass_ml:0", None) is None
+    assert InferenceSettings(healthy_decision="mean_probability:0.9").healthy_decision == "mean_probability:0.9"
+    assert "mean tumour probability < 0.9 are emptied" in decision_line("mean_probability:0.9", None)
+    for bad in ("maybe", -1, True, "volume_ml:2", "mean_probability:x", "mean_probability:-0.1", "mass_ml:inf"):
         with pytest.raises(ValueError, match=f"healthy_decision must be .* got {bad!r}"):
             InferenceSettings(healthy_decision=bad)
     assert "tumour probability mass (ml) < 0.5 are emptied" in decision_line(0.5, None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
@@ -43,8 +44,11 @@ class HealthyDecisionScores(Metric):
     def choose(self, after_min_component_ml: float, largest_component: bool = False) -> dict:
         """The decision record for the checkpoint (``healthy_choice.choose_from_rows``: after the
         ``min_component_ml`` and the ``largest_component`` in force); resets the states."""
-        record = choose_from_rows(to_host(self.compute()).astype(float), self.candidates, after_min_component_ml,
-                                  largest_component)
+        rows = to_host(self.compute()).astype(float)
+        record = choose_from_rows(rows, self.candidates, after_min_component_ml, largest_component)
+        # the rows themselves, so that folds can be pooled (benchmarks/cross_validate.py, nnU-Net's merged CV)
+        record["validation_rows"] = {"candidates_ml": [float(c) for c in self.candidates],
+                                     "rows": np.round(rows, 6).tolist()}
         self.reset()
         outcome = (record["reason"], record["feature"], record["feature"] and record[record["feature"]])
         if outcome != self._last_outcome:  # a new threshold or reason, not every epoch's numbers
