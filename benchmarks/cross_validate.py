@@ -6,7 +6,8 @@
     .venv/bin/python benchmarks/cross_validate.py --config configs/ibsi_cpu.yaml --name NAME --retest tta \
         --set model.inference.tta=true       # test the fitted folds again (reports in fold_K/test_tta), pooled
 
-Each fold K runs in its own folder, ``OUT/NAME/fold_K`` (checkpoints, W&B run, ``fit_time.json``, ``test/``);
+``--config`` may be repeated (layered configs, e.g. ``--config configs/demo.yaml --config
+configs/partial_demo.yaml``; the name defaults to the last one's). Each fold K runs in its own folder, ``OUT/NAME/fold_K`` (checkpoints, W&B run, ``fit_time.json``, ``test/``);
 ``--set KEY=VALUE`` and any other ``--trainer.* / --model.* / --data.* / --seed_everything`` arguments are
 passed to both ``fit`` and ``test`` as LightningCLI overrides. Prints per fold: validation cases, mean DSC, NSD,
 median predicted / reference volume, fit seconds (the whole ``fit`` process: preprocessing and validation
@@ -59,12 +60,21 @@ def overrides_from(sets: Sequence[str], raw: Sequence[str]) -> list[str]:
     return out + list(raw)
 
 
-def uses_logger(config: str | Path) -> bool:
-    """Whether the config (over configs/base.yaml, whose W&B logger it keeps unless it sets its own) logs."""
+def _configs(config: str | Path | Sequence[str | Path]) -> list[Path]:
+    return [Path(c) for c in ([config] if isinstance(config, (str, Path)) else config)]
+
+
+def uses_logger(config: str | Path | Sequence[str | Path]) -> bool:
+    """Whether the configs (over configs/base.yaml, whose W&B logger they keep unless one sets its own; the last one
+    that sets it wins) log."""
     import yaml
 
-    trainer = (yaml.safe_load(Path(config).read_text()) or {}).get("trainer") or {}
-    return trainer.get("logger", True) not in (False, None)
+    logs = True
+    for path in _configs(config):
+        trainer = (yaml.safe_load(path.read_text()) or {}).get("trainer") or {}
+        if "logger" in trainer:
+            logs = trainer["logger"] not in (False, None)
+    return logs
 
 
 def test_folder(label: str | None = None) -> str:
@@ -72,12 +82,14 @@ def test_folder(label: str | None = None) -> str:
     return "test" if label is None else f"test_{label}"
 
 
-def fold_commands(config: str | Path, fold: int, name: str, fold_dir: Path, overrides: Sequence[str],
+def fold_commands(config: str | Path | Sequence[str | Path], fold: int, name: str, fold_dir: Path, overrides: Sequence[str],
                   checkpoint: str = "checkpoints/last.ckpt", python: str = sys.executable,
                   label: str | None = None) -> tuple[list[str], list[str]]:
     """``cli.py fit`` of ``fold`` into ``fold_dir`` (with the ``FitTimer``), and ``cli.py test`` of its final
-    checkpoint on the fold's validation cases (reports in ``fold_dir/test``, or ``fold_dir/test_LABEL``)."""
-    common = ["--config", str(config), "--data.fold", str(fold), "--trainer.default_root_dir", str(fold_dir)]
+    checkpoint on the fold's validation cases (reports in ``fold_dir/test``, or ``fold_dir/test_LABEL``).
+    ``config``: one config or several, in the order LightningCLI reads them."""
+    common = [*(a for c in _configs(config) for a in ("--config", str(c))), "--data.fold", str(fold),
+              "--trainer.default_root_dir", str(fold_dir)]
 
     def logger(suffix: str) -> list[str]:
         if not uses_logger(config):
@@ -225,7 +237,8 @@ def run_command(command: Sequence[str]) -> None:
 def main(argv: Sequence[str] | None = None, run: Callable[[Sequence[str]], None] = run_command) -> int:
     """``run``: how a ``cli.py`` command runs (the tests run it in their own process)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the training config (over configs/base.yaml)")
+    parser.add_argument("--config", required=True, action="append",
+                        help="the training config (over configs/base.yaml); repeat it to layer configs")
     parser.add_argument("--name", help="run name (default: the config's file name)")
     parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", default="runs/cv", help="folder of the runs (default: %(default)s)")
@@ -240,8 +253,8 @@ def main(argv: Sequence[str] | None = None, run: Callable[[Sequence[str]], None]
         overrides = overrides_from(args.set, raw)
     except ValueError as err:
         parser.error(str(err))
-    name = args.name or Path(args.config).stem
-    config = Path(args.config).resolve()  # the commands run in the repository (the configs' relative data paths)
+    name = args.name or Path(args.config[-1]).stem
+    config = [Path(c).resolve() for c in args.config]  # the commands run in the repository (the configs' relative paths)
     root = Path(args.out).resolve() / name
     folds = []
     label = args.retest
@@ -274,7 +287,7 @@ def main(argv: Sequence[str] | None = None, run: Callable[[Sequence[str]], None]
     if args.dry_run:
         return 0
     summary = summarize(folds)
-    summary.update(name=name, config=str(config), overrides=overrides, load_average=os.getloadavg()[0])
+    summary.update(name=name, config=[str(c) for c in config], overrides=overrides, load_average=os.getloadavg()[0])
     root.mkdir(parents=True, exist_ok=True)
     summary_path = root / ("cv_summary.json" if label is None else f"cv_summary_{label}.json")
     write_text(summary_path, json.dumps(summary, indent=1) + "\n")  # atomic (tmp file + rename)

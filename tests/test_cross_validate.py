@@ -36,6 +36,10 @@ def test_overrides_and_fold_commands(tmp_path):
     quiet = tmp_path / "quiet.yaml"
     quiet.write_text("trainer:\n  logger: false\n")
     assert not any("logger" in a for a in cv.fold_commands(quiet, 0, "q", fold_dir, [])[0])
+    layered, _ = cv.fold_commands([ROOT / "configs" / "demo.yaml", quiet], 1, "l", fold_dir, [])
+    assert layered[2:8] == ["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(quiet), "--data.fold"]
+    assert not any("logger" in a for a in layered)  # the later config's logger: false wins
+    assert cv.uses_logger([quiet, ROOT / "configs" / "ibsi_cpu.yaml"])  # ibsi_cpu sets a logger of its own
 
 
 def _fold(fold, cases, plain, largest, seconds, iterations=10):
