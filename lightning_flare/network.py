@@ -55,14 +55,16 @@ class InstanceNorm3d(nn.InstanceNorm3d):
     own: torch's instance_norm returns a view of a reshaped batch norm, so the in-place LeakyReLU after it
     makes autograd copy the whole gradient twice per layer (a training step takes about 10 % less with group
     norm, fp32 on an AVX-512 CPU without AMX; ``benchmarks/norm_speed.py``).
-    Elsewhere (CUDA): torch's instance_norm for contiguous tensors; for one channels-last sample, batch norm with
+    Exported graphs (ONNX, TorchScript) keep torch's instance norm (ONNX InstanceNormalization). Elsewhere (CUDA):
+    torch's instance_norm for contiguous tensors; for one channels-last sample, batch norm with
     batch statistics, which works in either layout (the CUDA paths are the measured ones, left as they were).
     Same parameters and state_dict keys as the parent.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.ndim == 5 and not self.track_running_stats:
-            return nn.functional.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+        exporting = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+        if x.device.type == "cpu" and x.ndim == 5 and not self.track_running_stats and not exporting:
+            return nn.functional.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
         if x.ndim != 5 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last_3d):
             return super().forward(x)
         if x.shape[0] == 1:
