@@ -159,13 +159,13 @@ def pooled_healthy_decision(folds: Sequence[dict], min_component_ml: float, larg
     stored = [((f["postprocessing"] or {}).get("healthy_decision") or {}).get("validation_rows") for f in folds]
     if not stored or any(s is None for s in stored) or any(s["candidates_ml"] != stored[0]["candidates_ml"] for s in stored):
         return None
-    rows = np.concatenate([np.asarray(s["rows"], float).reshape(len(s["rows"]), -1) for s in stored])
     try:
+        rows = np.concatenate([np.asarray(s["rows"], float).reshape(len(s["rows"]), -1) for s in stored if s["rows"]])
         record = choose_from_rows(rows, stored[0]["candidates_ml"], min_component_ml, largest_component)
-    except ValueError:  # the pooled min_component_ml is not among the decision's candidates
+    except ValueError:  # no rows at all, or the pooled min_component_ml is not among the decision's candidates
         return None
     rule = next(((name, record[name]) for name in FEATURES if record.get(name) is not None), None)
-    record["setting"] = f"{rule[0]}:{rule[1]:.6g}" if rule else "off"
+    record["setting"] = f"{rule[0]}:{float(rule[1])!r}" if rule else "off"  # repr: the exact threshold chosen
     return record
 
 

@@ -4,7 +4,7 @@ per channels-last sample) and ours (``lightning_flare.network.InstanceNorm3d``: 
 channel), in the same 4-stage U-Net with the same weights, interleaved in one process.
 
     .venv/bin/python benchmarks/norm_speed.py [--repeats 8] [--isa ALL AVX512_CORE_BF16]
-        [--train-patch 48 48 48] [--window 128 128 96]
+        [--train-patch 48 48 48] [--window 96 128 128]  (z y x)
 
 Rows: one training step (batch 2, deep supervision, Dice+CE, SGD; fp32 and bf16 autocast) and one inference window
 (batch 1, channels-last, fp32 and bf16), each with oneDNN free (``ALL``) and capped below AMX

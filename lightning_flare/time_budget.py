@@ -5,13 +5,18 @@ its number of epochs from the time it has measured so far, at the end of every e
 
     planned = min(max_epochs, done + floor((budget - elapsed - one validation) / seconds per epoch))
 
-``elapsed`` counts from the callback's construction (the start of the ``cli.py fit`` process, before the
-preprocessing) plus the time of earlier runs of a resumed fit; ``seconds per epoch`` is the mean over this run's
-epochs, validations included. The plan becomes ``trainer.max_epochs``, which the poly schedule
-(``FlareModule.configure_optimizers``) reads at every epoch, so the learning rate still decays to zero at the last
-planned epoch; that epoch also validates (the full-volume validation, the postprocessing choice and the best
-checkpoint see the final weights) whatever ``check_val_every_n_epoch`` says. On a CPU fast enough for
-``max_epochs`` the budget changes nothing.
+``elapsed`` counts from the callback's construction (LightningCLI builds the trainer before the data module
+prepares the data, so the preprocessing counts; the imports before it, a few seconds, do not) plus the time of
+earlier runs of a resumed fit; ``seconds per epoch`` is the mean over the epochs this run began, validations
+included. The plan becomes ``trainer.max_epochs``, which the poly schedule (``FlareModule.configure_optimizers``)
+reads at every epoch, so the learning rate still decays to zero at the last planned epoch. The last epoch
+validates (the full-volume validation, the postprocessing choice and the best checkpoint see the final weights)
+whatever ``check_val_every_n_epoch`` says: an epoch planned as the last one is told to validate when it starts,
+and a plan that would end at an epoch that did not validate runs one more epoch (at most one epoch over the
+budget). On a CPU fast enough for ``max_epochs`` the number of epochs and the schedule do not change; only a
+``max_epochs`` that is not a multiple of ``check_val_every_n_epoch`` gains that last validation.
+A resumed fit keeps the plan of the run that wrote its checkpoint until its first epoch ends; a fit that already
+ended cannot be extended by resuming it with a larger budget.
 """
 from __future__ import annotations
 
@@ -25,15 +30,17 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def planned_epochs(max_epochs: int, done: int, elapsed_s: float, budget_s: float, epoch_s: float,
-                   validation_s: float) -> int:
+                   validation_s: float, validated: bool = True) -> int:
     """Epochs of the whole fit (at least ``done``, at most ``max_epochs``) that end within ``budget_s``: the
-    remaining budget, less one validation (the last epoch's), divided by the seconds of one epoch."""
+    remaining budget, less one validation (the last epoch's), divided by the seconds of one epoch. When none fits
+    and the epoch just done did not validate (``validated``), one more (which is told to validate)."""
     if done >= max_epochs:
         return max_epochs
     if epoch_s <= 0:
         return max_epochs
     more = math.floor((budget_s - elapsed_s - validation_s) / epoch_s)
-    return max(done, min(max_epochs, done + max(more, 0)))
+    plan = max(done, min(max_epochs, done + max(more, 0)))
+    return done + 1 if plan == done and not validated else plan
 
 
 def refresh_epoch_schedules(trainer: L.Trainer) -> None:
@@ -59,12 +66,14 @@ class TimeBudget(Callback):
                 or minutes <= 0:
             raise ValueError(f"TimeBudget minutes must be a positive number, got {minutes!r}")
         self.budget_s = float(minutes) * 60
-        self._start = self.clock()  # the CLI builds callbacks before the data module prepares the data
+        self._start = self.clock()  # LightningCLI builds the trainer before the data module prepares the data
         self.earlier_s = 0.0  # wall time of the runs before a resume (from the checkpoint)
         self.max_epochs: int | None = None
         self.plan: int | None = None
         self._train_start = self._val_start = 0.0
         self._validations: list[float] = []
+        self._validated_epoch: int | None = None
+        self._begun_epoch: int | None = None
         self._epochs_this_run = 0
         self._check_val: int | None = None
 
@@ -75,10 +84,12 @@ class TimeBudget(Callback):
         if trainer.max_epochs is None or trainer.max_epochs < 0:
             raise ValueError("TimeBudget needs trainer.max_epochs (the epochs of an unhurried fit), got "
                              f"{trainer.max_epochs!r}")
-        self.max_epochs = self.max_epochs or trainer.max_epochs
+        self.max_epochs = trainer.max_epochs  # this run's configuration
         self._train_start, self._epochs_this_run = self.clock(), 0
+        self._check_val = trainer.check_val_every_n_epoch
         if self.plan is not None:  # resumed: keep the plan of the run that wrote the checkpoint
-            trainer.fit_loop.max_epochs = self.plan
+            trainer.fit_loop.max_epochs = min(self.plan, self.max_epochs)
+            self._tell_last_epoch_to_validate(trainer)  # a resume inside an epoch skips its on_train_epoch_start
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._val_start = self.clock()
@@ -86,20 +97,27 @@ class TimeBudget(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._validations.append(self.clock() - self._val_start)
+            self._validated_epoch = trainer.current_epoch
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._check_val is None:
-            self._check_val = trainer.check_val_every_n_epoch
-        last = self.plan is not None and trainer.current_epoch + 1 == trainer.max_epochs
-        if self._check_val is not None:  # the last planned epoch validates
+        self._begun_epoch = trainer.current_epoch
+        self._tell_last_epoch_to_validate(trainer)
+
+    def _tell_last_epoch_to_validate(self, trainer: L.Trainer) -> None:
+        if self._check_val is not None and trainer.max_epochs is not None:
+            last = trainer.current_epoch + 1 >= trainer.max_epochs
             trainer.check_val_every_n_epoch = 1 if last else self._check_val
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._begun_epoch != trainer.current_epoch:  # resumed inside this epoch: its time is not an epoch's
+            self._train_start = self.clock()
+            return
         self._epochs_this_run += 1
         done = trainer.current_epoch + 1
         epoch_s = (self.clock() - self._train_start) / self._epochs_this_run
-        validation_s = max(self._validations, default=0.0)
-        plan = planned_epochs(self.max_epochs, done, self.elapsed_s(), self.budget_s, epoch_s, validation_s)
+        validated = self._validated_epoch == trainer.current_epoch or not trainer.enable_validation
+        plan = planned_epochs(self.max_epochs, done, self.elapsed_s(), self.budget_s, epoch_s,
+                              max(self._validations, default=0.0), validated)
         plan = trainer.strategy.broadcast(plan)  # every rank stops at the same epoch
         if plan != trainer.fit_loop.max_epochs:
             rank_zero_info(f"TimeBudget: {plan} epochs fit in {self.budget_s / 60:g} min at {epoch_s:.1f} s per "

@@ -149,6 +149,8 @@ def test_healthy_decision_is_chosen_on_the_folds_pooled_rows():
     text = cv.format_summary(cv.summarize(folds), "x")
     assert "--model.inference.healthy_decision mean_probability:0.85" in text
     assert "Healthy scans (empty reference): 2, with a false positive: 1" in text
+    folds[1]["postprocessing"]["healthy_decision"]["validation_rows"]["rows"] = []  # a fold without cases: the rest
+    assert cv.summarize(folds)["postprocessing"]["healthy_decision"]["healthy_cases"] == 1
     del folds[1]["postprocessing"]["healthy_decision"]  # a checkpoint written before the rows were kept
     assert cv.summarize(folds)["postprocessing"]["healthy_decision"] is None
 

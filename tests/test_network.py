@@ -174,6 +174,25 @@ def test_instance_norm_keeps_channels_last_and_matches_hand_computed(batch):
     assert norm(x).is_contiguous()
 
 
+def test_instance_norm_channels_last_sample_path_and_exported_graphs():
+    """The batch-norm path of one channels-last sample (CUDA's) is instance norm too, and traced graphs (ONNX,
+    TorchScript export) hold torch's instance norm, not group norm."""
+    from lightning_flare.network import InstanceNorm3d
+
+    torch.manual_seed(2)
+    norm = InstanceNorm3d(3, eps=1e-5, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([2.0, -0.5, 1.0]))
+        norm.bias.copy_(torch.tensor([0.5, 0.0, -1.0]))
+    x = torch.randn(1, 3, 5, 4, 3) * 2 + 1
+    expected = nn.functional.instance_norm(x, weight=norm.weight, bias=norm.bias, eps=1e-5)
+    out = norm._one(x.contiguous(memory_format=CL))
+    assert out.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    graph = str(torch.jit.trace(norm, x).inlined_graph)
+    assert "instance_norm" in graph and "group_norm" not in graph
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
 def test_cpu_instance_norm_output_is_no_view_and_its_gradients_are_instance_norms(layout):
     """An in-place LeakyReLU after a view makes autograd copy the gradient (CopySlices); group norm's is no view."""

@@ -20,6 +20,8 @@ from lightning_flare.time_budget import TimeBudget, planned_epochs
     ((40, 5, 1900.0, 1800.0, 50.0, 0.0), 5),  # over budget: stop at the epoch just done
     ((40, 40, 10.0, 1800.0, 50.0, 0.0), 40),
     ((3, 1, 0.0, 10.0, 0.0, 0.0), 3),  # no time measured yet
+    ((40, 5, 1900.0, 1800.0, 50.0, 0.0, False), 6),  # over budget after an epoch that did not validate: one more
+    ((40, 40, 1900.0, 1800.0, 50.0, 0.0, False), 40),
 ])
 def test_planned_epochs_by_hand(args, expected):
     assert planned_epochs(*args) == expected
@@ -39,23 +41,28 @@ class _Clock:
 
 
 class _Ticks(L.Callback):
-    """Advances the fake clock by 10 s per training iteration and records where full validations ran."""
+    """Advances the fake clock by 10 s per training iteration (plus ``extra[epoch]`` once in that epoch) and records
+    where validations ran."""
 
-    def __init__(self, clock: _Clock) -> None:
-        self.clock, self.validated_epochs = clock, []
+    def __init__(self, clock: _Clock, extra: dict[int, float] | None = None) -> None:
+        self.clock, self.validated_epochs, self.extra = clock, [], dict(extra or {})
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        self.clock.now += 10.0
+        self.clock.now += 10.0 + self.extra.pop(trainer.current_epoch, 0.0)
 
     def on_validation_epoch_end(self, trainer, *args) -> None:
         if not trainer.sanity_checking:
             self.validated_epochs.append(trainer.current_epoch)
 
 
-def test_fit_plans_its_epochs_and_decays_the_lr_to_the_last_one(tiny_dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {2: 30.0}])
+def test_fit_plans_its_epochs_and_decays_the_lr_to_the_last_one(tiny_dataset, tmp_path, monkeypatch, extra):
+    """2 iterations of 10 s per epoch, 90 s: after each epoch e, e + floor((90 - 20 e) / 20) = 4 epochs. With 30 s
+    more in epoch 2 (index), the plan after it is 2 + 1 = 3 epochs, ending at an epoch that did not validate: one more
+    epoch runs, told to validate, so the fit is again 4 epochs and validates its last."""
     clock = _Clock()
     monkeypatch.setattr(TimeBudget, "clock", staticmethod(clock))
-    ticks = _Ticks(clock)
+    ticks = _Ticks(clock, extra)
     args = tiny_cli_args(tiny_dataset, tmp_path / "cache", tmp_path / "run")
     callbacks = json.loads(args[args.index("--trainer.callbacks") + 1])
     callbacks.append({"class_path": "lightning_flare.time_budget.TimeBudget", "init_args": {"minutes": 1.5}})
@@ -72,13 +79,12 @@ def test_fit_plans_its_epochs_and_decays_the_lr_to_the_last_one(tiny_dataset, tm
     built.trainer.fit(built.model, datamodule=built.datamodule)
     result = built
     trainer = result.trainer
-    # 2 iterations of 10 s per epoch, 90 s: after each epoch e, e + floor((90 - 20 e) / 20) = 4 epochs
     assert trainer.max_epochs == 4 and trainer.global_step == 8 and trainer.current_epoch == 4
     lr0 = result.model.hparams.lr
     assert lrs == pytest.approx([lr0 * poly_lr_factor(e, 4) for e in range(4)])
     assert ticks.validated_epochs == [3]  # check_val_every_n_epoch 5 would never validate; the last epoch does
     budget = next(c for c in trainer.callbacks if isinstance(c, TimeBudget))
-    assert budget.state_dict() == {"elapsed_s": 80.0, "max_epochs": 10, "plan": 4}
+    assert budget.state_dict() == {"elapsed_s": 80.0 + sum(extra.values()), "max_epochs": 10, "plan": 4}
 
 
 def test_a_resumed_fit_counts_the_time_before_it(monkeypatch):
@@ -92,3 +98,32 @@ def test_a_resumed_fit_counts_the_time_before_it(monkeypatch):
     second.load_state_dict(state)
     clock.now = 1100.0
     assert second.elapsed_s() == 700.0 and second.max_epochs is None and second.plan is None
+
+
+class _FitLoop:
+    max_epochs = 40
+
+
+class _Trainer:
+    """What TimeBudget reads of a trainer resumed from a checkpoint written inside epoch 29."""
+    check_val_every_n_epoch, current_epoch, enable_validation, lr_scheduler_configs = 10, 29, True, []
+
+    def __init__(self) -> None:
+        self.fit_loop = _FitLoop()
+
+    @property
+    def max_epochs(self) -> int:
+        return self.fit_loop.max_epochs
+
+
+def test_a_fit_resumed_inside_an_epoch_keeps_its_plan_and_validates_its_last_epoch(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(TimeBudget, "clock", staticmethod(clock))
+    budget = TimeBudget(30)
+    budget.load_state_dict({"elapsed_s": 1700.0, "max_epochs": 40, "plan": 30})
+    trainer = _Trainer()
+    budget.on_train_start(trainer, None)
+    assert trainer.max_epochs == 30 and trainer.check_val_every_n_epoch == 1  # epoch 29 is the last: it validates
+    clock.now = 5.0  # the rest of epoch 29 (Lightning skips on_train_epoch_start when it resumes inside an epoch)
+    budget.on_train_epoch_end(trainer, None)
+    assert budget.plan == 30 and trainer.max_epochs == 30  # 5 s are not an epoch's time: no new plan from them
