@@ -8,8 +8,9 @@ its number of epochs from the time it has measured so far, at the end of every e
 ``elapsed`` counts from the callback's construction (LightningCLI builds the trainer before the data module
 prepares the data, so the preprocessing counts; the imports before it, a few seconds, do not) plus the time of
 earlier runs of a resumed fit; ``seconds per epoch`` is the mean over the epochs this run began, validations
-included. The plan becomes ``trainer.max_epochs``, which the poly schedule (``FlareModule.configure_optimizers``)
-reads at every epoch, so the learning rate still decays to zero at the last planned epoch. The last epoch
+included, or that of the last three epochs where it is larger (a machine that slows down). The plan becomes
+``trainer.max_epochs``, which the poly schedule (``FlareModule.configure_optimizers``) reads at every epoch, so the
+learning rate still decays to zero at the last planned epoch. The last epoch
 validates (the full-volume validation, the postprocessing choice and the best checkpoint see the final weights)
 whatever ``check_val_every_n_epoch`` says: an epoch planned as the last one is told to validate when it starts,
 and a plan that would end at an epoch that did not validate runs one more epoch (at most one epoch over the
@@ -27,6 +28,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
+
+RECENT = 3  # epochs whose mean time counts when it exceeds the mean of all epochs
 
 
 def planned_epochs(max_epochs: int, done: int, elapsed_s: float, budget_s: float, epoch_s: float,
@@ -75,6 +78,7 @@ class TimeBudget(Callback):
         self._validated_epoch: int | None = None
         self._begun_epoch: int | None = None
         self._epochs_this_run = 0
+        self._epoch_ends: list[float] = []
         self._check_val: int | None = None
 
     def elapsed_s(self) -> float:
@@ -85,7 +89,7 @@ class TimeBudget(Callback):
             raise ValueError("TimeBudget needs trainer.max_epochs (the epochs of an unhurried fit), got "
                              f"{trainer.max_epochs!r}")
         self.max_epochs = trainer.max_epochs  # this run's configuration
-        self._train_start, self._epochs_this_run = self.clock(), 0
+        self._train_start, self._epochs_this_run, self._epoch_ends = self.clock(), 0, []
         self._check_val = trainer.check_val_every_n_epoch
         if self.plan is not None:  # resumed: keep the plan of the run that wrote the checkpoint
             trainer.fit_loop.max_epochs = min(self.plan, self.max_epochs)
@@ -110,11 +114,15 @@ class TimeBudget(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._begun_epoch != trainer.current_epoch:  # resumed inside this epoch: its time is not an epoch's
-            self._train_start = self.clock()
+            self._train_start, self._epoch_ends = self.clock(), []
             return
         self._epochs_this_run += 1
         done = trainer.current_epoch + 1
-        epoch_s = (self.clock() - self._train_start) / self._epochs_this_run
+        now = self.clock()
+        self._epoch_ends = (self._epoch_ends + [now])[-(RECENT + 1):]
+        epoch_s = (now - self._train_start) / self._epochs_this_run
+        if len(self._epoch_ends) > RECENT:  # a machine that slows down: the recent epochs, if slower than the mean
+            epoch_s = max(epoch_s, (now - self._epoch_ends[0]) / RECENT)
         validated = self._validated_epoch == trainer.current_epoch or not trainer.enable_validation
         plan = planned_epochs(self.max_epochs, done, self.elapsed_s(), self.budget_s, epoch_s,
                               max(self._validations, default=0.0), validated)

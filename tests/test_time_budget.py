@@ -104,9 +104,16 @@ class _FitLoop:
     max_epochs = 40
 
 
+class _Strategy:
+    @staticmethod
+    def broadcast(value):
+        return value
+
+
 class _Trainer:
-    """What TimeBudget reads of a trainer resumed from a checkpoint written inside epoch 29."""
+    """What TimeBudget reads of a trainer (here: resumed from a checkpoint written inside epoch 29)."""
     check_val_every_n_epoch, current_epoch, enable_validation, lr_scheduler_configs = 10, 29, True, []
+    strategy = _Strategy()
 
     def __init__(self) -> None:
         self.fit_loop = _FitLoop()
@@ -127,3 +134,18 @@ def test_a_fit_resumed_inside_an_epoch_keeps_its_plan_and_validates_its_last_epo
     clock.now = 5.0  # the rest of epoch 29 (Lightning skips on_train_epoch_start when it resumes inside an epoch)
     budget.on_train_epoch_end(trainer, None)
     assert budget.plan == 30 and trainer.max_epochs == 30  # 5 s are not an epoch's time: no new plan from them
+
+
+def test_epochs_that_slow_down_count_more_than_the_mean(monkeypatch):
+    """Six epochs of 10 s, then three of 40 s, 600 s budget: the mean (20 s) would plan 9 + floor(420 / 20) = 30
+    epochs; the last three epochs' mean (40 s) plans 9 + floor(420 / 40) = 19."""
+    clock = _Clock()
+    monkeypatch.setattr(TimeBudget, "clock", staticmethod(clock))
+    budget, trainer = TimeBudget(10), _Trainer()
+    budget.on_train_start(trainer, None)
+    for epoch, seconds in enumerate([10.0] * 6 + [40.0] * 3):
+        trainer.current_epoch = epoch
+        budget.on_train_epoch_start(trainer, None)
+        clock.now += seconds
+        budget.on_train_epoch_end(trainer, None)
+    assert budget.plan == 19 and trainer.max_epochs == 19
