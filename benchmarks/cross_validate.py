@@ -7,7 +7,8 @@
         --set model.inference.tta=true       # test the fitted folds again (reports in fold_K/test_tta), pooled
 
 ``--config`` may be repeated (layered configs, e.g. ``--config configs/demo.yaml --config
-configs/partial_demo.yaml``; the name defaults to the last one's). Each fold K runs in its own folder, ``OUT/NAME/fold_K`` (checkpoints, W&B run, ``fit_time.json``, ``test/``);
+configs/partial_demo.yaml``; the name defaults to the last one's).
+Each fold K runs in its own folder, ``OUT/NAME/fold_K`` (checkpoints, W&B run, ``fit_time.json``, ``test/``);
 ``--set KEY=VALUE`` and any other ``--trainer.* / --model.* / --data.* / --seed_everything`` arguments are
 passed to both ``fit`` and ``test`` as LightningCLI overrides. Prints per fold: validation cases, mean DSC, NSD,
 median predicted / reference volume, fit seconds (the whole ``fit`` process: preprocessing and validation
@@ -41,7 +42,7 @@ from common import cli_overrides, format_table  # noqa: E402
 from lightning_flare.io import write_text  # noqa: E402
 from lightning_flare.metrics.functional import volume_ratio_summary  # noqa: E402
 from lightning_flare.healthy_choice import choose_from_rows  # noqa: E402
-from lightning_flare.healthy_decision import FEATURES  # noqa: E402
+from lightning_flare.healthy_decision import chosen_rule  # noqa: E402
 from lightning_flare.postprocessing import choose_largest_component, choose_threshold  # noqa: E402
 
 FIT_TIME = "fit_time.json"
@@ -164,7 +165,7 @@ def pooled_healthy_decision(folds: Sequence[dict], min_component_ml: float, larg
         record = choose_from_rows(rows, stored[0]["candidates_ml"], min_component_ml, largest_component)
     except ValueError:  # no rows at all, or the pooled min_component_ml is not among the decision's candidates
         return None
-    rule = next(((name, record[name]) for name in FEATURES if record.get(name) is not None), None)
+    rule = chosen_rule("auto", {"healthy_decision": record})
     record["setting"] = f"{rule[0]}:{float(rule[1])!r}" if rule else "off"  # repr: the exact threshold chosen
     return record
 

@@ -42,6 +42,8 @@ from .postprocessing import component_volumes, flare_dsc, remove_small_component
 MAX_LESION_DSC_LOSS = 0.01  # at most 1 point of mean DSC on the lesion cases
 # the rule's features, in the order the validation choice prefers them on ties (healthy_choice.py)
 FEATURES = {"mean_probability": "mean tumour probability", "mass_ml": "tumour probability mass (ml)"}
+SETTING_FORMS = ("healthy_decision must be 'auto', 'off', a probability mass in ml (>= 0) or 'FEATURE:THRESHOLD' "
+                 f"with FEATURE one of {list(FEATURES)} and a threshold >= 0")
 
 
 def tumour_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -106,8 +108,7 @@ def _feature_rule(value: str) -> tuple[str, float]:
     except ValueError:
         number = float("nan")
     if feature not in FEATURES or not number >= 0 or number == float("inf"):
-        raise ValueError(f"healthy_decision must be 'auto', 'off', a probability mass in ml (>= 0) or "
-                         f"'FEATURE:THRESHOLD' with FEATURE one of {list(FEATURES)} and a threshold >= 0, got {value!r}")
+        raise ValueError(f"{SETTING_FORMS}, got {value!r}")
     return feature, number
 
 
@@ -120,8 +121,7 @@ def check_setting(value: Any) -> Any:
     if isinstance(value, str) and ":" in value:
         _feature_rule(value)
         return value
-    raise ValueError(f"healthy_decision must be 'auto', 'off', a probability mass in ml (>= 0) or "
-                     f"'FEATURE:THRESHOLD' (FEATURE one of {list(FEATURES)}), got {value!r}")
+    raise ValueError(f"{SETTING_FORMS}, got {value!r}")
 
 
 def decide(logits: torch.Tensor, spacing_mm: Sequence[float], min_component_ml: float, rule: tuple[str, float]) -> dict:
