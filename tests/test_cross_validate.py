@@ -207,10 +207,12 @@ def test_fit_timer_leaves_out_the_warmup_iterations(tmp_path):
     timer = FitTimer(path="t.json", warmup=2)
     timer.on_fit_start(None, None)
     timer.times = [5.0, 3.0, 1.0, 2.0]  # two slow first iterations (oneDNN primitive creation)
+    timer.epochs = [0, 0, 1, 1]
     trainer = SimpleNamespace(precision="32-true", is_global_zero=True, default_root_dir=str(tmp_path))
     timer.on_fit_end(trainer, None)
     record = json.loads((tmp_path / "t.json").read_text())
     assert record["seconds_per_iteration"] == 1.5 and record["iteration_s"] == 11.0 and record["iterations"] == 4
     assert record["precision"] == "32-true" and record["fit_s"] >= 0
+    assert record["epoch_seconds_per_iteration"] == {"0": 4.0, "1": 1.5}  # every iteration, warm-up included
     with pytest.raises(ValueError, match="warmup must be an integer >= 0, got -1"):
         FitTimer(warmup=-1)
