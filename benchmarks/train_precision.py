@@ -44,7 +44,8 @@ def run(config: str, precision: str | None, isa: str, steps: int, work: Path,
         overrides: list[str] = ()) -> tuple[float, str]:
     times = work / f"{config}_{precision}_{isa}.json"
     times.unlink(missing_ok=True)
-    callbacks = [{"class_path": "train_precision.StepTimer"}]
+    callbacks = [{"class_path": "lightning_flare.train_layout.ChannelsLastTraining"},  # as the configs' fits
+                 {"class_path": "train_precision.StepTimer"}]
     cmd = [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(REPO / "configs" / f"{config}.yaml"),
            "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
            "--trainer.callbacks", json.dumps(callbacks), "--trainer.enable_checkpointing", "false",

@@ -39,6 +39,7 @@ class FitTimer(Callback):
 
     def record(self, trainer: L.Trainer) -> dict:
         timed = self.times[self.warmup:] or self.times
+        assert len(self.epochs) == len(self.times), "one epoch index per timed iteration"
         per_epoch: dict[int, list[float]] = {}
         for epoch, seconds in zip(self.epochs, self.times):
             per_epoch.setdefault(epoch, []).append(seconds)

@@ -92,6 +92,14 @@ def use_channels_last(value: bool | str, device: torch.device | str) -> bool:
     return value
 
 
+def contiguous_forward(net: nn.Module) -> nn.Module:
+    """``net``, or a contiguous copy of it where its weights are channels-last (a fit under
+    ``train_layout.ChannelsLastTraining``): ``channels_last: false`` then still runs the contiguous layout."""
+    if any(p.dim() == 5 and not p.is_contiguous() for p in net.parameters()):
+        return deepcopy(net).to(memory_format=torch.contiguous_format)
+    return net
+
+
 def channels_last_forward(net: nn.Module):
     """A forward function running a channels-last copy of ``net`` (``net`` itself is left untouched): a
     convolution keeps the channels-last layout only when its weight has it too."""
@@ -268,7 +276,7 @@ def sliding_window_logits(
         counts.update(windows=len(sampler.locations), windows_total=total)
     aggregator = DeviceGridAggregator(sampler, weighting)
     flips = _flip_sets(mirror_axes)
-    forward = channels_last_forward(net) if use_channels_last(channels_last, device) else net
+    forward = channels_last_forward(net) if use_channels_last(channels_last, device) else contiguous_forward(net)
     for start in range(0, len(sampler), batch_size):
         items = [sampler[i] for i in range(start, min(start + batch_size, len(sampler)))]
         windows = torch.stack([w for w, _ in items]).to(device)
