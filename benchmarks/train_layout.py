@@ -7,8 +7,8 @@ Rows: fp32 and bf16 autocast, each with oneDNN free (``ALL``) and capped below A
 kernels of an AVX512_BF16 CPU without AMX), in fresh subprocesses. A step is forward (deep supervision), Dice+CE,
 backward and SGD. Times: median and minimum over ``--repeats`` interleaved steps after two warm-up steps; the
 first step's loss difference between the layouts is printed. The last column: what ``ChannelsLastTraining("auto")``
-would choose from these medians (its own timing, before a fit: the median of three forward + backward passes of
-one sample).
+would choose from these medians (its own timing, before a fit: the median of five forward + backward passes of
+the fit's batch per layout).
 """
 from __future__ import annotations
 

@@ -4,8 +4,10 @@ training step of the network says it is faster on this CPU.
 Measured on an Intel Xeon with AMX, one training step of the 4-stage U-Net (batch 2 x 48^3), interleaved in one
 process (``benchmarks/train_layout.py``): in fp32, channels-last takes 0.93x the time of the contiguous layout with
 oneDNN free and 0.87x capped below AMX (the kernels of an AVX512_BF16 CPU without AMX); in bf16 it takes 1.3-1.7x.
-Other CPUs were not measured, so "auto" times both layouts on the fit's own network before training (a few
-seconds) and only for fp32 training on the CPU; bf16, 16-bit and GPUs keep the contiguous layout."""
+Other CPUs were not measured, so "auto" times both layouts on the fit's own network and batch shape before
+training (12 forward + backward passes, the median of 5 per layout; the median of 3 passes of one sample gave
+0.72x and 1.00x in two fits on the CPU above) and only for fp32 training on the CPU; bf16, 16-bit and GPUs keep the
+contiguous layout."""
 from __future__ import annotations
 
 import statistics
@@ -34,7 +36,7 @@ def use_channels_last_training(setting: bool | str, device: torch.device | str, 
     return torch.device(device).type == "cpu" and str(precision) in FULL_PRECISION and measure()
 
 
-def time_training_layouts(net: nn.Module, shape: Sequence[int], repeats: int = 3) -> dict[str, float]:
+def time_training_layouts(net: nn.Module, shape: Sequence[int], repeats: int = 5) -> dict[str, float]:
     """Median seconds of one forward + backward of copies of ``net`` on a random batch of ``shape`` in each layout
     (``contiguous``, ``channels_last``), alternating after one warm-up each, so that other work slows both alike
     (the median, not the best: on the CPU measured, the gain is fewer slow steps more than a faster best step)."""
@@ -60,10 +62,12 @@ def time_training_layouts(net: nn.Module, shape: Sequence[int], repeats: int = 3
 
 
 def _probe_shape(trainer: L.Trainer, net: nn.Module) -> tuple[int, ...]:
-    """One sample of the fit's patch (the data module's ``patch_size``; 48^3 without one) and the net's channels."""
+    """The fit's batch (the data module's ``batch_size`` x ``patch_size``; 2 x 48^3 without them), the net's
+    input channels."""
     conv = next((m for m in net.modules() if isinstance(m, nn.Conv3d)), None)
-    patch = getattr(getattr(trainer, "datamodule", None), "patch_size", None) or (48, 48, 48)
-    return (1, conv.in_channels if conv is not None else 1, *map(int, patch))
+    data = getattr(trainer, "datamodule", None)
+    patch = getattr(data, "patch_size", None) or (48, 48, 48)
+    return (int(getattr(data, "batch_size", None) or 2), conv.in_channels if conv is not None else 1, *map(int, patch))
 
 
 class ChannelsLastTraining(Callback):

@@ -28,11 +28,15 @@ def test_two_process_ddp_fit_validate_predict(tiny_dataset, tmp_path):
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"dirpath": str(tmp_path / "out" / "ckpt"), "filename": "last", "save_top_k": 1,
                                 "every_n_epochs": 1, "save_on_train_epoch_end": True}},
-                 {"class_path": "ddp_helpers.RecordDraws", "init_args": {"out_dir": str(record)}}]
+                 {"class_path": "ddp_helpers.RecordDraws", "init_args": {"out_dir": str(record)}},
+                 # the DDP reducer sees channels-last parameters (set up before the wrapper)
+                 {"class_path": "lightning_flare.train_layout.ChannelsLastTraining", "init_args": {"enabled": True}}]
     args[args.index("--trainer.callbacks") + 1] = json.dumps(callbacks)
     ddp = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
            "--trainer.precision", "32-true", "--data.iterations_per_epoch", "3"]
-    _run(["fit", *args, *ddp, "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1"], tmp_path)
+    fit = _run(["fit", *args, *ddp, "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1"], tmp_path)
+    assert "channels-last layout for 32-true training" in fit.stdout + fit.stderr
+    assert "Grad strides do not match" not in fit.stderr
 
     fits = [json.loads((record / f"rank{r}_fit.json").read_text()) for r in (0, 1)]
     dataset = load_raw_dataset(tiny_dataset)
