@@ -29,13 +29,14 @@ from common import format_table  # noqa: E402
 from lightning_flare.cpu_precision import cpu_model  # noqa: E402
 from lightning_flare.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets  # noqa: E402
 from lightning_flare.network import PlainConvUNet  # noqa: E402
-from lightning_flare.train_layout import FULL_PRECISION, MARGIN  # noqa: E402
+from lightning_flare.train_layout import FULL_PRECISION, MARGIN, set_layout  # noqa: E402
 
 
 def measure(dtype: str, repeats: int, patch: list[int], batch: int) -> dict:
     torch.manual_seed(0)
     net = PlainConvUNet(deep_supervision=True)
-    nets = {"contiguous": net, "channels_last": copy.deepcopy(net).to(memory_format=torch.channels_last_3d)}
+    nets = {"contiguous": net, "channels_last": copy.deepcopy(net)}
+    set_layout(nets["channels_last"], channels_last=True)  # as ChannelsLastTraining
     x = torch.randn(batch, 1, *patch)
     inputs = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last_3d)}
     labels = (torch.rand(batch, 1, *patch) > 0.8).long()

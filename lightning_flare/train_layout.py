@@ -70,6 +70,19 @@ def _probe_shape(trainer: L.Trainer, net: nn.Module) -> tuple[int, ...]:
     return (int(getattr(data, "batch_size", None) or 2), conv.in_channels if conv is not None else 1, *map(int, patch))
 
 
+def set_layout(net: nn.Module, channels_last: bool) -> None:
+    """5-D parameters in place (the same Parameter objects) channels-last or contiguous. A weight that already is
+    both (one input channel, a 1x1x1 kernel) keeps its strides: autograd gives its gradient those, and DDP's
+    reducer compares every stride ("Grad strides do not match bucket view strides")."""
+    for param in net.parameters():
+        if param.dim() != 5:
+            continue
+        if channels_last and not param.is_contiguous(memory_format=torch.channels_last_3d):
+            param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
+        elif not channels_last and not param.is_contiguous():
+            param.data = param.data.contiguous()
+
+
 class ChannelsLastTraining(Callback):
     """Puts ``pl_module.net`` in ``torch.channels_last_3d`` for the fit, before the optimizer and any DDP wrapper
     see the parameters (the same Parameter objects; the DDP ranks follow rank 0's choice), and the optimizer state
@@ -98,7 +111,7 @@ class ChannelsLastTraining(Callback):
         rank_zero_info(f"ChannelsLastTraining: {'channels-last' if self.active else 'contiguous'} layout for "
                        f"{trainer.precision} training" + (f" (one step timed: {timed})" if timed else ""))
         if self.active:
-            pl_module.net.to(memory_format=torch.channels_last_3d)
+            set_layout(pl_module.net, channels_last=True)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for optimizer in trainer.optimizers:  # restored momentum keeps the layout it was saved in
@@ -109,7 +122,7 @@ class ChannelsLastTraining(Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.active:
-            pl_module.net.to(memory_format=torch.contiguous_format)
+            set_layout(pl_module.net, channels_last=False)
             self.active = False
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
