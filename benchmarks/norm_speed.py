@@ -17,10 +17,8 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,8 +26,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_table  # noqa: E402
+from step_timing import interleaved_times, training_step  # noqa: E402
 from lightning_flare.cpu_precision import cpu_model  # noqa: E402
-from lightning_flare.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets  # noqa: E402
 from lightning_flare.network import InstanceNorm3d, PlainConvUNet  # noqa: E402
 
 
@@ -65,19 +63,7 @@ def measure(task: str, dtype: str, repeats: int, train_patch: list[int], window:
     if task == "train":
         x = torch.randn(2, 1, *train_patch)
         labels = (torch.rand(2, 1, *train_patch) > 0.8).long()
-        n_out = len(ours(x[:1]))
-        loss_fn = DeepSupervisionLoss(DiceCELoss(), deep_supervision_weights(n_out))
-        targets = downsample_targets(labels, [[0.5 ** i] * 3 for i in range(n_out)])
-        optimisers = {k: torch.optim.SGD(v.parameters(), lr=1e-3, momentum=0.99, nesterov=True) for k, v in nets.items()}
-
-        def run(key):
-            optimisers[key].zero_grad(set_to_none=True)
-            with torch.autocast(**autocast):
-                outputs = nets[key](x)
-            loss = loss_fn([o.float() for o in outputs], targets)
-            loss.backward()
-            optimisers[key].step()
-            return loss.detach()
+        run = training_step(nets, {k: x for k in nets}, labels, dtype == "bf16")
     else:
         x = torch.randn(1, 1, *window).contiguous(memory_format=torch.channels_last_3d)
         for net in nets.values():
@@ -90,14 +76,7 @@ def measure(task: str, dtype: str, repeats: int, train_patch: list[int], window:
     difference = float((first["torch"] - first["ours"]).abs().max())
     for k in nets:
         run(k)
-    times = {k: [] for k in nets}
-    for _ in range(repeats):
-        for k in nets:
-            start = time.perf_counter()
-            run(k)
-            times[k].append(time.perf_counter() - start)
-    return {"difference": difference, **{f"{k}_median": statistics.median(v) for k, v in times.items()},
-            **{f"{k}_min": min(v) for k, v in times.items()}}
+    return {"difference": difference, **interleaved_times(run, list(nets), repeats)}
 
 
 def main() -> None:

@@ -16,18 +16,16 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_table  # noqa: E402
+from step_timing import interleaved_times, training_step  # noqa: E402
 from lightning_flare.cpu_precision import cpu_model  # noqa: E402
-from lightning_flare.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_targets  # noqa: E402
 from lightning_flare.network import PlainConvUNet  # noqa: E402
 from lightning_flare.train_layout import FULL_PRECISION, MARGIN, set_layout  # noqa: E402
 
@@ -40,33 +38,12 @@ def measure(dtype: str, repeats: int, patch: list[int], batch: int) -> dict:
     x = torch.randn(batch, 1, *patch)
     inputs = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last_3d)}
     labels = (torch.rand(batch, 1, *patch) > 0.8).long()
-    n_out = len(net.output_scales())
-    loss_fn = DeepSupervisionLoss(DiceCELoss(), deep_supervision_weights(n_out))
-    targets = downsample_targets(labels, [tuple(s) for s in net.output_scales()])
-    optimisers = {k: torch.optim.SGD(v.parameters(), lr=1e-3, momentum=0.99, nesterov=True) for k, v in nets.items()}
-
-    def run(key: str) -> float:
-        optimisers[key].zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            outputs = nets[key](inputs[key])
-        loss = loss_fn([o.float() for o in outputs], targets)
-        loss.backward()
-        optimisers[key].step()
-        return float(loss)
-
-    first = {k: run(k) for k in nets}  # warm-up 1 (the same weights: the loss must agree up to rounding)
+    run = training_step(nets, inputs, labels, dtype == "bf16")
+    first = {k: float(run(k)) for k in nets}  # warm-up 1 (the same weights: the loss must agree up to rounding)
     for k in nets:
         run(k)
-    times = {k: [] for k in nets}
-    for _ in range(repeats):
-        for k in nets:
-            start = time.perf_counter()
-            run(k)
-            times[k].append(time.perf_counter() - start)
     return {"loss_difference": abs(first["contiguous"] - first["channels_last"]),
-            **{f"{k}_median": statistics.median(v) for k, v in times.items()},
-            **{f"{k}_min": min(v) for k, v in times.items()}}
-
+            **interleaved_times(run, list(nets), repeats)}
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
