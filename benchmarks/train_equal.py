@@ -14,6 +14,7 @@ Both sides get everything the configuration fixes:
 - the counts: a small ``nnUNetTrainer`` subclass sets num_epochs / num_iterations_per_epoch (the config's
   max_epochs / iterations_per_epoch, or ``--iterations``), initial_lr, weight_decay, oversample_foreground_percent,
   num_val_iterations_per_epoch = 1 (nnU-Net cannot skip its per-epoch pseudo validation; ours runs none);
+  ours runs without the config's ``TimeBudget`` callback (it would end a slow fit early), its other callbacks kept;
 - augmentation (``--augmentation``): nnunet (default) = nnU-Net's stock pipeline on its side, ``augmentation:
   nnunet`` on ours. The IBSI config's ``basic`` (mirroring, noise, uniform brightness) has no stock nnU-Net
   trainer; ``--augmentation basic`` builds it from nnU-Net's own transform classes; ``none`` = nnUNetTrainerNoDA;
@@ -403,11 +404,29 @@ def train_nnunet(args, info, work, folders, name, fold, seed, epochs, ipe) -> di
     return out
 
 
+def without_time_budget(config: Path, work: Path) -> list[str]:
+    """``--config`` arguments that drop the config's TimeBudget callback (it would end a slow fit early: equal work
+    means the same iterations on both sides), or none when it has no such callback. The rest of its callbacks stay."""
+    import yaml
+
+    callbacks = ((yaml.safe_load(config.read_text()) or {}).get("trainer") or {}).get("callbacks")
+    if not isinstance(callbacks, list):
+        return []
+    kept = [c for c in callbacks if not str((c or {}).get("class_path", "")).endswith("TimeBudget")]
+    if len(kept) == len(callbacks):
+        return []
+    layer = work / "ours_no_time_budget.yaml"
+    layer.write_text(yaml.safe_dump({"trainer": {"callbacks": kept}}, sort_keys=False))
+    return ["--config", str(layer)]
+
+
 def train_ours(args, info, work, fold, seed, epochs, ipe, measured: bool) -> dict:
     tag = f"fold{fold}_seed{seed}_{'measured' if measured else 'fp32'}"
     run_dir, times = work / "ours" / tag, work / "ours" / f"{tag}_times.json"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [args.ours_python, str(REPO / "cli.py"), "fit", "--config", str(Path(args.config).resolve()), *args.override,
+    config = Path(args.config).resolve()
+    cmd = [args.ours_python, str(REPO / "cli.py"), "fit", "--config", str(config), *without_time_budget(config, work),
+           *args.override,
            "--data.data_dir", str(Path(args.data).resolve()), "--data.cache_dir", str(work / "ours_cache"),
            "--data.fold", str(fold), "--data.augmentation", args.augmentation,
            "--data.iterations_per_epoch", str(ipe), "--trainer.max_epochs", str(epochs),
