@@ -2,8 +2,9 @@
 
 Embedded demo data (no downloads) and test data. Arrays are (x, y, z) = SimpleITK / TorchIO order.
 Optionally (issue 16) partially labelled training cases (only the largest lesion marked, listed in dataset.json
-"partially_labelled"), unlabelled scans (``imagesUnlabelled/``) and a test split with its own healthy fraction;
-the defaults write exactly the dataset of before.
+"partially_labelled"), unlabelled scans (``imagesUnlabelled/``), a test split with its own healthy fraction, and
+lesion mimics: unlabelled lesion-shaped blobs of weaker contrast (cysts and the like, what a healthy scan's false
+positives are made of); the defaults write exactly the dataset of before.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ PARENCHYMA = (SOFT, LIVER, SPLEEN, KIDNEY)  # a lesion's HU keeps >= MIN_CONTRAS
 MIN_CONTRAST_HU = 40.0
 RADIUS_MM, MIN_RADIUS_MM = (8.0, 25.0), 4.0
 HALO = 1.3  # lesion, out to HALO x its radii, must lie in host or soft tissue
+MIMIC_CONTRAST_HU = (15.0, 30.0)  # |mimic - host| HU: below a lesion's 40-100, in any case of both kinds
 
 
 @dataclass
@@ -53,6 +55,7 @@ class SyntheticCase:
     origin: tuple[float, float, float]
     direction: tuple[float, ...]  # 9 floats, row-major as SimpleITK
     lesions: list[Lesion] = field(default_factory=list)
+    mimics: list[Lesion] = field(default_factory=list)  # unlabelled look-alikes (not in ``label``)
     tissue_hu: dict[int, float] = field(default_factory=dict)  # clean HU of each tissue id in this case
 
 
@@ -78,8 +81,14 @@ def _contrast(rng: np.random.Generator, host_hu: float, organ_hus: Sequence[floa
             return float(c)
 
 
-def _place_lesion(rng, tissue, label, axes, spacing, hu) -> Lesion | None:
-    """Ellipsoid centred in a host voxel, its halo in host/soft tissue and clear of other lesions."""
+def _mimic_contrast(rng: np.random.Generator, host_hu: float, organ_hus: Sequence[float]) -> float:
+    """Mimic-minus-host HU: +-MIMIC_CONTRAST_HU, either sign."""
+    return float(rng.uniform(*MIMIC_CONTRAST_HU) * (1 if rng.random() < 0.5 else -1))
+
+
+def _place_lesion(rng, tissue, label, axes, spacing, hu, contrast=_contrast) -> Lesion | None:
+    """Ellipsoid centred in a host voxel, its halo in host/soft tissue and clear of other lesions (``label``'s
+    ones, which it marks); ``contrast(rng, host_hu, organ_hus)`` draws its HU against the host."""
     host = int(rng.choice(LESION_HOSTS, p=HOST_WEIGHTS))
     radii = np.clip(rng.uniform(10.0, 25.0) * rng.uniform(0.8, 1.2, 3), *RADIUS_MM)
     st = max(1, round(3.0 / spacing[0]))  # distance map on a ~3 mm in-plane grid (fast)
@@ -99,7 +108,7 @@ def _place_lesion(rng, tissue, label, axes, spacing, hu) -> Lesion | None:
                     and np.isin(tissue[box][halo], (host, SOFT)).all() and not label[box][halo].any()):
                 label[box][q2 <= 1] = 1
                 return Lesion(tuple(map(float, centre)), tuple(map(float, radii)), host,
-                              _contrast(rng, hu[host], [hu[t] for t in PARENCHYMA]))
+                              contrast(rng, hu[host], [hu[t] for t in PARENCHYMA]))
         if not cand.size or attempt % 4 == 3:  # shrink when nothing fits or on repeated misses
             if radii.max() <= MIN_RADIUS_MM:
                 return None
@@ -108,12 +117,18 @@ def _place_lesion(rng, tissue, label, axes, spacing, hu) -> Lesion | None:
 
 
 def make_case(rng: np.random.Generator, healthy: bool, in_plane_size: int = 192,
-              direction: Direction = "identity", lesions_per_case: Sequence[int] = (1, 3)) -> SyntheticCase:
+              direction: Direction = "identity", lesions_per_case: Sequence[int] = (1, 3),
+              mimics_per_case: Sequence[int] = (0, 0)) -> SyntheticCase:
     """One synthetic abdominal CT (body scaled to the field of view) with 0 (healthy) or ``lesions_per_case``
-    (min, max; as many as fit) lesions."""
+    (min, max; as many as fit) lesions, and ``mimics_per_case`` (min, max) mimics in every case, healthy or not:
+    lesion-sized ellipsoids in the same hosts at 15-30 HU from their host, left out of the label. Mimics are drawn
+    after everything else the default draws, so (0, 0) gives the case of before."""
     lo, hi = (int(v) for v in lesions_per_case)
     if not 1 <= lo <= hi:
         raise ValueError(f"lesions_per_case must be (min, max) with 1 <= min <= max, got {lesions_per_case!r}")
+    mlo, mhi = (int(v) for v in mimics_per_case)
+    if not 0 <= mlo <= mhi:
+        raise ValueError(f"mimics_per_case must be (min, max) with 0 <= min <= max, got {mimics_per_case!r}")
     n = in_plane_size
     s, dz = round(float(rng.uniform(0.7, 1.0)), 3), round(float(rng.uniform(2.5, 5.0)), 2)
     nz = max(8, round(rng.uniform(120, 200) / dz))
@@ -158,8 +173,12 @@ def make_case(rng: np.random.Generator, healthy: bool, in_plane_size: int = 192,
         lesions += [les] if les else []
     if target and not lesions:
         raise RuntimeError("could not place a lesion; in_plane_size too small?")
+    mimics, occupied = [], label.copy()  # a mimic keeps clear of the lesions and of the other mimics
+    for _ in range(int(rng.integers(mlo, mhi + 1)) if mhi else 0):
+        m = _place_lesion(rng, tissue, occupied, axes, spacing, hu, _mimic_contrast)
+        mimics += [m] if m else []
     clean = np.asarray(hu, np.float32)[tissue]
-    for les in lesions:  # soft-edged intensity; the label stays the hard ellipsoid
+    for les in lesions + mimics:  # soft-edged intensity; the label stays the hard ellipsoid
         c, r = np.asarray(les.centre_vox) * spacing, np.asarray(les.radii_mm)
         box = _box(axes, c, r, 2.0)
         dist = (1 - np.sqrt(_q2(axes, c, r, box))) * float(np.exp(np.log(r).mean()))  # ~mm inside
@@ -173,7 +192,7 @@ def make_case(rng: np.random.Generator, healthy: bool, in_plane_size: int = 192,
     if len(d) != 9:
         raise ValueError("direction needs 9 values")
     return SyntheticCase(np.clip(np.rint(img), -1024, 3071).astype(np.int16), label,
-                         (s, s, dz), origin, d, lesions, dict(enumerate(hu)))
+                         (s, s, dz), origin, d, lesions, mimics, dict(enumerate(hu)))
 
 
 SPLITS = ("Tr", "Ts", "Unlabelled")  # imagesTr, imagesTs, imagesUnlabelled
@@ -185,10 +204,12 @@ def case_id(split: str, k: int) -> str:
 
 
 def dataset_case(seed: int, split: str, k: int, healthy_fraction: float = 0.2, in_plane_size: int = 192,
-                 direction: Direction = "identity", lesions_per_case: Sequence[int] = (1, 3)) -> tuple[str, SyntheticCase]:
+                 direction: Direction = "identity", lesions_per_case: Sequence[int] = (1, 3),
+                 mimics_per_case: Sequence[int] = (0, 0)) -> tuple[str, SyntheticCase]:
     """Case k of split "Tr", "Ts" or "Unlabelled": its id and content depend only on (seed, split, k, settings)."""
     rng = np.random.default_rng([seed, SPLITS.index(split), k])
-    return case_id(split, k), make_case(rng, is_healthy(k, healthy_fraction), in_plane_size, direction, lesions_per_case)
+    return case_id(split, k), make_case(rng, is_healthy(k, healthy_fraction), in_plane_size, direction,
+                                        lesions_per_case, mimics_per_case)
 
 
 def _write(arr: np.ndarray, case: SyntheticCase, path: Path) -> None:
@@ -205,13 +226,14 @@ def _write(arr: np.ndarray, case: SyntheticCase, path: Path) -> None:
 
 
 _EXTRA_DEFAULTS = {"test_healthy_fraction": None, "partial_fraction": 0.0, "num_unlabelled": 0,
-                   "lesions_per_case": [1, 3]}  # issue 16's options: stored in synthetic_params only when set
+                   "lesions_per_case": [1, 3], "mimics_per_case": [0, 0]}  # issue 16's options: stored in synthetic_params only when set
 
 
 def synthetic_params(num_train: int = 16, num_test: int = 6, healthy_fraction: float = 0.2, seed: int = 0,
                      in_plane_size: int = 192, name: str = "Dataset900_Synthetic", direction: Direction = "identity",
                      test_healthy_fraction: float | None = None, partial_fraction: float = 0.0,
-                     num_unlabelled: int = 0, lesions_per_case: Sequence[int] = (1, 3)) -> dict:
+                     num_unlabelled: int = 0, lesions_per_case: Sequence[int] = (1, 3),
+                     mimics_per_case: Sequence[int] = (0, 0)) -> dict:
     """The settings stored in a generated dataset.json (``synthetic_params``); same defaults as ``write_dataset``.
     The options of issue 16 appear only when they differ from their defaults, so the defaults' dataset.json is the
     one of before."""
@@ -219,7 +241,8 @@ def synthetic_params(num_train: int = 16, num_test: int = 6, healthy_fraction: f
               "healthy_fraction": healthy_fraction, "seed": seed, "in_plane_size": in_plane_size,
               "direction": direction if isinstance(direction, str) else [float(v) for v in direction]}
     extra = {"test_healthy_fraction": test_healthy_fraction, "partial_fraction": float(partial_fraction),
-             "num_unlabelled": int(num_unlabelled), "lesions_per_case": [int(v) for v in lesions_per_case]}
+             "num_unlabelled": int(num_unlabelled), "lesions_per_case": [int(v) for v in lesions_per_case],
+             "mimics_per_case": [int(v) for v in mimics_per_case]}
     return params | {k: v for k, v in extra.items() if v != _EXTRA_DEFAULTS[k]}
 
 
@@ -227,20 +250,23 @@ def write_dataset(out_dir: str | os.PathLike, num_train: int = 16, num_test: int
                   healthy_fraction: float = 0.2, seed: int = 0, in_plane_size: int = 192,
                   name: str = "Dataset900_Synthetic", direction: Direction = "identity", *,
                   test_healthy_fraction: float | None = None, partial_fraction: float = 0.0,
-                  num_unlabelled: int = 0, lesions_per_case: Sequence[int] = (1, 3)) -> Path:
+                  num_unlabelled: int = 0, lesions_per_case: Sequence[int] = (1, 3),
+                  mimics_per_case: Sequence[int] = (0, 0)) -> Path:
     """Write (or reuse) an nnU-Net raw dataset in out_dir; dataset.json, written last, marks it complete.
 
     ``test_healthy_fraction``: healthy fraction of imagesTs (None: ``healthy_fraction``); ``partial_fraction``: this
     fraction of the lesion training cases keeps only its largest lesion in labelsTr (dataset.json
     "partially_labelled" lists them; imagesTs labels stay complete); ``num_unlabelled``: scans written to
     imagesUnlabelled/ without label (healthy as ``healthy_fraction``); ``lesions_per_case``: (min, max) lesions of a
-    lesion case (several lesions make the partial labels partial; one lesion is marked whole)."""
+    lesion case (several lesions make the partial labels partial; one lesion is marked whole);
+    ``mimics_per_case``: (min, max) unlabelled lesion look-alikes per case, healthy or not (``make_case``)."""
     out = Path(out_dir)
     if not 0 <= partial_fraction <= 1 or num_unlabelled < 0:
         raise ValueError(f"partial_fraction must be in [0, 1] and num_unlabelled >= 0, got {partial_fraction!r}, "
                          f"{num_unlabelled!r}")
     params = synthetic_params(num_train, num_test, healthy_fraction, seed, in_plane_size, name, direction,
-                              test_healthy_fraction, partial_fraction, num_unlabelled, lesions_per_case)
+                              test_healthy_fraction, partial_fraction, num_unlabelled, lesions_per_case,
+                              mimics_per_case)
     splits = {"Tr": num_train, "Ts": num_test, "Unlabelled": num_unlabelled}
     healthy = {"Tr": healthy_fraction, "Unlabelled": healthy_fraction,
                "Ts": healthy_fraction if test_healthy_fraction is None else test_healthy_fraction}
@@ -258,7 +284,8 @@ def write_dataset(out_dir: str | os.PathLike, num_train: int = 16, num_test: int
         meta.unlink()  # mark incomplete while rewriting
     for sp, num in splits.items():
         for k in range(num):
-            cid, case = dataset_case(seed, sp, k, healthy[sp], in_plane_size, direction, lesions_per_case)
+            cid, case = dataset_case(seed, sp, k, healthy[sp], in_plane_size, direction, lesions_per_case,
+                                     mimics_per_case)
             _write(case.image, case, out / f"images{sp}" / f"{cid}_0000.nii.gz")
             if sp != "Unlabelled":
                 _write(largest_lesion(case.label) if cid in partial else case.label, case, out / f"labels{sp}" / f"{cid}.nii.gz")
@@ -287,13 +314,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--partial-fraction", type=float, default=0.0,
                     help="fraction of the lesion training cases labelled with their largest lesion only")
     ap.add_argument("--lesions-per-case", type=int, nargs=2, default=[1, 3], metavar=("MIN", "MAX"))
+    ap.add_argument("--mimics-per-case", type=int, nargs=2, default=[0, 0], metavar=("MIN", "MAX"),
+                    help="unlabelled lesion look-alikes (15-30 HU from their host) in every case")
     ap.add_argument("--name", default="Dataset900_Synthetic")
     ap.add_argument("--direction", default="identity", choices=sorted(DIRECTIONS))
     a = ap.parse_args(argv)
     print(write_dataset(a.out_dir, a.num_train, a.num_test, a.healthy_fraction, a.seed, a.in_plane_size, a.name,
                         a.direction, test_healthy_fraction=a.test_healthy_fraction,
                         partial_fraction=a.partial_fraction, num_unlabelled=a.num_unlabelled,
-                        lesions_per_case=a.lesions_per_case))
+                        lesions_per_case=a.lesions_per_case, mimics_per_case=a.mimics_per_case))
 
 
 if __name__ == "__main__":
