@@ -215,6 +215,22 @@ def test_checkpoint_plan_mismatch_names_the_value(trained, tiny_dataset, tmp_pat
                   "--writer.output_dir", str(tmp_path / "m"), "--data.target_spacing", "[3.0, 3.0, 5.0]"])
 
 
+@pytest.mark.parametrize("name, dataset", [("partial_demo", "Dataset903_SyntheticPartial"),
+                                           ("healthy_demo", "Dataset905_SyntheticMimics")])
+def test_layered_demo_configs_compose(name, dataset, tmp_path, monkeypatch):
+    """Issue 16's demonstration configs, read after demo.yaml, name a synthetic dataset the generator accepts."""
+    from lightning_flare.synthetic import synthetic_params
+
+    monkeypatch.chdir(tmp_path)
+    built = cli.main(["--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(ROOT / "configs" / f"{name}.yaml")],
+                     run=False)
+    dm = built.datamodule
+    assert dm.data_dir.name == dataset and dm.synthetic["name"] == dataset
+    assert synthetic_params(**dm.synthetic)["name"] == dataset
+    assert built.trainer.logger is None and built.trainer.default_root_dir == f"runs/{name}"
+    assert built.model.inference.healthy_decision == "auto"
+
+
 @pytest.mark.parametrize("name", ["demo", "flare24", "ibsi_cpu"])
 def test_shipped_configs_compose_with_the_base(name, tmp_path, monkeypatch):
     """configs/base.yaml holds the shared trainer, logger, callbacks and network; each config adds its own."""

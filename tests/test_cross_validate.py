@@ -121,6 +121,27 @@ def test_retest_tests_the_fitted_folds_again_and_pools_them(tmp_path, capsys):
         cv.main([*argv[:-4], "--retest", "../up"], run=run)
 
 
+def test_summary_shows_what_the_healthy_decision_saves_and_costs():
+    """Reports with the figures before the decision: healthy false positives and lesion-case DSC with and without it,
+    pooled over the folds (by hand: 2 healthy scans, one cleared by the decision; 2 lesion cases, one lost)."""
+    def case(name, ref, pred, dsc, pred_alone, dsc_alone):
+        return {"case": name, "dsc": dsc, "nsd": dsc, "reference_ml": ref, "predicted_ml": pred,
+                "predicted_ml_components_only": pred_alone, "dsc_components_only": dsc_alone}
+
+    folds = [_fold(k, [], {"0.0": 1.0}, {"0.0": 1.0}, 10.0) for k in (0, 1)]
+    folds[0]["cases"] = [case("h0", 0.0, 0.0, 1.0, 3.0, 0.0), case("l0", 5.0, 5.0, 0.8, 5.0, 0.8)]
+    folds[1]["cases"] = [case("h1", 0.0, 2.0, 0.0, 2.0, 0.0), case("l1", 4.0, 0.0, 0.0, 4.0, 0.6)]
+    pooled = cv.summarize(folds)["pooled"]
+    assert pooled["healthy_false_positives"] == 1 and pooled["healthy_false_positives_components_only"] == 2
+    assert pooled["dsc_lesion_cases"] == pytest.approx(0.4)
+    assert pooled["dsc_lesion_cases_components_only"] == pytest.approx(0.7)
+    text = cv.format_summary(cv.summarize(folds), "x")
+    assert ("Healthy scans (empty reference): 2, with a false positive: 1 (small-component removal alone: 2); "
+            "mean DSC of the lesion cases 0.4000 (alone: 0.7000)") in text
+    del folds[1]["cases"][0]["dsc_components_only"]  # an older report: no figures before the decision
+    assert "healthy_false_positives_components_only" not in cv.summarize(folds)["pooled"]
+
+
 def _rows(*cases):
     """validation_rows of candidates [0, 1] ml: per case (healthy, mass_ml, mean_probability, dsc), the same at
     both candidates, largest-component DSC = DSC."""
