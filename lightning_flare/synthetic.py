@@ -36,7 +36,8 @@ PARENCHYMA = (SOFT, LIVER, SPLEEN, KIDNEY)  # a lesion's HU keeps >= MIN_CONTRAS
 MIN_CONTRAST_HU = 40.0
 RADIUS_MM, MIN_RADIUS_MM = (8.0, 25.0), 4.0
 HALO = 1.3  # lesion, out to HALO x its radii, must lie in host or soft tissue
-MIMIC_CONTRAST_HU = (15.0, 30.0)  # |mimic - host| HU: below a lesion's 40-100, in any case of both kinds
+MIMIC_CONTRAST_HU = (25.0, 40.0)  # |mimic - host| HU, up to a lesion's lowest (lesions: 40-100 and >= 40 HU from
+# every organ; mimics need not be): the weak-contrast end is ambiguous, as cysts and bowel are on real CT
 
 
 @dataclass
@@ -121,7 +122,7 @@ def make_case(rng: np.random.Generator, healthy: bool, in_plane_size: int = 192,
               mimics_per_case: Sequence[int] = (0, 0)) -> SyntheticCase:
     """One synthetic abdominal CT (body scaled to the field of view) with 0 (healthy) or ``lesions_per_case``
     (min, max; as many as fit) lesions, and ``mimics_per_case`` (min, max) mimics in every case, healthy or not:
-    lesion-sized ellipsoids in the same hosts at 15-30 HU from their host, left out of the label. Mimics are drawn
+    lesion-sized ellipsoids in the same hosts at 25-40 HU from their host, left out of the label. Mimics are drawn
     after everything else the default draws, so (0, 0) gives the case of before."""
     lo, hi = (int(v) for v in lesions_per_case)
     if not 1 <= lo <= hi:
@@ -243,7 +244,10 @@ def synthetic_params(num_train: int = 16, num_test: int = 6, healthy_fraction: f
     extra = {"test_healthy_fraction": test_healthy_fraction, "partial_fraction": float(partial_fraction),
              "num_unlabelled": int(num_unlabelled), "lesions_per_case": [int(v) for v in lesions_per_case],
              "mimics_per_case": [int(v) for v in mimics_per_case]}
-    return params | {k: v for k, v in extra.items() if v != _EXTRA_DEFAULTS[k]}
+    params |= {k: v for k, v in extra.items() if v != _EXTRA_DEFAULTS[k]}
+    if "mimics_per_case" in params:  # a dataset of other mimics is another dataset
+        params["mimic_contrast_hu"] = list(MIMIC_CONTRAST_HU)
+    return params
 
 
 def write_dataset(out_dir: str | os.PathLike, num_train: int = 16, num_test: int = 6,
@@ -315,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="fraction of the lesion training cases labelled with their largest lesion only")
     ap.add_argument("--lesions-per-case", type=int, nargs=2, default=[1, 3], metavar=("MIN", "MAX"))
     ap.add_argument("--mimics-per-case", type=int, nargs=2, default=[0, 0], metavar=("MIN", "MAX"),
-                    help="unlabelled lesion look-alikes (15-30 HU from their host) in every case")
+                    help="unlabelled lesion look-alikes (25-40 HU from their host) in every case")
     ap.add_argument("--name", default="Dataset900_Synthetic")
     ap.add_argument("--direction", default="identity", choices=sorted(DIRECTIONS))
     a = ap.parse_args(argv)

@@ -268,7 +268,7 @@ def test_cli_partial_and_unlabelled_options(tmp_path):
 
 
 def test_mimics_are_unlabelled_weaker_look_alikes(tmp_path):
-    """Mimics: in healthy and lesion cases, never in the label, clear of the lesions, 15-30 HU from their host
+    """Mimics: in healthy and lesion cases, never in the label, clear of the lesions, 25-40 HU from their host
     (lesions: 40-100); the same case without them draws the same lesions."""
     placed = 0
     for seed in range(4):
@@ -281,7 +281,7 @@ def test_mimics_are_unlabelled_weaker_look_alikes(tmp_path):
             for m in case.mimics:
                 q2 = _q2(case, m)
                 assert not case.label[q2 <= syn.HALO ** 2].any()  # its halo is clear of every lesion
-                assert 15 <= abs(m.contrast_hu) <= 30
+                assert 25 <= abs(m.contrast_hu) <= 40
                 core = img[q2 <= 0.5 ** 2].mean()  # its intensity: the host's plus its contrast (noise averages out)
                 assert abs(core - case.tissue_hu[m.host] - m.contrast_hu) < 12, (seed, m)  # 4 mm ones: few voxels
             assert not np.array_equal(case.image, plain.image) or not case.mimics
@@ -289,7 +289,8 @@ def test_mimics_are_unlabelled_weaker_look_alikes(tmp_path):
     with pytest.raises(ValueError, match="mimics_per_case"):
         _case(0, mimics_per_case=(2, 1))
     out = syn.write_dataset(tmp_path / "ds", num_train=2, num_test=0, seed=4, in_plane_size=SIZE, mimics_per_case=(1, 1))
-    assert json.loads((out / "dataset.json").read_text())["synthetic_params"]["mimics_per_case"] == [1, 1]
+    params = json.loads((out / "dataset.json").read_text())["synthetic_params"]
+    assert params["mimics_per_case"] == [1, 1] and params["mimic_contrast_hu"] == [25.0, 40.0]
     syn.main([str(tmp_path / "cli"), "--num-train", "2", "--num-test", "0", "--in-plane-size", str(SIZE),
               "--mimics-per-case", "0", "1"])
     assert json.loads((tmp_path / "cli" / "dataset.json").read_text())["synthetic_params"]["mimics_per_case"] == [0, 1]
