@@ -17,8 +17,11 @@ from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
-from scipy.ndimage import distance_transform_edt, gaussian_filter
+from scipy.ndimage import gaussian_filter
 
+from .synthetic_lesions import (AIR, AORTA, BONE, CORTEX, FAT, HALO, KIDNEY, LIVER, LUNG, MIMIC_CONTRAST_HU,  # noqa: F401
+                                MIN_CONTRAST_HU, MIN_RADIUS_MM, PARENCHYMA, RADIUS_MM, SOFT, SPLEEN, Lesion,
+                                ellipsoid_box, ellipsoid_q2, mimic_contrast, place_lesion)
 from .synthetic_schedule import is_healthy, is_partial, largest_lesion
 
 GENERATOR_VERSION = 2  # 2: lesion HU >= 40 HU from every parenchymal organ of the case
@@ -28,24 +31,8 @@ DIRECTIONS = {  # row-major 3x3, columns = physical direction of array axes x, y
     "permuted": (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0),  # array x->phys y, y->z, z->x
 }
 Direction = str | Sequence[float]  # a DIRECTIONS key or 9 floats
-AIR, FAT, SOFT, LIVER, SPLEEN, KIDNEY, BONE, CORTEX, LUNG, AORTA = range(10)  # tissue ids
 HU_RANGES = [(-1000, -1000), (-110, -90), (40, 50), (55, 70), (45, 58),  # (low, high) HU per id,
              (25, 35), (300, 450), (600, 750), (-870, -830), (40, 200)]  # drawn once per case
-LESION_HOSTS, HOST_WEIGHTS = (LIVER, SOFT, SPLEEN, KIDNEY), (0.4, 0.3, 0.15, 0.15)
-PARENCHYMA = (SOFT, LIVER, SPLEEN, KIDNEY)  # a lesion's HU keeps >= MIN_CONTRAST_HU from each of these
-MIN_CONTRAST_HU = 40.0
-RADIUS_MM, MIN_RADIUS_MM = (8.0, 25.0), 4.0
-HALO = 1.3  # lesion, out to HALO x its radii, must lie in host or soft tissue
-MIMIC_CONTRAST_HU = (25.0, 40.0)  # |mimic - host| HU, up to a lesion's lowest (lesions: 40-100 and >= 40 HU from
-# every organ; mimics need not be): the weak-contrast end is ambiguous, as cysts and bowel are on real CT
-
-
-@dataclass
-class Lesion:
-    centre_vox: tuple[float, float, float]  # (x, y, z) voxel index of the centre
-    radii_mm: tuple[float, float, float]
-    host: int  # tissue id of the host
-    contrast_hu: float  # lesion HU minus host HU
 
 
 @dataclass
@@ -60,61 +47,6 @@ class SyntheticCase:
     tissue_hu: dict[int, float] = field(default_factory=dict)  # clean HU of each tissue id in this case
 
 
-def _box(axes, c, r, k: float = 1.0) -> tuple[slice, ...]:
-    """Index box covering the ellipsoid (centre c, radii r, both mm) scaled by k."""
-    return tuple(slice(int(np.searchsorted(a, ci - k * ri)), int(np.searchsorted(a, ci + k * ri, "right")))
-                 for a, ci, ri in zip(axes, c, r))
-
-
-def _q2(axes, c, r, box) -> np.ndarray:
-    """Squared normalised ellipsoid radius over `box` of the grid (<= 1 inside); r may be inf."""
-    a = [((ax[s] - ci) / ri) ** 2 for ax, s, ci, ri in zip(axes, box, c, r)]
-    return a[0][:, None, None] + a[1][None, :, None] + a[2][None, None, :]
-
-
-def _contrast(rng: np.random.Generator, host_hu: float, organ_hus: Sequence[float]) -> float:
-    """Lesion-minus-host HU: -90..-40 or +40..+100, with the lesion >= MIN_CONTRAST_HU away from every
-    parenchymal organ of the case too (a soft-tissue lesion at the liver's HU would be a liver-coloured blob
-    that no intensity tells apart from the liver's edge). Always satisfiable: organs span 25-70 HU."""
-    while True:
-        c = rng.uniform(40, 100) if rng.random() < 0.5 else -rng.uniform(40, 90)
-        if all(abs(host_hu + c - h) >= MIN_CONTRAST_HU for h in organ_hus):
-            return float(c)
-
-
-def _mimic_contrast(rng: np.random.Generator, host_hu: float, organ_hus: Sequence[float]) -> float:
-    """Mimic-minus-host HU: +-MIMIC_CONTRAST_HU, either sign."""
-    return float(rng.uniform(*MIMIC_CONTRAST_HU) * (1 if rng.random() < 0.5 else -1))
-
-
-def _place_lesion(rng, tissue, label, axes, spacing, hu, contrast=_contrast) -> Lesion | None:
-    """Ellipsoid centred in a host voxel, its halo in host/soft tissue and clear of other lesions (``label``'s
-    ones, which it marks); ``contrast(rng, host_hu, organ_hus)`` draws its HU against the host."""
-    host = int(rng.choice(LESION_HOSTS, p=HOST_WEIGHTS))
-    radii = np.clip(rng.uniform(10.0, 25.0) * rng.uniform(0.8, 1.2, 3), *RADIUS_MM)
-    st = max(1, round(3.0 / spacing[0]))  # distance map on a ~3 mm in-plane grid (fast)
-    sub = (slice(None, None, st), slice(None, None, st))
-    free = np.pad(np.isin(tissue[sub], (host, SOFT)) & (label[sub] == 0), 1)  # pad: stay inside
-    dist = distance_transform_edt(free, sampling=spacing * [st, st, 1])[1:-1, 1:-1, 1:-1]
-    dist[tissue[sub] != host] = 0
-    for attempt in range(40):
-        cand = np.flatnonzero(dist >= HALO * np.exp(np.log(radii).mean()))
-        if cand.size:
-            centre = np.array(np.unravel_index(rng.choice(cand), dist.shape), float) * [st, st, 1]
-            c = centre * spacing
-            box = _box(axes, c, radii, HALO)
-            q2 = _q2(axes, c, radii, box)
-            halo = q2 <= HALO ** 2
-            if (all(c - HALO * radii >= 0) and all(c + HALO * radii <= [a[-1] for a in axes])
-                    and np.isin(tissue[box][halo], (host, SOFT)).all() and not label[box][halo].any()):
-                label[box][q2 <= 1] = 1
-                return Lesion(tuple(map(float, centre)), tuple(map(float, radii)), host,
-                              contrast(rng, hu[host], [hu[t] for t in PARENCHYMA]))
-        if not cand.size or attempt % 4 == 3:  # shrink when nothing fits or on repeated misses
-            if radii.max() <= MIN_RADIUS_MM:
-                return None
-            radii = np.maximum(radii * 0.9, MIN_RADIUS_MM)
-    return None
 
 
 def make_case(rng: np.random.Generator, healthy: bool, in_plane_size: int = 192,
@@ -142,8 +74,8 @@ def make_case(rng: np.random.Generator, healthy: bool, in_plane_size: int = 192,
     tissue, inf = np.full((n, n, nz), AIR, np.int8), np.inf
 
     def paint(t: int, c, r, inside: tuple[int, ...] | None = (SOFT,)) -> None:
-        box = _box(axes, c, r)
-        m, sub = _q2(axes, c, r, box) <= 1, tissue[box]  # sub is a view
+        box = ellipsoid_box(axes, c, r)
+        m, sub = ellipsoid_q2(axes, c, r, box) <= 1, tissue[box]  # sub is a view
         sub[m & np.isin(sub, inside) if inside else m] = t
 
     def organ(u, v, w, ru, rv, rw):  # body-normalised placement + jitter -> (centre, radii) in mm
@@ -170,19 +102,19 @@ def make_case(rng: np.random.Generator, healthy: bool, in_plane_size: int = 192,
     label, lesions = np.zeros(tissue.shape, np.uint8), []
     target, tries = (0 if healthy else int(rng.integers(lo, hi + 1))), 0
     while len(lesions) < target and tries < max(60, 20 * target):  # a failed placement retries with another host
-        les, tries = _place_lesion(rng, tissue, label, axes, spacing, hu), tries + 1
+        les, tries = place_lesion(rng, tissue, label, axes, spacing, hu), tries + 1
         lesions += [les] if les else []
     if target and not lesions:
         raise RuntimeError("could not place a lesion; in_plane_size too small?")
     mimics, occupied = [], label.copy()  # a mimic keeps clear of the lesions and of the other mimics
     for _ in range(int(rng.integers(mlo, mhi + 1)) if mhi else 0):
-        m = _place_lesion(rng, tissue, occupied, axes, spacing, hu, _mimic_contrast)
+        m = place_lesion(rng, tissue, occupied, axes, spacing, hu, mimic_contrast)
         mimics += [m] if m else []
     clean = np.asarray(hu, np.float32)[tissue]
     for les in lesions + mimics:  # soft-edged intensity; the label stays the hard ellipsoid
         c, r = np.asarray(les.centre_vox) * spacing, np.asarray(les.radii_mm)
-        box = _box(axes, c, r, 2.0)
-        dist = (1 - np.sqrt(_q2(axes, c, r, box))) * float(np.exp(np.log(r).mean()))  # ~mm inside
+        box = ellipsoid_box(axes, c, r, 2.0)
+        dist = (1 - np.sqrt(ellipsoid_q2(axes, c, r, box))) * float(np.exp(np.log(r).mean()))  # ~mm inside
         w = (1 / (1 + np.exp(-dist / 0.6))).astype(np.float32)
         clean[box] += w * (hu[les.host] + les.contrast_hu - clean[box])
     img = gaussian_filter(clean, (0.5 / s, 0.5 / s, 0.3))  # slight blur
