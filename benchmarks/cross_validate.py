@@ -44,6 +44,7 @@ from lightning_flare.metrics.functional import volume_ratio_summary  # noqa: E40
 from lightning_flare.healthy_choice import choose_from_rows  # noqa: E402
 from lightning_flare.healthy_decision import chosen_rule  # noqa: E402
 from lightning_flare.postprocessing import choose_largest_component, choose_threshold  # noqa: E402
+from lightning_flare.report import healthy_and_lesion_scores  # noqa: E402
 
 FIT_TIME = "fit_time.json"
 TIMER = {"class_path": "lightning_flare.fit_timer.FitTimer", "init_args": {"path": FIT_TIME}}
@@ -172,18 +173,6 @@ def pooled_healthy_decision(folds: Sequence[dict], min_component_ml: float, larg
     return record
 
 
-def healthy_decision_effect(cases: Sequence[dict]) -> dict:
-    """Mean DSC over the lesion cases, and where the reports hold the figures before the healthy-scan decision
-    (small-component removal alone) the same two figures without it: what the decision saves and costs."""
-    lesion = [c for c in cases if c["reference_ml"] > 0]
-    out = {"dsc_lesion_cases": _mean([c["dsc"] for c in lesion])}
-    if cases and all(all(k in c for k in COMPONENTS_ONLY) for c in cases):
-        out["healthy_false_positives_components_only"] = sum(c["reference_ml"] == 0 and c["predicted_ml_components_only"] > 0
-                                                             for c in cases)
-        out["dsc_lesion_cases_components_only"] = _mean([c["dsc_components_only"] for c in lesion])
-    return out
-
-
 def summarize(folds: Sequence[dict]) -> dict:
     """Per-fold and pooled figures (the pooled ones over every case of the folds given)."""
     rows = []
@@ -203,7 +192,8 @@ def summarize(folds: Sequence[dict]) -> dict:
               "healthy_cases": sum(c["reference_ml"] == 0 for c in cases),
               "healthy_false_positives": sum(c["reference_ml"] == 0 and c["predicted_ml"] > 0 for c in cases),
               "seconds_per_iteration": _mean([r["seconds_per_iteration"] for r in rows]),
-              **healthy_decision_effect(cases)}
+              **healthy_and_lesion_scores([{**c, "healthy_false_positive": c["reference_ml"] == 0 and c["predicted_ml"] > 0}
+                                           for c in cases])}  # the test report's rows: its figures before the decision
     return {"folds": rows, "pooled": pooled, "cpu": sorted({r["cpu"] for r in rows}),
             "precision": sorted({r["precision"] for r in rows}), "postprocessing": pooled_postprocessing(folds),
             "cases": {f["fold"]: f["cases"] for f in folds}}
@@ -231,12 +221,13 @@ def format_summary(summary: dict, name: str = "") -> str:
              f"Pooled predicted / reference volume: median {ratio['median']:.3f} (IQR {ratio['q1']:.3f}-{ratio['q3']:.3f}), "
              f"{ratio['within_goal']} of {ratio['lesion_cases']} lesion cases within 0.8-1.25"]
     if p.get("healthy_cases"):
-        alone = p.get("healthy_false_positives_components_only")
+        alone = p.get("healthy_cases_with_false_positives_components_only")
         lines.append(f"Healthy scans (empty reference): {p['healthy_cases']}, with a false positive: "
                      f"{p['healthy_false_positives']}"
                      + (f" (small-component removal alone: {alone})" if alone is not None else "")
                      + f"; mean DSC of the lesion cases {p['dsc_lesion_cases']:.4f}"
-                     + (f" (alone: {p['dsc_lesion_cases_components_only']:.4f})" if alone is not None else ""))
+                     + (f" (alone: {p['dsc_lesion_cases_components_only']:.4f})"
+                        if p.get("dsc_lesion_cases_components_only") is not None else ""))
     pp = summary["postprocessing"]
     if pp is not None:
         decision = pp.get("healthy_decision")

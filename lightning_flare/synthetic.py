@@ -47,8 +47,6 @@ class SyntheticCase:
     tissue_hu: dict[int, float] = field(default_factory=dict)  # clean HU of each tissue id in this case
 
 
-
-
 def make_case(rng: np.random.Generator, healthy: bool, in_plane_size: int = 192,
               direction: Direction = "identity", lesions_per_case: Sequence[int] = (1, 3),
               mimics_per_case: Sequence[int] = (0, 0)) -> SyntheticCase:

@@ -132,14 +132,14 @@ def test_summary_shows_what_the_healthy_decision_saves_and_costs():
     folds[0]["cases"] = [case("h0", 0.0, 0.0, 1.0, 3.0, 0.0), case("l0", 5.0, 5.0, 0.8, 5.0, 0.8)]
     folds[1]["cases"] = [case("h1", 0.0, 2.0, 0.0, 2.0, 0.0), case("l1", 4.0, 0.0, 0.0, 4.0, 0.6)]
     pooled = cv.summarize(folds)["pooled"]
-    assert pooled["healthy_false_positives"] == 1 and pooled["healthy_false_positives_components_only"] == 2
+    assert pooled["healthy_false_positives"] == 1 and pooled["healthy_cases_with_false_positives_components_only"] == 2
     assert pooled["dsc_lesion_cases"] == pytest.approx(0.4)
     assert pooled["dsc_lesion_cases_components_only"] == pytest.approx(0.7)
     text = cv.format_summary(cv.summarize(folds), "x")
     assert ("Healthy scans (empty reference): 2, with a false positive: 1 (small-component removal alone: 2); "
             "mean DSC of the lesion cases 0.4000 (alone: 0.7000)") in text
     del folds[1]["cases"][0]["dsc_components_only"]  # an older report: no figures before the decision
-    assert "healthy_false_positives_components_only" not in cv.summarize(folds)["pooled"]
+    assert cv.summarize(folds)["pooled"]["dsc_lesion_cases_components_only"] is None
 
 
 def _rows(*cases):
