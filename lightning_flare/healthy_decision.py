@@ -6,6 +6,9 @@ removal (``postprocessing.py``) drops components by volume one at a time; this r
     the scan is declared healthy (its mask emptied) when its most probable component's feature is below a
     threshold: its mean tumour probability (``mean_probability``) or its probability mass (``mass_ml``).
 
+The component-level rule ``component_probability`` (``component_confidence.py``) removes every component whose
+mean tumour probability is below its threshold instead, and declares a scan left with none healthy.
+
 A rule is a pair (feature, threshold) (``chosen_rule``): ``healthy_decision: auto`` takes the one chosen on the
 validation fold (``healthy_choice.py``: one feature, one threshold, chosen after ``min_component_ml`` and
 ``largest_component``), a number is a mass threshold in ml, "off" none.
@@ -42,8 +45,10 @@ from .postprocessing import component_volumes, flare_dsc, remove_small_component
 MAX_LESION_DSC_LOSS = 0.01  # at most 1 point of mean DSC on the lesion cases
 # the rule's features, in the order the validation choice prefers them on ties (healthy_choice.py)
 FEATURES = {"mean_probability": "mean tumour probability", "mass_ml": "tumour probability mass (ml)"}
-SETTING_FORMS = ("healthy_decision must be 'auto', 'off', a probability mass in ml (>= 0) or 'FEATURE:THRESHOLD' "
-                 f"with FEATURE one of {list(FEATURES)} and a threshold >= 0")
+COMPONENT_RULE = "component_probability"  # component_confidence.py: each component below the threshold removed
+RULES = {**FEATURES, COMPONENT_RULE: "mean tumour probability"}
+SETTING_FORMS = ("healthy_decision must be 'auto', 'off', a probability mass in ml (>= 0) or 'RULE:THRESHOLD' "
+                 f"with RULE one of {list(RULES)} and a threshold >= 0 (<= 1 for a probability)")
 
 
 def tumour_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -86,12 +91,12 @@ def declared_healthy(features: Mapping[str, float], rule: tuple[str, float] | No
 
 def chosen_rule(setting: Any, postprocessing: Mapping[str, Any] | None) -> tuple[str, float] | None:
     """The rule in force, (feature, threshold) or None: None for "off" (or 0); a number: ("mass_ml", it);
-    "FEATURE:THRESHOLD" (e.g. "mean_probability:0.9", as ``benchmarks/cross_validate.py`` prints the choice pooled
+    "RULE:THRESHOLD" (e.g. "mean_probability:0.9", as ``benchmarks/cross_validate.py`` prints the choice pooled
     over folds): that rule; "auto": the checkpoint's validation choice (None when the checkpoint has none: older
     checkpoints behave as before; a choice written before ``mean_probability`` existed holds ``mass_ml`` only)."""
     if setting == "auto":
         record = (postprocessing or {}).get("healthy_decision") or {}
-        found = [(name, float(record[name])) for name in FEATURES if record.get(name) is not None]
+        found = [(name, float(record[name])) for name in RULES if record.get(name) is not None]
         return found[0] if found else None
     if setting == "off" or setting is False:
         return None
@@ -107,7 +112,7 @@ def _feature_rule(value: str) -> tuple[str, float]:
         number = float(threshold)
     except ValueError:
         number = float("nan")
-    if feature not in FEATURES or not number >= 0 or number == float("inf"):
+    if feature not in RULES or not number >= 0 or number == float("inf") or (number > 1 and "probability" in feature):
         raise ValueError(f"{SETTING_FORMS}, got {value!r}")
     return feature, number
 
@@ -124,12 +129,17 @@ def check_setting(value: Any) -> Any:
     raise ValueError(f"{SETTING_FORMS}, got {value!r}")
 
 
-def decide(logits: torch.Tensor, spacing_mm: Sequence[float], min_component_ml: float, rule: tuple[str, float]) -> dict:
+def decide(logits: torch.Tensor, spacing_mm: Sequence[float], min_component_ml: float, rule: tuple[str, float],
+           probability: np.ndarray | None = None, argmax: np.ndarray | None = None) -> dict:
     """Features of one scan on the plan's grid (``logits`` (C, x, y, z) of that grid, ``spacing_mm`` its spacing),
-    after removing components below ``min_component_ml``, ``healthy`` (whether ``rule`` empties it) and the rule."""
-    mask = remove_small_components(to_host(logits.argmax(0).to(torch.uint8)), spacing_mm, min_component_ml)
-    features = largest_component_features(mask, to_host(tumour_probability(logits)), spacing_mm)
-    return {**features, "healthy": declared_healthy(features, rule), "rule": rule}
+    after removing components below ``min_component_ml``, ``healthy`` (whether a scan-level ``rule`` empties it;
+    the component rule is applied by the predictor, on its mask) and the rule. ``probability`` and ``argmax``: the
+    logits' tumour probability and argmax on the host, when the caller has them already."""
+    argmax = to_host(logits.argmax(0).to(torch.uint8)) if argmax is None else argmax
+    mask = remove_small_components(argmax, spacing_mm, min_component_ml)
+    probability = to_host(tumour_probability(logits)) if probability is None else probability
+    features = largest_component_features(mask, probability, spacing_mm)
+    return {**features, "healthy": rule[0] in FEATURES and declared_healthy(features, rule), "rule": rule}
 
 
 def case_report_fields(mask: np.ndarray, reference: np.ndarray, spacing_mm: Sequence[float], decision: Mapping) -> dict:
@@ -151,8 +161,8 @@ def case_report_fields(mask: np.ndarray, reference: np.ndarray, spacing_mm: Sequ
 
 
 def describe_rule(rule: tuple[str, float]) -> str:
-    """"mean tumour probability < 0.83" (the words of ``FEATURES``)."""
-    return f"{FEATURES[rule[0]]} < {rule[1]:.4g}"
+    """"mean tumour probability < 0.83" (the words of ``RULES``)."""
+    return f"{RULES[rule[0]]} < {rule[1]:.4g}"
 
 
 def decision_report(setting: Any, postprocessing: Mapping[str, Any] | None) -> dict:
@@ -178,4 +188,7 @@ def decision_line(setting: Any, postprocessing: Mapping[str, Any] | None) -> str
         return f"Healthy-scan decision: none ({why})"
     source = (f" (auto: chosen on the validation fold after min_component_ml {record.get('after_min_component_ml', 0.0):g})"
               if setting == "auto" else "")
+    if rule[0] == COMPONENT_RULE:
+        return (f"Healthy-scan decision: components with {describe_rule(rule)} are removed (a scan left with none is "
+                f"healthy){source}")
     return f"Healthy-scan decision: scans whose most probable component has {describe_rule(rule)} are emptied{source}"

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from .body_box import MIN_PART_ML, body_box, body_threshold, grid_region, windows_touching
-from .device import synchronize
-from .healthy_decision import check_setting, chosen_rule, decide, decision_line
+from .device import synchronize, to_host
+from .component_confidence import remove_unconfident_components
+from .healthy_decision import COMPONENT_RULE, check_setting, chosen_rule, decide, decision_line, tumour_probability
 from .inference import (air_logits, check_autocast_setting, sliding_window_logits, use_channels_last, window_batch_size,
                         window_locations)
 from .io import Geometry
@@ -41,9 +42,10 @@ class InferenceSettings:
       validation fold (kept in the checkpoint);
     - ``healthy_decision``: "off" (the default), "auto" (the rule chosen on the validation fold, kept in the
       checkpoint: a scan whose most probable component, after ``min_component_ml``, has a mean tumour probability
-      or a probability mass below a threshold is emptied; off for checkpoints without one), a probability mass in
-      ml (that rule with that threshold; ``healthy_decision.py``) or "FEATURE:THRESHOLD" (``mean_probability:0.9``:
-      a rule chosen elsewhere, e.g. on pooled cross-validation);
+      or a probability mass below a threshold is emptied, or every component of a mean tumour probability below a
+      threshold is removed (``component_probability``, before ``largest_component``); off for checkpoints without
+      one), a probability mass in ml (the mass rule with that threshold; ``healthy_decision.py``) or
+      "RULE:THRESHOLD" (``component_probability:0.9``: a rule chosen elsewhere, e.g. on pooled cross-validation);
     - ``largest_component``: keep only the largest predicted component (nnU-Net's "remove all but the largest
       component"): true, false, or "auto": as chosen on the validation fold (kept in the checkpoint);
     - ``skip_air``: run only the windows that touch the body (``body_box``: parts above -500 HU, grown by
@@ -168,6 +170,7 @@ def postprocessing_logs(choice: Mapping[str, Any]) -> dict[str, float]:
             "val/dsc_postprocessed": choice["val_dsc_postprocessed"],
             "val/healthy_decision_mass_ml": decision["mass_ml"] or 0.0,  # 0: off (or the other feature)
             "val/healthy_decision_mean_probability": decision.get("mean_probability") or 0.0,
+            "val/healthy_decision_component_probability": decision.get("component_probability") or 0.0,
             "val/dsc_healthy_decision": decision["val_dsc"]}
 
 
@@ -291,12 +294,22 @@ class Predictor:
         nearest = probability_axis(self.plan.target_spacing, spacing, self.plan.resampling)
         mask = remove_small_components(resample_to_mask(logits, size, nearest_axis=nearest), spacing,
                                        self.min_component_ml())
-        mask = keep_largest_component(mask) if self.largest_component() else mask
+        largest = keep_largest_component if self.largest_component() else (lambda m: m)
         rule = self.healthy_rule()
-        if rule is not None:  # features on the plan's grid, where the threshold was chosen (validation)
-            found = decide(logits, self.plan.target_spacing, self.min_component_ml(), rule)
-            if found["healthy"] and mask.any():
-                found["components_only_mask"], mask = mask, np.zeros_like(mask)
+        if rule is None:
+            mask = largest(mask)
+        else:  # features on the plan's grid, where the threshold was chosen (validation)
+            probability, plan_mask = to_host(tumour_probability(logits)), to_host(logits.argmax(0).to(torch.uint8))
+            found = decide(logits, self.plan.target_spacing, self.min_component_ml(), rule, probability, plan_mask)
+            alone = largest(mask)
+            if rule[0] == COMPONENT_RULE:  # before the largest component, as validation scores it
+                kept, found["components_removed"] = remove_unconfident_components(mask, probability, rule[1], plan_mask)
+                mask = largest(kept) if found["components_removed"] else alone
+                found["healthy"] = not mask.any()
+            else:
+                mask = np.zeros_like(alone) if found["healthy"] and alone.any() else alone
+            if mask is not alone:
+                found["components_only_mask"] = alone
             if decision is not None:
                 decision.update(found)
         timings.update(network=network - start, postprocess=time.perf_counter() - network)

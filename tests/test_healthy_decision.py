@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_flare.healthy_choice import candidate_thresholds, choose_from_rows, choose_rule, validation_row
+from lightning_flare.component_confidence import THRESHOLDS
+from lightning_flare.healthy_choice import candidate_thresholds, choose_from_rows, choose_rule, row_width, validation_row
 from lightning_flare.healthy_decision import (
     case_report_fields as case_extras,
     check_setting,
@@ -121,8 +122,16 @@ def _validation_cases():
 def test_validation_rows_and_the_choice_after_min_component_ml():
     rows = [validation_row(p, q, r, SPACING, (0.0, 2.0)) for p, q, r in _validation_cases()]
     # [healthy, mass at 0 / 2 ml, mean probability at 0 / 2 ml, DSC at 0 / 2 ml, largest component alone: DSC at 0 / 2 ml]
-    np.testing.assert_allclose(rows, [[1, 0.6, 0.0, 0.6, 0.0, 0.0, 1.0, 0.0, 1.0],
-                                      [0, 7.2, 7.2, 0.9, 0.9, 1.0, 1.0, 1.0, 1.0]], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(rows)[:, :9], [[1, 0.6, 0.0, 0.6, 0.0, 0.0, 1.0, 0.0, 1.0],
+                                                         [0, 7.2, 7.2, 0.9, 0.9, 1.0, 1.0, 1.0, 1.0]], rtol=1e-6)
+    # then the component rule's DSCs: per block (every component, the largest), per candidate, per threshold
+    g, t = len(THRESHOLDS), np.asarray(THRESHOLDS)
+    assert len(rows[0]) == row_width(2) == 9 + 2 * 2 * g
+    block = lambda row, b, k: row[9 + (2 * b + k) * g: 9 + (2 * b + k + 1) * g]  # noqa: E731
+    for b in (0, 1):  # one component per case: the largest alone is the same
+        np.testing.assert_array_equal(block(rows[0], b, 0), np.where(t > 0.6, 1.0, 0.0))  # the 0.6 FP goes above 0.6
+        np.testing.assert_array_equal(block(rows[0], b, 1), 1.0)  # gone at 2 ml already
+        np.testing.assert_array_equal(block(rows[1], b, 0), np.where(t < 0.9, 1.0, 0.0))  # the 0.9 lesion below 0.9
     after_none = choose_from_rows(np.asarray(rows), (0.0, 2.0), after_min_component_ml=0.0)
     # mass (0.6 + 7.2) / 2 and mean probability (0.6 + 0.9) / 2 both empty the healthy case alone: a tie, which goes
     # to the mean probability
@@ -145,7 +154,12 @@ def test_the_choice_follows_the_largest_component_and_masses_ignore_no_region():
     healthy_pred, healthy_prob = np.zeros_like(pred), np.zeros_like(prob)
     healthy_pred[0, 0, 0], healthy_prob[0, 0, 0] = 1, 0.6
     row = validation_row(pred, prob, lesion, SPACING, (0.0,))
-    np.testing.assert_allclose(row, [0, 7.2, 0.9, 16 / 18, 1.0], rtol=1e-6)  # the lesion is the most probable
+    np.testing.assert_allclose(row[:5], [0, 7.2, 0.9, 16 / 18, 1.0], rtol=1e-6)  # the lesion is the most probable
+    t, g = np.asarray(THRESHOLDS), len(THRESHOLDS)
+    # the component rule: below 0.9 both stay (16/18), up to 0.95 only the confident false positive (0); the largest
+    # of those left: the lesion, then the false positive
+    np.testing.assert_allclose(row[5:5 + g], np.where(t < 0.9, 16 / 18, 0.0), rtol=1e-6)
+    np.testing.assert_allclose(row[5 + g:], np.where(t < 0.9, 1.0, 0.0), rtol=1e-6)
     rows = np.asarray([row, validation_row(healthy_pred, healthy_prob, np.zeros_like(pred), SPACING, (0.0,))])
     assert choose_from_rows(rows, (0.0,), 0.0)["val_dsc_off"] == pytest.approx((16 / 18 + 0) / 2)
     after_largest = choose_from_rows(rows, (0.0,), 0.0, largest_component=True)
@@ -154,11 +168,13 @@ def test_the_choice_follows_the_largest_component_and_masses_ignore_no_region():
     ignored = np.zeros(pred.shape, bool)
     ignored[7, 7, :] = True
     masked = validation_row(pred, prob, lesion, SPACING, (0.0,), ignored)
-    np.testing.assert_allclose(masked, [0, 7.2, 0.9, 1.0, 1.0], rtol=1e-6)  # the FP is not scored; features the same
+    np.testing.assert_allclose(masked[:5], [0, 7.2, 0.9, 1.0, 1.0], rtol=1e-6)  # the FP is not scored; features the same
+    np.testing.assert_allclose(masked[5:5 + g], np.where(t < 0.9, 1.0, 0.0), rtol=1e-6)  # left alone: nothing scored
     fp_only = np.zeros_like(pred)
     fp_only[7, 7, 6:8] = 1
     masked = validation_row(fp_only, prob, np.zeros_like(pred), SPACING, (0.0,), ignored)
-    np.testing.assert_allclose(masked, [1, 1.9, 0.95, 1.0, 1.0], rtol=1e-6)  # healthy outside the region, features kept
+    np.testing.assert_allclose(masked[:5], [1, 1.9, 0.95, 1.0, 1.0], rtol=1e-6)  # healthy outside the region, features kept
+    np.testing.assert_allclose(masked[5:], 1.0)
 
 
 def test_metric_matches_the_pure_choice():

@@ -10,14 +10,15 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from ..device import to_host
-from ..healthy_choice import BLOCKS, choose_from_rows, validation_row
+from ..component_confidence import THRESHOLDS
+from ..healthy_choice import choose_from_rows, row_width, validation_row
 from ..postprocessing import CANDIDATES_ML
 
 
 class HealthyDecisionScores(Metric):
     """One ``healthy_choice.validation_row`` per validation case (healthy flag, and per candidate
     ``min_component_ml``: the most probable component's probability mass and mean probability, and the FLARE DSC,
-    also of the largest component alone); ``choose`` picks the rule after the ``min_component_ml`` and
+    also of the largest component alone; the DSCs of the component rule per threshold); ``choose`` picks the rule after the ``min_component_ml`` and
     ``largest_component`` in force and says in the log when its outcome changes."""
 
     full_state_update = False
@@ -39,7 +40,7 @@ class HealthyDecisionScores(Metric):
 
     def compute(self) -> torch.Tensor:
         rows = dim_zero_cat(self.rows) if len(self.rows) else torch.zeros(0)
-        return rows.reshape(-1, 1 + len(BLOCKS) * len(self.candidates))
+        return rows.reshape(-1, row_width(len(self.candidates)))
 
     def choose(self, after_min_component_ml: float, largest_component: bool = False) -> dict:
         """The decision record for the checkpoint (``healthy_choice.choose_from_rows``: after the
@@ -48,6 +49,7 @@ class HealthyDecisionScores(Metric):
         record = choose_from_rows(rows, self.candidates, after_min_component_ml, largest_component)
         # the rows themselves, so that folds can be pooled (benchmarks/cross_validate.py, nnU-Net's merged CV)
         record["validation_rows"] = {"candidates_ml": [float(c) for c in self.candidates],
+                                     "component_thresholds": list(THRESHOLDS),
                                      "rows": np.round(rows, 6).tolist()}
         self.reset()
         outcome = (record["reason"], record["feature"], record["feature"] and record[record["feature"]])
