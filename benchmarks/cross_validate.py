@@ -17,7 +17,10 @@ every validation case of the folds run, the CPU model and the precision each fol
 postprocessing chosen on the pooled validation scores (nnU-Net's way: the flags for the ``fold: all`` model).
 Writes ``OUT/NAME/cv_summary.json``. ``--dry-run`` prints the commands only. ``--retest LABEL`` fits nothing: it
 tests every fold's existing checkpoint again with the overrides given (e.g. mirroring at test) into
-``fold_K/test_LABEL`` and pools those (``cv_summary_LABEL.json``). Project venv.
+``fold_K/test_LABEL`` and pools those (``cv_summary_LABEL.json``). With ``--revalidate`` it first chooses each
+checkpoint's postprocessing again on its validation cases (``cli.py validate`` with
+``lightning_flare.validation_choice.ValidationChoiceCheckpoint``: a model trained before a rule existed gets it)
+into ``checkpoints/revalidated_NAME.ckpt`` beside it, and tests and pools that one. Project venv.
 """
 from __future__ import annotations
 
@@ -105,6 +108,23 @@ def fold_commands(config: str | Path | Sequence[str | Path], fold: int, name: st
     test = [python, str(REPO / "cli.py"), "test", *common, *logger("_" + test_folder(label)), "--data.test_split", "val",
             "--model.report_dir", str(fold_dir / test_folder(label)), "--ckpt_path", str(fold_dir / checkpoint), *overrides]
     return fit, test
+
+
+def revalidated_name(checkpoint: str) -> str:
+    """``checkpoints/last.ckpt`` -> ``checkpoints/revalidated_last.ckpt``: where ``--revalidate`` writes."""
+    path = Path(checkpoint)
+    return str(path.with_name(f"revalidated_{path.stem}{path.suffix}"))
+
+
+def revalidate_command(config: str | Path | Sequence[str | Path], fold: int, fold_dir: Path, overrides: Sequence[str],
+                       checkpoint: str = "checkpoints/last.ckpt", python: str = sys.executable) -> list[str]:
+    """``cli.py validate`` of the fold's ``checkpoint`` on its validation cases, writing it again with that
+    validation's postprocessing choice to ``revalidated_name(checkpoint)`` (no logger: nothing is trained)."""
+    writer = {"class_path": "lightning_flare.validation_choice.ValidationChoiceCheckpoint",
+              "init_args": {"path": str(fold_dir / revalidated_name(checkpoint))}}
+    return [python, str(REPO / "cli.py"), "validate", *(a for c in _configs(config) for a in ("--config", str(c))),
+            "--data.fold", str(fold), "--trainer.default_root_dir", str(fold_dir), "--trainer.logger", "false",
+            "--ckpt_path", str(fold_dir / checkpoint), "--trainer.callbacks+", json.dumps(writer), *overrides]
 
 
 def read_fold(fold: int, fold_dir: Path, fit_s: float | None, checkpoint: str = "checkpoints/last.ckpt",
@@ -259,6 +279,8 @@ def main(argv: Sequence[str] | None = None, run: Callable[[Sequence[str]], None]
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--retest", metavar="LABEL", help="fit nothing: test the fitted folds again with the overrides "
                         "given, reports in fold_K/test_LABEL, pooled into cv_summary_LABEL.json")
+    parser.add_argument("--revalidate", action="store_true", help="with --retest: choose each checkpoint's "
+                        "postprocessing again on its validation cases first (checkpoints/revalidated_*.ckpt)")
     args, raw = parser.parse_known_args(argv)
     try:
         overrides = overrides_from(args.set, raw)
@@ -271,17 +293,25 @@ def main(argv: Sequence[str] | None = None, run: Callable[[Sequence[str]], None]
     label = args.retest
     if label is not None and (not label or not all(c.isalnum() or c in "-_" for c in label)):
         parser.error(f"--retest needs a label of letters, digits, '-' and '_' (a folder name), got {label!r}")
+    if args.revalidate and label is None:
+        parser.error("--revalidate needs --retest LABEL (it tests existing checkpoints)")
+    checkpoint = revalidated_name(args.checkpoint) if args.revalidate else args.checkpoint
     for fold in args.folds:
         fold_dir = root / f"fold_{fold}"
-        fit, test = fold_commands(config, fold, name, fold_dir, overrides, args.checkpoint, label=label)
+        fit, test = fold_commands(config, fold, name, fold_dir, overrides, checkpoint, label=label)
+        revalidate = revalidate_command(config, fold, fold_dir, overrides, args.checkpoint) if args.revalidate else None
         if args.dry_run:
-            print(*([] if label else [shlex.join(fit)]), shlex.join(test), sep="\n")
+            print(*([] if label else [shlex.join(fit)]), *([shlex.join(revalidate)] if revalidate else []),
+                  shlex.join(test), sep="\n")
             continue
         done = (fold_dir / FIT_TIME).is_file() and (fold_dir / test_folder(label) / "metrics_per_case.csv").is_file()
         fit_s = None
         if label is not None:
             if not (fold_dir / FIT_TIME).is_file() or not (fold_dir / args.checkpoint).is_file():
                 sys.exit(f"{fold_dir}: fold {fold} is not fitted ({FIT_TIME} and {args.checkpoint} needed for --retest)")
+            if revalidate and not (args.reuse and (fold_dir / checkpoint).is_file()):
+                print(f"fold {fold}: {shlex.join(revalidate)}", flush=True)
+                run(revalidate)
             if not (args.reuse and done):
                 print(f"fold {fold}: {shlex.join(test)}", flush=True)
                 run(test)
@@ -294,7 +324,7 @@ def main(argv: Sequence[str] | None = None, run: Callable[[Sequence[str]], None]
                 sys.exit(f"{fold_dir / FIT_TIME}: not written (a --trainer.callbacks override drops the FitTimer?)")
             print(f"fold {fold}: {shlex.join(test)}", flush=True)
             run(test)
-        folds.append(read_fold(fold, fold_dir, fit_s, args.checkpoint, label))
+        folds.append(read_fold(fold, fold_dir, fit_s, checkpoint, label))
     if args.dry_run:
         return 0
     summary = summarize(folds)

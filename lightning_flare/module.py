@@ -161,11 +161,11 @@ class FlareSegmentationModule(L.LightningModule):
 
     def _full_validation_epoch(self) -> bool:
         n = max(1, int(self.hparams.full_val_every_n_epochs))
-        return self._trainer is None or self.trainer.sanity_checking or (self.current_epoch + 1) % n == 0 or \
-            self.current_epoch + 1 == self.trainer.max_epochs
+        return self._trainer is None or self.trainer.sanity_checking or self.trainer.state.fn == "validate" or \
+            (self.current_epoch + 1) % n == 0 or self.current_epoch + 1 == self.trainer.max_epochs
 
     def validation_step(self, batch: VolumeItem, batch_idx: int) -> dict | None:
-        """Full-volume sliding window (DSC/NSD) every ``full_val_every_n_epochs``; patch pseudo-Dice otherwise."""
+        """Whole volumes (DSC/NSD) every ``full_val_every_n_epochs`` and in ``validate``; patch pseudo-Dice otherwise."""
         if batch.padding:  # this rank has no case of its own (more ranks than cases)
             if self._full_validation_epoch():
                 self.val_metrics.add_placeholder()

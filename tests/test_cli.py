@@ -10,6 +10,8 @@ import torch
 from conftest import ROOT, tiny_cli_args
 
 import cli
+from lightning_flare.checkpoint import network_spec
+from lightning_flare.healthy_choice import row_width
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,26 @@ def test_validate_fast_dev_run(trained):
     args, ckpt, _, _ = trained
     result = cli.main(["validate", *args, "--ckpt_path", str(ckpt), "--trainer.fast_dev_run", "1"])
     assert "val/dsc" in result.trainer.callback_metrics
+
+
+def test_validate_chooses_the_postprocessing_again_into_a_new_checkpoint(trained, tmp_path):
+    """``validate`` always scores whole volumes (whatever ``full_val_every_n_epochs``), and the callback writes the
+    model with that validation's choice: the weights unchanged, the rows of the current decision."""
+    args, ckpt, _, _ = trained
+    out = tmp_path / "revalidated.ckpt"
+    callback = {"class_path": "lightning_flare.validation_choice.ValidationChoiceCheckpoint", "init_args": {"path": str(out)}}
+    cli.main(["validate", *args, "--ckpt_path", str(ckpt), "--model.full_val_every_n_epochs", "50",
+              "--trainer.callbacks+", json.dumps(callback)])
+    old, new = torch.load(ckpt, map_location="cpu", weights_only=False), torch.load(out, map_location="cpu", weights_only=False)
+    assert new["state_dict"].keys() == old["state_dict"].keys()
+    assert all(torch.equal(new["state_dict"][k], v) for k, v in old["state_dict"].items())
+    assert new["plan"] == old["plan"] and network_spec(new) == network_spec(old) is not None
+    rows = new["postprocessing"]["healthy_decision"]["validation_rows"]
+    assert len(rows["rows"]) == 2 and all(len(r) == row_width(len(rows["candidates_ml"])) for r in rows["rows"])
+    assert "optimizer_states" not in new
+    with pytest.raises(ValueError, match="is the checkpoint being validated"):
+        same = {**callback, "init_args": {"path": str(out)}}
+        cli.main(["validate", *args, "--ckpt_path", str(out), "--trainer.callbacks+", json.dumps(same)])
 
 
 def test_test_reports_per_case(trained, tiny_dataset, capsys):

@@ -2,6 +2,7 @@
 import json
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,6 +120,45 @@ def test_retest_tests_the_fitted_folds_again_and_pools_them(tmp_path, capsys):
         cv.main(argv, run=run)
     with pytest.raises(SystemExit):
         cv.main([*argv[:-4], "--retest", "../up"], run=run)
+
+
+def test_revalidate_chooses_again_then_tests_and_reads_the_new_checkpoint(tmp_path):
+    """--retest LABEL --revalidate: per fold, ``cli.py validate`` of the checkpoint writing
+    checkpoints/revalidated_last.ckpt (ValidationChoiceCheckpoint), then the test of that one, whose choice the summary
+    reads; --reuse keeps a revalidated checkpoint already there; without --retest it is refused."""
+    root = tmp_path / "cv" / "x"
+    fold_dir = root / "fold_0"
+    (fold_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"postprocessing": {"min_component_ml": 1.0}}, fold_dir / "checkpoints" / "last.ckpt")
+    (fold_dir / "fit_time.json").write_text(json.dumps({"fit_s": 10.0, "iterations": 5, "seconds_per_iteration": 2.0,
+                                                        "precision": "32-true", "cpu": "Test CPU"}))
+    commands = []
+
+    def run(command):
+        commands.append(list(command))
+        if command[2] == "validate":
+            callback = json.loads(command[command.index("--trainer.callbacks+") + 1])
+            assert callback["class_path"] == "lightning_flare.validation_choice.ValidationChoiceCheckpoint"
+            assert command[command.index("--ckpt_path") + 1] == str(fold_dir / "checkpoints" / "last.ckpt")
+            torch.save({"postprocessing": {"min_component_ml": 4.0}}, callback["init_args"]["path"])
+            return
+        report = Path(command[command.index("--model.report_dir") + 1])
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "metrics_per_case.csv").write_text("case,dsc,nsd,reference_ml,predicted_ml\nc0,0.5,0.5,10,12\n")
+
+    quiet = tmp_path / "quiet.yaml"
+    quiet.write_text("trainer:\n  logger: false\n")
+    argv = ["--config", str(quiet), "--name", "x", "--out", str(tmp_path / "cv"), "--folds", "0", "--retest", "re",
+            "--revalidate"]
+    assert cv.main(argv, run=run) == 0
+    assert [c[2] for c in commands] == ["validate", "test"]
+    assert commands[1][commands[1].index("--ckpt_path") + 1] == str(fold_dir / "checkpoints" / "revalidated_last.ckpt")
+    summary = json.loads((root / "cv_summary_re.json").read_text())
+    assert summary["folds"][0]["min_component_ml"] == 4.0  # the new choice, not the fit's 1.0
+    commands.clear()
+    assert cv.main([*argv, "--reuse"], run=run) == 0 and commands == []  # both done already
+    with pytest.raises(SystemExit):
+        cv.main([*argv[:-3], "--revalidate"], run=run)  # --revalidate without --retest
 
 
 def test_summary_shows_what_the_healthy_decision_saves_and_costs():
