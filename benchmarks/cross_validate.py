@@ -44,7 +44,8 @@ from common import cli_overrides, format_table  # noqa: E402
 
 from lightning_flare.io import write_text  # noqa: E402
 from lightning_flare.metrics.functional import volume_ratio_summary  # noqa: E402
-from lightning_flare.healthy_choice import choose_from_rows  # noqa: E402
+from lightning_flare.component_confidence import THRESHOLDS  # noqa: E402
+from lightning_flare.healthy_choice import choose_from_rows, row_width  # noqa: E402
 from lightning_flare.healthy_decision import chosen_rule  # noqa: E402
 from lightning_flare.postprocessing import choose_largest_component, choose_threshold  # noqa: E402
 from lightning_flare.report import healthy_and_lesion_scores  # noqa: E402
@@ -183,8 +184,18 @@ def pooled_healthy_decision(folds: Sequence[dict], min_component_ml: float, larg
     stored = [((f["postprocessing"] or {}).get("healthy_decision") or {}).get("validation_rows") for f in folds]
     if not stored or any(s is None for s in stored) or any(s["candidates_ml"] != stored[0]["candidates_ml"] for s in stored):
         return None
+    parts = [np.asarray(s["rows"], float).reshape(len(s["rows"]), -1) for s in stored if s["rows"]]
+    legacy = row_width(len(stored[0]["candidates_ml"]), 0)
+    stale = [p.shape[1] > legacy and s.get("component_thresholds") != list(THRESHOLDS)
+             for p, s in zip(parts, [s for s in stored if s["rows"]])]
+    if parts and (len({p.shape[1] for p in parts}) > 1 or any(stale)):
+        # rows of folds validated before the component rule (or with other thresholds): its columns do not pool;
+        # the scan-level columns come first in every row, so the choice falls back to those
+        print("pooled healthy-scan decision: the folds' rows differ in their component-rule columns (some were "
+              "validated before it or with other thresholds; --revalidate chooses again): scan-level rules only")
+        parts = [p[:, :legacy] for p in parts]
     try:
-        rows = np.concatenate([np.asarray(s["rows"], float).reshape(len(s["rows"]), -1) for s in stored if s["rows"]])
+        rows = np.concatenate(parts)
         record = choose_from_rows(rows, stored[0]["candidates_ml"], min_component_ml, largest_component)
     except ValueError:  # no rows at all, or the pooled min_component_ml is not among the decision's candidates
         return None

@@ -186,7 +186,9 @@ def choose_from_rows(rows: np.ndarray, candidates_ml: Sequence[float], after_min
         raise ValueError(f"after_min_component_ml {after_min_component_ml!r} is not among the scored candidates {candidates}")
     n, g = len(candidates), len(THRESHOLDS)
     rows = np.asarray(rows, float)
-    width = rows.shape[-1] if rows.ndim == 2 and rows.size else row_width(n)
+    if rows.size and rows.ndim != 2:
+        raise ValueError(f"validation rows must be 2-D (cases, values), got shape {rows.shape}")
+    width = rows.shape[-1] if rows.size else row_width(n)
     if width not in (row_width(n), row_width(n, 0)):
         raise ValueError(f"validation rows of {width} values fit neither {row_width(n)} nor, written before the "
                          f"component rule, {row_width(n, 0)} values for {n} candidates")

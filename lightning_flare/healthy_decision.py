@@ -145,7 +145,7 @@ def decide(logits: torch.Tensor, spacing_mm: Sequence[float], min_component_ml: 
 def case_report_fields(mask: np.ndarray, reference: np.ndarray, spacing_mm: Sequence[float], decision: Mapping) -> dict:
     """A test case's report fields beyond DSC/NSD: lesion counts (``lesion_metrics``), the predicted volume before
     the decision (``predicted_ml_components_only``: small-component removal and, when on, the largest component), its
-    FLARE DSC where the decision emptied the mask (``dsc_components_only``; elsewhere it equals the case's DSC) and
+    FLARE DSC where the decision changed the mask (``dsc_components_only``; elsewhere it equals the case's DSC) and
     the decision's features ``decision_mass_ml`` and ``decision_mean_probability``. ``mask``, ``reference`` and
     ``decision["components_only_mask"]`` come with a declared ignore region already left out (``module.test_step``)."""
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0

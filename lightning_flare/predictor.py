@@ -278,9 +278,10 @@ class Predictor:
         """uint8 mask (host) of ``size`` on the original grid of ``spacing``; ``image`` is preprocessed (1, x, y, z),
         or, not ``preprocessed``, the raw HU volume (preprocessed here, on the device). Stage seconds go to
         ``timings`` (device work is waited for before each clock is read). With the healthy-scan decision on,
-        ``decision`` receives its features (``healthy_decision.decide``) and, when it emptied a mask,
-        ``components_only_mask``: the mask before the decision (small-component removal and, when on, the largest
-        component). The order is that validation chose them in: min_component_ml, largest component, decision."""
+        ``decision`` receives its features (``healthy_decision.decide``) and, when it changed the mask,
+        ``components_only_mask``: the mask without it (small-component removal and, when on, the largest component).
+        The order is that validation scored them in: min_component_ml, the component rule, the largest component,
+        a scan-level rule."""
         timings = {} if timings is None else timings
         if not preprocessed:
             start = time.perf_counter()

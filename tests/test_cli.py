@@ -68,10 +68,17 @@ def test_validate_chooses_the_postprocessing_again_into_a_new_checkpoint(trained
     assert new["plan"] == old["plan"] and network_spec(new) == network_spec(old) is not None
     rows = new["postprocessing"]["healthy_decision"]["validation_rows"]
     assert len(rows["rows"]) == 2 and all(len(r) == row_width(len(rows["candidates_ml"])) for r in rows["rows"])
-    assert "optimizer_states" not in new
+    # the rest is the old checkpoint's: its epoch (also the choice's), its training hyper-parameters (not the 50)
+    assert new["epoch"] == old["epoch"] == new["postprocessing"]["epoch"] and new["global_step"] == old["global_step"]
+    assert new["hyper_parameters"] == old["hyper_parameters"] and "optimizer_states" in new
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
     with pytest.raises(ValueError, match="is the checkpoint being validated"):
         same = {**callback, "init_args": {"path": str(out)}}
         cli.main(["validate", *args, "--ckpt_path", str(out), "--trainer.callbacks+", json.dumps(same)])
+    with pytest.raises(RuntimeError, match="made no postprocessing choice"):
+        cli.main(["validate", *args, "--ckpt_path", str(ckpt), "--trainer.limit_val_batches", "0",
+                  "--trainer.callbacks+", json.dumps({**callback, "init_args": {"path": str(tmp_path / "none.ckpt")}})])
+    assert not (tmp_path / "none.ckpt").exists()
 
 
 def test_test_reports_per_case(trained, tiny_dataset, capsys):

@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT, TINY_NET, tiny_cli_args
 
 import cli
+from lightning_flare.component_confidence import THRESHOLDS
 from lightning_flare.datamodule import FlareDataModule
 from lightning_flare.raw_dataset import load_raw_dataset, select_fold
 
@@ -214,6 +215,38 @@ def test_healthy_decision_is_chosen_on_the_folds_pooled_rows():
     assert cv.summarize(folds)["postprocessing"]["healthy_decision"]["healthy_cases"] == 1
     del folds[1]["postprocessing"]["healthy_decision"]  # a checkpoint written before the rows were kept
     assert cv.summarize(folds)["postprocessing"]["healthy_decision"] is None
+
+
+def _with_component_columns(rows: dict, dsc_by_threshold) -> dict:
+    """``_rows`` with the component rule's columns: per block (every component, the largest) and candidate, the
+    case's DSC at each threshold from ``dsc_by_threshold(case index, threshold)``."""
+    g = len(THRESHOLDS)
+    out = [r + [dsc_by_threshold(i, t) for _ in range(4) for t in THRESHOLDS] for i, r in enumerate(rows["rows"])]
+    assert all(len(r) == 9 + 4 * g for r in out)
+    return {**rows, "component_thresholds": list(THRESHOLDS), "rows": out}
+
+
+def test_pooled_rows_choose_the_component_rule_and_fall_back_when_a_fold_predates_it(capsys):
+    # fold 0's lesion case has a 0.6 look-alike beside its 0.97 lesion: the component rule above 0.6 lifts it from
+    # 0.8 to 1.0 and empties the healthy scan's 0.75 false positive above 0.75; fold 1 as before
+    folds = [_fold(0, [(0.0, 0.0, 0.0, 2.0), (0.8, 0.7, 10.0, 9.0)], {"0.0": 0.4, "1.0": 0.4},
+                   {"0.0": 0.4, "1.0": 0.4}, 100.0),
+             _fold(1, [(1.0, 1.0, 0.0, 0.0), (0.7, 0.6, 5.0, 5.0)], {"0.0": 0.85, "1.0": 0.85},
+                   {"0.0": 0.85, "1.0": 0.85}, 100.0)]
+    fold0 = [lambda t: 0.0 if t <= 0.75 else 1.0, lambda t: 0.8 if t <= 0.6 else (1.0 if t <= 0.97 else 0.0)]
+    fold1 = [lambda t: 1.0, lambda t: 0.7 if t <= 0.95 else 0.0]
+    folds[0]["postprocessing"]["healthy_decision"] = {"validation_rows": _with_component_columns(
+        _rows((1, 2.0, 0.75, 0.0), (0, 10.0, 0.97, 0.8)), lambda i, t: fold0[i](t))}
+    folds[1]["postprocessing"]["healthy_decision"] = {"validation_rows": _with_component_columns(
+        _rows((1, 0.0, 0.0, 1.0), (0, 5.0, 0.95, 0.7)), lambda i, t: fold1[i](t))}
+    decision = cv.summarize(folds)["postprocessing"]["healthy_decision"]
+    # (1 + 1 + 1 + 0.7) / 4 = 0.925 from 0.76 up to 0.95, against the scan-level rule's 0.875
+    assert decision["feature"] == "component_probability" and decision["component_probability"] == pytest.approx(0.76)
+    assert decision["val_dsc"] == pytest.approx(0.925) and decision["setting"] == "component_probability:0.76"
+    folds[1]["postprocessing"]["healthy_decision"] = {"validation_rows": _rows((1, 0.0, 0.0, 1.0), (0, 5.0, 0.95, 0.7))}
+    decision = cv.summarize(folds)["postprocessing"]["healthy_decision"]  # fold 1 validated before the rule
+    assert decision["feature"] == "mean_probability" and decision["val_dsc"] == pytest.approx(0.875)
+    assert "scan-level rules only" in capsys.readouterr().out
 
 
 def test_one_fold_end_to_end(tiny_dataset, tmp_path, capsys):
