@@ -184,11 +184,11 @@ def pooled_healthy_decision(folds: Sequence[dict], min_component_ml: float, larg
     stored = [((f["postprocessing"] or {}).get("healthy_decision") or {}).get("validation_rows") for f in folds]
     if not stored or any(s is None for s in stored) or any(s["candidates_ml"] != stored[0]["candidates_ml"] for s in stored):
         return None
-    parts = [np.asarray(s["rows"], float).reshape(len(s["rows"]), -1) for s in stored if s["rows"]]
+    with_rows = [s for s in stored if s["rows"]]
+    parts = [np.asarray(s["rows"], float).reshape(len(s["rows"]), -1) for s in with_rows]
     legacy = row_width(len(stored[0]["candidates_ml"]), 0)
-    stale = [p.shape[1] > legacy and s.get("component_thresholds") != list(THRESHOLDS)
-             for p, s in zip(parts, [s for s in stored if s["rows"]])]
-    if parts and (len({p.shape[1] for p in parts}) > 1 or any(stale)):
+    stale = any(p.shape[1] > legacy and s.get("component_thresholds") != list(THRESHOLDS) for p, s in zip(parts, with_rows))
+    if parts and (len({p.shape[1] for p in parts}) > 1 or stale):
         # rows of folds validated before the component rule (or with other thresholds): its columns do not pool;
         # the scan-level columns come first in every row, so the choice falls back to those
         print("pooled healthy-scan decision: the folds' rows differ in their component-rule columns (some were "

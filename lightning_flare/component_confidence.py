@@ -75,7 +75,7 @@ def remove_unconfident_components(mask: np.ndarray, probability: np.ndarray, thr
             raise ValueError(f"a mask of shape {mask.shape} on another grid than the probability "
                              f"{probability.shape} needs the plan-grid mask of that shape, got "
                              f"{None if plan_mask is None else plan_mask.shape}")
-        plan_components, plan_sizes, plan_means = component_mean_probabilities(plan_mask, probability)
+        plan_components, _, plan_means = component_mean_probabilities(plan_mask, probability)
         plan_unsure = plan_means < threshold
         where = np.nonzero(components)
         mapped = plan_components[tuple(plan_indices(n, p, i) for n, p, i in zip(mask.shape, probability.shape, where))]

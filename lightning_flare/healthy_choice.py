@@ -95,7 +95,11 @@ def decision_scores(values: Sequence[float], dsc_kept: Sequence[float], healthy:
     """(mean FLARE DSC over all cases, mean over lesion cases) when cases whose feature is below ``threshold`` are
     emptied (an emptied case scores 1 when healthy, 0 when not); NaN for a mean over no case."""
     values, dsc, healthy = np.asarray(values, float), np.asarray(dsc_kept, float), np.asarray(healthy, bool)
-    scores = np.where(values < threshold, healthy.astype(float), dsc)
+    return _means(np.where(values < threshold, healthy.astype(float), dsc), healthy)
+
+
+def _means(scores: np.ndarray, healthy: np.ndarray) -> tuple[float, float]:
+    """(mean over all cases, mean over the lesion cases) of per-case ``scores``; NaN for a mean over no case."""
     lesion = scores[~healthy]
     return float(scores.mean()) if scores.size else float("nan"), float(lesion.mean()) if lesion.size else float("nan")
 
@@ -138,7 +142,7 @@ def choose_rule(features: Mapping[str, Sequence[float]], dsc_kept: Sequence[floa
         record["status"] = (f"healthy-scan decision off: no {kind} case among the {len(masses)} validation cases "
                             "(its operating point needs both)")
         return record
-    best_feature, best_t, best = None, 0.0, off_all
+    best_feature, best_t, best, best_j = None, 0.0, off_all, -1
     for name, feature in values.items():
         for t in candidate_thresholds(feature)[1:]:
             score, lesion = decision_scores(feature, dsc_kept, healthy, t)
@@ -147,7 +151,7 @@ def choose_rule(features: Mapping[str, Sequence[float]], dsc_kept: Sequence[floa
     for j, t in enumerate(component_thresholds if component_dsc is not None else ()):
         score, lesion = _means(component_dsc[:, j], healthy)
         if off_lesion - lesion <= max_lesion_dsc_loss + 1e-12 and score > best + 1e-12:
-            best_feature, best_t, best = COMPONENT_RULE, float(t), score
+            best_feature, best_t, best, best_j = COMPONENT_RULE, float(t), score, j
     if best_feature is None or best <= off_all + min_gain:
         searched = [f"the {' or '.join(values)} of the most probable component"]
         searched += ["the mean probability of each component"] if component_dsc is not None else []
@@ -156,7 +160,7 @@ def choose_rule(features: Mapping[str, Sequence[float]], dsc_kept: Sequence[floa
                             f"mean validation DSC ({off_all:.4f}) within {max_lesion_dsc_loss:g} lesion DSC")
         return record
     if best_feature == COMPONENT_RULE:
-        scores = component_dsc[:, list(component_thresholds).index(best_t)]
+        scores = component_dsc[:, best_j]
         lesion, healthy_fp, action = _means(scores, healthy)[1], int((healthy & (scores < 0.5)).sum()), "removed"
     else:
         lesion = decision_scores(values[best_feature], dsc_kept, healthy, best_t)[1]
@@ -170,11 +174,6 @@ def choose_rule(features: Mapping[str, Sequence[float]], dsc_kept: Sequence[floa
                         f"(validation DSC {off_all:.4f} -> {best:.4f}, healthy false positives "
                         f"{record['healthy_fp_off']} -> {record['healthy_fp']} of {n_healthy})")
     return record
-
-
-def _means(scores: np.ndarray, healthy: np.ndarray) -> tuple[float, float]:
-    lesion = scores[~healthy]
-    return float(scores.mean()), float(lesion.mean()) if lesion.size else float("nan")
 
 
 def choose_from_rows(rows: np.ndarray, candidates_ml: Sequence[float], after_min_component_ml: float,

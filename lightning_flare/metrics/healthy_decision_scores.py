@@ -18,8 +18,8 @@ from ..postprocessing import CANDIDATES_ML
 class HealthyDecisionScores(Metric):
     """One ``healthy_choice.validation_row`` per validation case (healthy flag, and per candidate
     ``min_component_ml``: the most probable component's probability mass and mean probability, and the FLARE DSC,
-    also of the largest component alone; the DSCs of the component rule per threshold); ``choose`` picks the rule after the ``min_component_ml`` and
-    ``largest_component`` in force and says in the log when its outcome changes."""
+    also of the largest component alone; the DSCs of the component rule per threshold); ``choose`` picks the rule
+    after the ``min_component_ml`` and ``largest_component`` in force and says in the log when its outcome changes."""
 
     full_state_update = False
 
